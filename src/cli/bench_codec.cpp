@@ -1,0 +1,102 @@
+// `lowbit bench codec`: quantize / dequantize throughput of the codec, reported as GB/s
+// of fp32 matrix processed and as a ratio to a same-run device copy of that matrix.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/randn.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <lowbit/quantized_matrix.h>
+
+#include "cli/commands.h"
+#include "cli/timing.h"
+
+namespace lowbit::cli {
+namespace {
+
+struct BenchCodecArgs {
+  std::vector<int64_t> orders{256, 1200, 4096};
+  int bits = 4;
+  std::string mapping = "linear2";
+  int64_t block_size = 64;
+  int repeats = 20;
+  std::string json_path;
+};
+
+nlohmann::json measure(int64_t order, const BenchCodecArgs& args) {
+  QuantOptions options;
+  options.bits = args.bits;
+  options.mapping = parse_mapping(args.mapping);
+  options.block_size = args.block_size;
+  const at::Tensor matrix = at::randn({order, order});
+  at::Tensor copy_target = at::empty_like(matrix);
+  at::Tensor dequant_target = at::empty_like(matrix);
+  const QuantizedMatrix q = QuantizedMatrix::quantize(matrix, options);
+
+  const double copy_s = median_seconds([&] { copy_target.copy_(matrix); }, args.repeats);
+  const double quant_s = median_seconds([&] { QuantizedMatrix::quantize(matrix, options); }, args.repeats);
+  const double dequant_s = median_seconds([&] { q.dequantize_into(dequant_target); }, args.repeats);
+  const double gb = static_cast<double>(matrix.numel()) * sizeof(float) / 1e9;
+  return {{"order", order},
+          {"bits", args.bits},
+          {"mapping", args.mapping},
+          {"block_size", args.block_size},
+          {"threads", at::get_num_threads()},
+          {"copy_gbps", gb / copy_s},
+          {"quantize_gbps", gb / quant_s},
+          {"dequantize_gbps", gb / dequant_s},
+          {"quantize_vs_copy", copy_s / quant_s},
+          {"dequantize_vs_copy", copy_s / dequant_s},
+          {"stored_bytes", q.nbytes()},
+          {"fp32_bytes", matrix.numel() * 4}};
+}
+
+void run(const BenchCodecArgs& args) {
+  std::printf("lowbit bench codec: %d-bit %s, block %lld, %d threads, median of %d runs\n",
+              args.bits, args.mapping.c_str(), static_cast<long long>(args.block_size),
+              at::get_num_threads(), args.repeats);
+  std::printf("GB/s counts the fp32 matrix processed; ratios are against copying it (same run)\n\n");
+  std::printf("%7s %11s %13s %8s %15s %8s %12s\n", "order", "copy GB/s", "quantize GB/s", "ratio",
+              "dequantize GB/s", "ratio", "bytes/fp32");
+  nlohmann::json rows = nlohmann::json::array();
+  for (int64_t order : args.orders) {
+    nlohmann::json r = measure(order, args);
+    std::printf("%7lld %11.2f %13.2f %7.0f%% %15.2f %7.0f%% %12.4f\n", static_cast<long long>(order),
+                r["copy_gbps"].get<double>(), r["quantize_gbps"].get<double>(),
+                100 * r["quantize_vs_copy"].get<double>(), r["dequantize_gbps"].get<double>(),
+                100 * r["dequantize_vs_copy"].get<double>(),
+                r["stored_bytes"].get<double>() / r["fp32_bytes"].get<double>());
+    rows.push_back(std::move(r));
+  }
+  if (!args.json_path.empty()) {
+    std::ofstream out(args.json_path);
+    TORCH_CHECK(out, "--json: cannot write ", args.json_path);
+    out << nlohmann::json{{"benchmark", "codec"}, {"results", rows}}.dump(2) << "\n";
+    std::printf("\nwrote %s\n", args.json_path.c_str());
+  }
+}
+
+}  // namespace
+
+void add_bench_codec(CLI::App& bench) {
+  auto args = std::make_shared<BenchCodecArgs>();
+  CLI::App* cmd = bench.add_subcommand("codec", "Quantize/dequantize throughput vs a memcpy baseline");
+  cmd->add_option("--orders", args->orders, "Matrix orders (square matrices)")->capture_default_str();
+  cmd->add_option("--bits", args->bits, "Bits per code")->check(CLI::IsMember({3, 4, 8}))->capture_default_str();
+  cmd->add_option("--mapping", args->mapping, "linear2 | dynamic | linear")
+      ->check(CLI::IsMember({"linear2", "dynamic", "linear"}))->capture_default_str();
+  cmd->add_option("--block-size", args->block_size, "Elements per block scale")->capture_default_str();
+  cmd->add_option("--repeats", args->repeats, "Timed runs per measurement")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--json", args->json_path, "Also write the results to this JSON file");
+  cmd->callback([args] { run(*args); });
+}
+
+}  // namespace lowbit::cli

@@ -1,0 +1,26 @@
+// The `lowbit` command-line program.
+#include <c10/util/Exception.h>
+
+#include <iostream>
+
+#include "cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"lowbit: low-bit (4-bit) optimizer states for LibTorch"};
+  app.require_subcommand(1);
+  CLI::App* bench = app.add_subcommand("bench", "Measure speed and memory");
+  bench->require_subcommand(1);
+  lowbit::cli::add_bench_codec(*bench);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const c10::Error& e) {
+    std::cerr << "lowbit: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "lowbit: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

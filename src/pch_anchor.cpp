@@ -1,0 +1,1 @@
+// Anchors a precompiled header target; intentionally empty.

@@ -1,0 +1,110 @@
+#include <lowbit/codebook.h>
+
+#include <c10/util/Exception.h>
+#include <ATen/ops/from_blob.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <mutex>
+
+namespace lowbit {
+namespace {
+
+// Signed grid x_j = -1 + 2j/(n-1), j = 0..n-1, with the value just below zero
+// (index n/2 - 1) replaced by an exact 0 so that zeros survive quantization.
+std::vector<double> signed_grid_with_zero(int bits) {
+  const int n = 1 << bits;
+  std::vector<double> x(n);
+  for (int j = 0; j < n; ++j) x[j] = -1.0 + 2.0 * j / (n - 1);
+  x[n / 2 - 1] = 0.0;
+  return x;
+}
+
+// Dynamic tree quantization (Dettmers, 8-bit optimizers) with all non-sign bits as
+// exponent bits: decade i holds the midpoints of an even split of [0.1, 1] into
+// 2^i (signed) or 2^(i+1) (unsigned) parts, scaled by 10^(i - (bits-2)); plus 0 and 1.
+std::vector<double> dynamic_tree(int bits, bool is_signed) {
+  const int exponent_bits = bits - 1;
+  std::vector<double> values;
+  for (int i = 0; i < exponent_bits; ++i) {
+    const int parts = is_signed ? (1 << i) : (1 << (i + 1));
+    const double decade = std::pow(10.0, -(exponent_bits - 1) + i);
+    for (int k = 0; k < parts; ++k) {
+      const double lo = 0.1 + 0.9 * k / parts;
+      const double hi = 0.1 + 0.9 * (k + 1) / parts;
+      values.push_back(decade * (lo + hi) / 2.0);
+      if (is_signed) values.push_back(-decade * (lo + hi) / 2.0);
+    }
+  }
+  values.push_back(0.0);
+  values.push_back(1.0);
+  return values;
+}
+
+std::vector<float> sorted_floats(const std::vector<double>& values) {
+  std::vector<float> out(values.begin(), values.end());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+at::Tensor as_tensor(const std::vector<float>& values) {
+  return at::from_blob(const_cast<float*>(values.data()),
+                       {static_cast<int64_t>(values.size())}, at::kFloat)
+      .clone();
+}
+
+int bits_slot(int bits) {
+  switch (bits) {
+    case 3: return 0;
+    case 4: return 1;
+    case 8: return 2;
+  }
+  check_bits(bits, "bits");
+  return -1;
+}
+
+}  // namespace
+
+std::vector<float> codebook_values(Mapping mapping, int bits) {
+  check_bits(bits, "bits");
+  switch (mapping) {
+    case Mapping::Linear: return sorted_floats(signed_grid_with_zero(bits));
+    case Mapping::Linear2: {
+      std::vector<double> x = signed_grid_with_zero(bits);
+      for (double& v : x) v = std::copysign(v * v, v);
+      return sorted_floats(x);
+    }
+    case Mapping::DynamicTree: return sorted_floats(dynamic_tree(bits, /*is_signed=*/true));
+  }
+  TORCH_CHECK(false, "lowbit: unknown mapping");
+}
+
+const at::Tensor& codebook(Mapping mapping, int bits) {
+  static std::array<std::array<at::Tensor, 3>, 3> cache;
+  static std::mutex mutex;
+  const int slot = bits_slot(bits);
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& entry = cache[static_cast<int>(mapping)][slot];
+  if (!entry.defined()) entry = as_tensor(codebook_values(mapping, bits));
+  return entry;
+}
+
+std::vector<float> scale_codebook_values() {
+  return sorted_floats(dynamic_tree(8, /*is_signed=*/false));
+}
+
+const at::Tensor& scale_codebook() {
+  static const at::Tensor table = as_tensor(scale_codebook_values());
+  return table;
+}
+
+double max_rounding_error(const std::vector<float>& codes) {
+  TORCH_CHECK(!codes.empty(), "max_rounding_error: empty codebook");
+  double worst = std::max(1.0 + codes.front(), 1.0 - codes.back());
+  for (size_t k = 0; k + 1 < codes.size(); ++k)
+    worst = std::max(worst, (static_cast<double>(codes[k + 1]) - codes[k]) / 2.0);
+  return worst;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,92 @@
+#include "quant/codec_checks.h"
+
+#include <lowbit/quant_options.h>
+#include <lowbit/quantized_matrix.h>
+
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+
+namespace lowbit::checks {
+
+void matrix_input(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name,
+              " must be a dense (strided) tensor; got layout ", t.layout());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D matrix; got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                  dtype == at::kDouble,
+              op, ": ", name, " must be float32, bfloat16, float16 or float64; got ", dtype);
+}
+
+void codebook(const char* op, const at::Tensor& table, int64_t bits) {
+  check_bits(bits, (std::string(op) + ": bits").c_str());
+  TORCH_CHECK(table.defined() && table.dim() == 1 && table.scalar_type() == at::kFloat &&
+                  table.numel() == (int64_t{1} << bits),
+              op, ": codebook must be a 1-D float32 tensor of 2^bits = ", int64_t{1} << bits,
+              " values; got ", table.defined() ? table.toString() : "undefined", " of shape ",
+              table.defined() ? table.sizes() : at::IntArrayRef{});
+  const at::Tensor host = table.cpu().contiguous();
+  const float* v = host.data_ptr<float>();
+  for (int64_t k = 0; k + 1 < host.numel(); ++k)
+    TORCH_CHECK(v[k] < v[k + 1], op, ": codebook must be strictly ascending; entry ", k + 1,
+                " (", v[k + 1], ") does not exceed entry ", k, " (", v[k], ")");
+}
+
+namespace {
+std::string describe(const at::Tensor& t) {
+  if (!t.defined()) return "an undefined tensor";
+  std::ostringstream out;
+  out << c10::toString(t.scalar_type()) << " of shape " << t.sizes();
+  return out.str();
+}
+}  // namespace
+
+void packed_codes(const char* op, const at::Tensor& codes, int64_t bits, int64_t rows, int64_t cols) {
+  check_bits(bits, (std::string(op) + ": bits").c_str());
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": matrix shape must be non-negative; got ", rows,
+              " x ", cols);
+  const int64_t row_bytes = packed_row_bytes(cols, bits);
+  TORCH_CHECK(codes.defined() && codes.scalar_type() == at::kByte && codes.dim() == 2 &&
+                  codes.size(0) == rows && codes.size(1) == row_bytes,
+              op, ": codes must be uint8 of shape [", rows, ", ", row_bytes, "] for a ", rows,
+              " x ", cols, " matrix at ", bits, " bits; got ", describe(codes));
+}
+
+void block_scales(const char* op, const at::Tensor& scales, at::ScalarType dtype, int64_t rows,
+                  int64_t cols, int64_t block_size) {
+  check_block_size(block_size, (std::string(op) + ": block_size").c_str());
+  const int64_t blocks = blocks_per_row(cols, block_size);
+  TORCH_CHECK(scales.defined() && scales.scalar_type() == dtype && scales.dim() == 2 &&
+                  scales.size(0) == rows && scales.size(1) == blocks,
+              op, ": scales must be ", c10::toString(dtype), " of shape [", rows, ", ", blocks,
+              "] (block_size ", block_size, "); got ", describe(scales));
+}
+
+void diagonal(const char* op, const at::Tensor& diagonal, int64_t rows, int64_t cols) {
+  if (!diagonal.defined() || diagonal.numel() == 0) return;
+  TORCH_CHECK(rows == cols, op, ": a diagonal is only allowed for a square matrix; got ", rows,
+              " x ", cols);
+  TORCH_CHECK(diagonal.scalar_type() == at::kFloat && diagonal.dim() == 1 && diagonal.size(0) == rows,
+              op, ": diagonal must be float32 of shape [", rows, "]; got ", describe(diagonal));
+}
+
+void packed_matrix(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& diag, int64_t bits, int64_t block_size,
+                   int64_t rows, int64_t cols) {
+  packed_codes(op, codes, bits, rows, cols);
+  block_scales(op, scales, at::kFloat, rows, cols, block_size);
+  if (diag.has_value()) diagonal(op, *diag, rows, cols);
+}
+
+void same_device(const char* op, const at::Device& device,
+                 std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    if (t->defined())
+      TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+                  " but the operation runs on ", device);
+}
+
+}  // namespace lowbit::checks

@@ -1,0 +1,28 @@
+// Argument checks shared by every backend of the codec ops: shapes, dtypes, options.
+// Each failure is a c10::Error that names the op, the argument and what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace lowbit::checks {
+
+// A 2-D, strided (dense) float32/bfloat16/float16/float64 tensor.
+void matrix_input(const char* op, const char* name, const at::Tensor& t);
+// A 1-D float32 table of 2^bits values sorted ascending.
+void codebook(const char* op, const at::Tensor& table, int64_t bits);
+// uint8 codes of a rows x cols matrix packed at `bits`.
+void packed_codes(const char* op, const at::Tensor& codes, int64_t bits, int64_t rows, int64_t cols);
+// One scale of `dtype` (float32, or uint8 codes under double quantization) per block.
+void block_scales(const char* op, const at::Tensor& scales, at::ScalarType dtype, int64_t rows,
+                  int64_t cols, int64_t block_size);
+// float32 [rows] for a square matrix; an undefined or empty tensor means "no diagonal".
+void diagonal(const char* op, const at::Tensor& diagonal, int64_t rows, int64_t cols);
+// All three of the above for a float32-scaled matrix.
+void packed_matrix(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& diagonal, int64_t bits, int64_t block_size,
+                   int64_t rows, int64_t cols);
+// Every defined tensor lives on `device`.
+void same_device(const char* op, const at::Device& device,
+                 std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors);
+
+}  // namespace lowbit::checks

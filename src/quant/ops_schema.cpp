@@ -1,0 +1,19 @@
+// The codec as torch ops (torch.ops.lowbit.* from Python). Backends register kernels for
+// these schemas with TORCH_LIBRARY_IMPL: codec_cpu.cpp here, CUDA in src/cuda.
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowbit, m) {
+  m.def("block_absmax(Tensor input, int block_size, bool skip_diagonal=False) -> Tensor");
+  m.def(
+      "quantize_blockwise(Tensor input, Tensor codebook, int bits, int block_size, "
+      "bool keep_diagonal=False, bool stochastic=False, int seed=0, Tensor? scales=None) "
+      "-> (Tensor codes, Tensor scales, Tensor diagonal)");
+  m.def(
+      "dequantize_blockwise(Tensor codes, Tensor scales, Tensor codebook, Tensor? diagonal, "
+      "int bits, int block_size, int cols, ScalarType dtype=float) -> Tensor");
+  m.def(
+      "dequantize_blockwise.out(Tensor codes, Tensor scales, Tensor codebook, Tensor? diagonal, "
+      "int bits, int block_size, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("quantize_scales(Tensor scales, Tensor scale_codebook) -> (Tensor codes, Tensor group_max)");
+  m.def("dequantize_scales(Tensor codes, Tensor group_max, Tensor scale_codebook) -> Tensor");
+}

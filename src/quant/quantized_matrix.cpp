@@ -1,0 +1,182 @@
+#include <lowbit/quantized_matrix.h>
+
+#include <lowbit/codebook.h>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
+#include <c10/util/Exception.h>
+
+#include "quant/codec_checks.h"
+#include "quant/codec_ops.h"
+
+namespace lowbit {
+namespace {
+
+// Layout of the int64 "meta" tensor in state(): shape and the options needed to decode.
+enum MetaField { kRows, kCols, kBits, kMapping, kBlockSize, kKeepDiagonal, kDoubleQuant, kMetaSize };
+
+at::Tensor on_device(const at::Tensor& table, const at::Device& device) {
+  return table.device() == device ? table : table.to(device);
+}
+
+}  // namespace
+
+QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantOptions& options) {
+  options.validate();
+  checks::matrix_input("lowbit::QuantizedMatrix::quantize", "matrix", matrix);
+  TORCH_CHECK(!options.keep_diagonal || matrix.size(0) == matrix.size(1),
+              "lowbit::QuantizedMatrix::quantize: keep_diagonal needs a square matrix; got shape ",
+              matrix.sizes());
+  const at::Device device = matrix.device();
+  const at::Tensor table = on_device(codebook(options.mapping, options.bits), device);
+  const bool stochastic = options.rounding == Rounding::Stochastic;
+  const auto seed = static_cast<int64_t>(options.seed);
+
+  QuantizedMatrix q;
+  q.rows_ = matrix.size(0);
+  q.cols_ = matrix.size(1);
+  q.options_ = options;
+  if (!options.double_quant_scales) {
+    std::tie(q.codes_, q.scales_, q.diagonal_) = ops::quantize_blockwise(
+        matrix, table, options.bits, options.block_size, options.keep_diagonal, stochastic, seed,
+        c10::nullopt);
+  } else {
+    // Scales are quantized first (rounded up), and the codes are then taken against the
+    // dequantized scales, so the stored scale is exactly the one the codes were made for.
+    const at::Tensor absmax = ops::block_absmax(matrix, options.block_size, options.keep_diagonal);
+    const at::Tensor scale_table = on_device(scale_codebook(), device);
+    std::tie(q.scales_, q.scale_group_max_) = ops::quantize_scales(absmax, scale_table);
+    const at::Tensor effective = ops::dequantize_scales(q.scales_, q.scale_group_max_, scale_table);
+    at::Tensor unused_scales;
+    std::tie(q.codes_, unused_scales, q.diagonal_) = ops::quantize_blockwise(
+        matrix, table, options.bits, options.block_size, options.keep_diagonal, stochastic, seed,
+        effective);
+  }
+  if (!options.keep_diagonal) q.diagonal_ = at::Tensor();
+  return q;
+}
+
+at::Tensor QuantizedMatrix::effective_scales() const {
+  TORCH_CHECK(defined(), "lowbit::QuantizedMatrix: the matrix is empty (default-constructed)");
+  if (!options_.double_quant_scales) return scales_;
+  return ops::dequantize_scales(scales_, scale_group_max_, on_device(scale_codebook(), codes_.device()));
+}
+
+at::Tensor QuantizedMatrix::dequantize(at::ScalarType dtype) const {
+  TORCH_CHECK(defined(), "lowbit::QuantizedMatrix: the matrix is empty (default-constructed)");
+  at::Tensor out = at::empty({rows_, cols_}, codes_.options().dtype(dtype));
+  dequantize_into(out);
+  return out;
+}
+
+void QuantizedMatrix::dequantize_into(const at::Tensor& out) const {
+  TORCH_CHECK(defined(), "lowbit::QuantizedMatrix: the matrix is empty (default-constructed)");
+  TORCH_CHECK(out.defined() && out.dim() == 2 && out.size(0) == rows_ && out.size(1) == cols_,
+              "lowbit::QuantizedMatrix::dequantize_into: out must have shape [", rows_, ", ", cols_,
+              "]; got ", out.defined() ? out.sizes() : at::IntArrayRef{});
+  at::Tensor target = out;
+  const c10::optional<at::Tensor> diagonal =
+      diagonal_.defined() ? c10::optional<at::Tensor>(diagonal_) : c10::nullopt;
+  ops::dequantize_blockwise_out(codes_, effective_scales(),
+                                on_device(codebook(options_.mapping, options_.bits), codes_.device()),
+                                diagonal, options_.bits, options_.block_size, target);
+}
+
+int64_t QuantizedMatrix::nbytes() const {
+  int64_t total = 0;
+  for (const at::Tensor* t : {&codes_, &scales_, &scale_group_max_, &diagonal_})
+    if (t->defined()) total += t->numel() * static_cast<int64_t>(t->element_size());
+  return total;
+}
+
+int64_t QuantizedMatrix::storage_bytes(int64_t rows, int64_t cols, const QuantOptions& options) {
+  const int64_t blocks = rows * blocks_per_row(cols, options.block_size);
+  int64_t bytes = rows * packed_row_bytes(cols, options.bits);
+  if (options.double_quant_scales)
+    bytes += blocks + 4 * ((blocks + kScaleGroupSize - 1) / kScaleGroupSize);
+  else
+    bytes += 4 * blocks;
+  if (options.keep_diagonal) bytes += 4 * rows;
+  return bytes;
+}
+
+QuantizedMatrix QuantizedMatrix::to(const at::Device& device) const {
+  QuantizedMatrix q = *this;
+  for (at::Tensor* t : {&q.codes_, &q.scales_, &q.scale_group_max_, &q.diagonal_})
+    if (t->defined()) *t = t->to(device);
+  return q;
+}
+
+std::map<std::string, at::Tensor> QuantizedMatrix::state() const {
+  TORCH_CHECK(defined(), "lowbit::QuantizedMatrix::state: the matrix is empty");
+  std::vector<int64_t> meta(kMetaSize);
+  meta[kRows] = rows_;
+  meta[kCols] = cols_;
+  meta[kBits] = options_.bits;
+  meta[kMapping] = static_cast<int64_t>(options_.mapping);
+  meta[kBlockSize] = options_.block_size;
+  meta[kKeepDiagonal] = options_.keep_diagonal;
+  meta[kDoubleQuant] = options_.double_quant_scales;
+  std::map<std::string, at::Tensor> state{{"meta", at::tensor(meta, at::kLong)},
+                                          {"codes", codes_},
+                                          {"scales", scales_}};
+  if (scale_group_max_.defined()) state["scale_group_max"] = scale_group_max_;
+  if (diagonal_.defined()) state["diagonal"] = diagonal_;
+  return state;
+}
+
+QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tensor>& state) {
+  constexpr const char* op = "lowbit::QuantizedMatrix::from_state";
+  auto get = [&](const char* key, bool required) -> at::Tensor {
+    auto it = state.find(key);
+    TORCH_CHECK(!required || it != state.end(), op, ": the state has no \"", key, "\" entry");
+    return it == state.end() ? at::Tensor() : it->second;
+  };
+  const at::Tensor meta_t = get("meta", true);
+  TORCH_CHECK(meta_t.scalar_type() == at::kLong && meta_t.dim() == 1 && meta_t.numel() == kMetaSize,
+              op, ": \"meta\" must be int64 of shape [", static_cast<int64_t>(kMetaSize), "]; got ",
+              meta_t.toString(), " of shape ", meta_t.sizes());
+  const at::Tensor meta_host = meta_t.cpu().contiguous();
+  const int64_t* meta = meta_host.data_ptr<int64_t>();
+  TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= 2, op, ": unknown mapping id ", meta[kMapping]);
+  TORCH_CHECK(meta[kKeepDiagonal] == 0 || meta[kKeepDiagonal] == 1, op, ": bad keep_diagonal flag");
+  TORCH_CHECK(meta[kDoubleQuant] == 0 || meta[kDoubleQuant] == 1, op, ": bad double_quant flag");
+
+  QuantizedMatrix q;
+  q.rows_ = meta[kRows];
+  q.cols_ = meta[kCols];
+  q.options_.bits = static_cast<int>(meta[kBits]);
+  q.options_.mapping = static_cast<Mapping>(meta[kMapping]);
+  q.options_.block_size = meta[kBlockSize];
+  q.options_.keep_diagonal = meta[kKeepDiagonal] == 1;
+  q.options_.double_quant_scales = meta[kDoubleQuant] == 1;
+  q.options_.validate();
+  q.codes_ = get("codes", true);
+  q.scales_ = get("scales", true);
+  q.scale_group_max_ = get("scale_group_max", q.options_.double_quant_scales);
+  q.diagonal_ = get("diagonal", q.options_.keep_diagonal);
+  TORCH_CHECK(!q.options_.keep_diagonal || q.rows_ == q.cols_, op,
+              ": keep_diagonal is set but the matrix is ", q.rows_, " x ", q.cols_);
+
+  checks::packed_codes(op, q.codes_, q.options_.bits, q.rows_, q.cols_);
+  checks::block_scales(op, q.scales_, q.options_.double_quant_scales ? at::kByte : at::kFloat,
+                       q.rows_, q.cols_, q.options_.block_size);
+  checks::diagonal(op, q.diagonal_, q.rows_, q.cols_);
+  TORCH_CHECK(!q.options_.keep_diagonal || q.diagonal_.numel() == q.rows_, op,
+              ": keep_diagonal is set, so \"diagonal\" must hold ", q.rows_, " values; it holds ",
+              q.diagonal_.numel());
+  if (q.options_.double_quant_scales) {
+    const int64_t blocks = blocks_per_row(q.cols_, q.options_.block_size);
+    const int64_t groups = (q.rows_ * blocks + kScaleGroupSize - 1) / kScaleGroupSize;
+    TORCH_CHECK(q.scale_group_max_.scalar_type() == at::kFloat && q.scale_group_max_.dim() == 1 &&
+                    q.scale_group_max_.numel() == groups,
+                op, ": \"scale_group_max\" must be float32 of shape [", groups, "]; got ",
+                q.scale_group_max_.sizes());
+  }
+  const at::Device device = q.codes_.device();
+  checks::same_device(op, device, {{"scales", &q.scales_}, {"scale_group_max", &q.scale_group_max_},
+                                   {"diagonal", &q.diagonal_}});
+  return q;
+}
+
+}  // namespace lowbit

@@ -1,0 +1,117 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include <lowbit/codebook.h>
+
+namespace lowbit {
+namespace {
+
+// Values printed in the paper (4 decimals), see shared/reference/4bit-shampoo.md.
+void expect_table(const std::vector<float>& got, const std::vector<double>& paper) {
+  ASSERT_EQ(got.size(), paper.size());
+  for (size_t k = 0; k < got.size(); ++k) EXPECT_NEAR(got[k], paper[k], 5e-5) << "entry " << k;
+}
+
+TEST(Codebook, Linear2FourBitMatchesPaper) {
+  expect_table(codebook_values(Mapping::Linear2, 4),
+               {-1, -.7511, -.5378, -.36, -.2178, -.1111, -.04, 0, .0044, .04, .1111, .2178, .36,
+                .5378, .7511, 1});
+}
+
+TEST(Codebook, DynamicTreeFourBitMatchesPaper) {
+  expect_table(codebook_values(Mapping::DynamicTree, 4),
+               {-.8875, -.6625, -.4375, -.2125, -.0775, -.0325, -.0055, 0, .0055, .0325, .0775,
+                .2125, .4375, .6625, .8875, 1});
+}
+
+TEST(Codebook, ThreeBitTablesMatchPaper) {
+  expect_table(codebook_values(Mapping::Linear2, 3), {-1, -.5102, -.1837, 0, .0204, .1837, .5102, 1});
+  expect_table(codebook_values(Mapping::DynamicTree, 3), {-.775, -.325, -.055, 0, .055, .325, .775, 1});
+}
+
+TEST(Codebook, LinearIsTheEvenGridWithAnExactZero) {
+  for (int bits : {3, 4, 8}) {
+    const int n = 1 << bits;
+    const std::vector<float> v = codebook_values(Mapping::Linear, bits);
+    ASSERT_EQ(static_cast<int>(v.size()), n);
+    for (int j = 0; j < n; ++j) {
+      const double expected = (j == n / 2 - 1) ? 0.0 : -1.0 + 2.0 * j / (n - 1);
+      EXPECT_FLOAT_EQ(v[j], static_cast<float>(expected)) << bits << " bits, entry " << j;
+    }
+  }
+}
+
+TEST(Codebook, EightBitLinear2IsTheSignedSquare) {
+  const std::vector<float> v = codebook_values(Mapping::Linear2, 8);
+  ASSERT_EQ(v.size(), 256u);
+  for (int j = 0; j < 256; ++j) {
+    const double x = -1.0 + 2.0 * j / 255;
+    const double expected = (j == 127) ? 0.0 : std::copysign(x * x, x);
+    EXPECT_FLOAT_EQ(v[j], static_cast<float>(expected)) << "entry " << j;
+  }
+}
+
+TEST(Codebook, EightBitDynamicTreeEndpoints) {
+  const std::vector<float> v = codebook_values(Mapping::DynamicTree, 8);
+  ASSERT_EQ(v.size(), 256u);
+  // Smallest magnitude: midpoint of [0.1, 1] scaled to the 1e-6 decade.
+  EXPECT_FLOAT_EQ(v[128], 0.55e-6f);
+  EXPECT_FLOAT_EQ(v[126], -0.55e-6f);
+  EXPECT_EQ(v[127], 0.f);
+  EXPECT_EQ(v[255], 1.f);
+  // Largest below 1: midpoint of the last of 64 parts of [0.1, 1].
+  EXPECT_FLOAT_EQ(v[254], 1.0f - 0.9f / 128);
+  EXPECT_FLOAT_EQ(v[0], -(1.0f - 0.9f / 128));
+}
+
+TEST(Codebook, EveryTableIsSortedHasZeroAndOneAndMatchesItsTensor) {
+  for (Mapping m : {Mapping::Linear2, Mapping::DynamicTree, Mapping::Linear})
+    for (int bits : {3, 4, 8}) {
+      const std::vector<float> v = codebook_values(m, bits);
+      ASSERT_EQ(static_cast<int>(v.size()), 1 << bits);
+      for (size_t k = 0; k + 1 < v.size(); ++k) EXPECT_LT(v[k], v[k + 1]);
+      EXPECT_EQ(v.back(), 1.f);
+      EXPECT_GE(v.front(), -1.f);
+      EXPECT_NE(std::find(v.begin(), v.end(), 0.f), v.end());
+      const at::Tensor& t = codebook(m, bits);
+      ASSERT_EQ(t.numel(), static_cast<int64_t>(v.size()));
+      for (int64_t k = 0; k < t.numel(); ++k) EXPECT_EQ(t[k].item<float>(), v[k]);
+    }
+}
+
+TEST(Codebook, ScaleTableIsUnsignedDynamicTree) {
+  const std::vector<float> v = scale_codebook_values();
+  ASSERT_EQ(v.size(), 256u);
+  EXPECT_EQ(v.front(), 0.f);
+  EXPECT_EQ(v.back(), 1.f);
+  EXPECT_FLOAT_EQ(v[1], 0.325e-6f);  // midpoint of the first half of [0.1, 1], 1e-6 decade
+  EXPECT_FLOAT_EQ(v[254], 1.0f - 0.9f / 256);
+  for (size_t k = 0; k + 1 < v.size(); ++k) EXPECT_LT(v[k], v[k + 1]);
+}
+
+TEST(Codebook, MaxRoundingErrorMatchesADenseScan) {
+  for (Mapping m : {Mapping::Linear2, Mapping::DynamicTree, Mapping::Linear})
+    for (int bits : {3, 4, 8}) {
+      const std::vector<float> v = codebook_values(m, bits);
+      double worst = 0;
+      const int samples = 200001;
+      for (int i = 0; i < samples; ++i) {
+        const double x = -1.0 + 2.0 * i / (samples - 1);
+        double best = 1e9;
+        for (float c : v) best = std::min(best, std::fabs(x - c));
+        worst = std::max(worst, best);
+      }
+      EXPECT_NEAR(max_rounding_error(v), worst, 1e-5) << to_string(m) << " " << bits;
+    }
+  EXPECT_NEAR(max_rounding_error(codebook_values(Mapping::Linear2, 4)), (1 - 0.751111) / 2, 1e-6);
+}
+
+TEST(Codebook, RejectsUnsupportedBits) {
+  EXPECT_THROW(codebook_values(Mapping::Linear2, 5), c10::Error);
+  EXPECT_THROW(codebook(Mapping::Linear, 2), c10::Error);
+}
+
+}  // namespace
+}  // namespace lowbit

@@ -1,0 +1,5 @@
+// Precompiled header of the test executables.
+#pragma once
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <ATen/Parallel.h>
