@@ -171,6 +171,12 @@ TEST(TorchOps, RegisteredUnderTheLowbitNamespaceAndMatchTheCppApi) {
                            "lowbit::quantize_scales", "lowbit::dequantize_scales"})
     EXPECT_TRUE(c10::Dispatcher::singleton().findSchema({name, ""}).has_value()) << name;
   EXPECT_TRUE(c10::Dispatcher::singleton().findSchema({"lowbit::dequantize_blockwise", "out"}).has_value());
+
+  const auto table_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("lowbit::codebook", "")
+                            .typed<at::Tensor(c10::string_view, int64_t)>();
+  EXPECT_TRUE(at::equal(table_op.call("dynamic", 3), codebook(Mapping::DynamicTree, 3)));
+  EXPECT_THROW(table_op.call("linear2", 6), c10::Error);
 }
 
 TEST(EmptyMatrices, ZeroRowsOrColumnsRoundTrip) {

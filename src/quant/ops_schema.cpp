@@ -1,8 +1,23 @@
 // The codec as torch ops (torch.ops.lowbit.* from Python). Backends register kernels for
-// these schemas with TORCH_LIBRARY_IMPL: codec_cpu.cpp here, CUDA in src/cuda.
+// the tensor ops with TORCH_LIBRARY_IMPL: codec_cpu.cpp here, CUDA in src/cuda.
 #include <torch/library.h>
 
+#include <lowbit/codebook.h>
+
+namespace {
+
+at::Tensor codebook_op(c10::string_view mapping, int64_t bits) {
+  lowbit::check_bits(bits, "lowbit::codebook: bits");
+  return lowbit::codebook(lowbit::parse_mapping(std::string_view(mapping.data(), mapping.size())),
+                          static_cast<int>(bits))
+      .clone();
+}
+
+}  // namespace
+
 TORCH_LIBRARY(lowbit, m) {
+  // Tables take no tensor input, so one backend-independent kernel serves every device.
+  m.def("codebook(str mapping, int bits) -> Tensor", &codebook_op);
   m.def("block_absmax(Tensor input, int block_size, bool skip_diagonal=False) -> Tensor");
   m.def(
       "quantize_blockwise(Tensor input, Tensor codebook, int bits, int block_size, "
