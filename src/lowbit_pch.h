@@ -1,7 +1,6 @@
-// Precompiled header: the Torch headers every lowbit translation unit needs.
+// Precompiled header: the Torch headers lowbit translation units need.
 #pragma once
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
-#include <ATen/ops/empty.h>
