@@ -4,3 +4,5 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>

@@ -3,3 +3,4 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <ATen/Parallel.h>
+#include <torch/optim.h>

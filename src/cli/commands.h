@@ -8,4 +8,7 @@ namespace lowbit::cli {
 // `lowbit bench codec`: codec throughput against a same-run memcpy baseline.
 void add_bench_codec(CLI::App& bench);
 
+// `lowbit quant-error`: the paper's Table 1 error analysis on synthetic SPD matrices.
+void add_quant_error(CLI::App& app);
+
 }  // namespace lowbit::cli

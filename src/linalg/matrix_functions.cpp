@@ -77,8 +77,11 @@ std::optional<at::Tensor> inverse_root_eigen(const at::Tensor& a, double p, doub
 }
 
 // Coupled Newton (Schur-Newton) iteration for A^(-1/p), as in the Shampoo papers:
-// M_0 = z A, X_0 = z^(1/p) I with z = (1 + p) / (2 lambda_max); then
-// T = ((p + 1) I - M) / p, X <- X T, M <- T^p M, until M is close to I.
+// M_0 = z A, X_0 = z^(1/p) I with z = (1 + p) / (2 ||A||_F); then
+// T = ((p + 1) I - M) / p, X <- X T, M <- T^p M, until M is close to I. The Frobenius
+// norm (>= lambda_max) keeps every eigenvalue of M_0 in (0, (1 + p) / 2], where the
+// iteration raises the small ones monotonically; power iteration gives lambda_max for
+// the epsilon ridge.
 at::Tensor inverse_root_newton(const at::Tensor& a_in, int p, double epsilon, int max_iterations,
                                double tolerance) {
   const int64_t n = a_in.size(0);
@@ -87,8 +90,7 @@ at::Tensor inverse_root_newton(const at::Tensor& a_in, int p, double epsilon, in
   const double lambda_max = max_eigenvalue_power_iteration(a);
   const double ridge = lambda_max > 0 ? epsilon * lambda_max : epsilon;
   const at::Tensor damped = a + ridge * identity;
-  const double scale_max = lambda_max + ridge;
-  const double z = (1.0 + p) / (2.0 * scale_max);
+  const double z = (1.0 + p) / (2.0 * damped.norm().item<double>());
   at::Tensor root = identity * std::pow(z, 1.0 / p);
   at::Tensor m = damped * z;
   double error = (m - identity).abs().max().item<double>();

@@ -1,0 +1,114 @@
+// lowbit::Shampoo: Shampoo (32-bit, 4-bit, or the paper's naive 4-bit baseline) as a
+// LibTorch optimizer. The preconditioned gradient is grafted to the gradient's norm and
+// handed to a first-order rule (SGD with momentum or AdamW).
+#pragma once
+
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace lowbit {
+
+namespace precond {
+class ParameterPreconditioner;
+}
+
+// Every option, its paper symbol and default, is in docs/shampoo.md.
+struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOptions> {
+  ShampooOptions(double lr = 1e-3);
+  TORCH_ARG(double, lr) = 1e-3;
+  TORCH_ARG(std::string, graft) = "adamw";           // "sgdm" | "adamw"
+  TORCH_ARG(double, momentum) = 0.9;                 // sgdm
+  TORCH_ARG(bool, nesterov) = false;                 // sgdm
+  typedef std::tuple<double, double> betas_t;
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);  // adamw
+  TORCH_ARG(double, eps) = 1e-8;                     // adamw
+  TORCH_ARG(double, weight_decay) = 0.0;             // coupled (sgdm) / decoupled (adamw)
+  TORCH_ARG(int64_t, bits) = 4;                      // 32 (fp32 Shampoo), 8, 4, 3
+  TORCH_ARG(std::string, quantize) = "eigenvectors"; // "eigenvectors" (4-bit Shampoo) | "matrix" (naive)
+  TORCH_ARG(std::string, mapping) = "linear2";       // "linear2" | "dynamic" | "linear"
+  TORCH_ARG(int64_t, quant_block_size) = 64;
+  TORCH_ARG(bool, double_quant_scales) = false;      // 8-bit block scales (below 4.5 bits)
+  TORCH_ARG(int64_t, min_quant_numel) = 4096;        // smaller factors stay fp32
+  TORCH_ARG(int64_t, max_preconditioner_dim) = 1200;
+  TORCH_ARG(double, stat_decay) = 0.95;              // beta
+  TORCH_ARG(double, epsilon) = 1e-6;                 // relative to lambda_max
+  TORCH_ARG(int64_t, stat_interval) = 100;           // T1
+  TORCH_ARG(int64_t, root_interval) = 500;           // T2
+  TORCH_ARG(int64_t, start_preconditioning_step) = 1;
+  typedef std::tuple<int64_t, int64_t> rectify_t;
+  TORCH_ARG(rectify_t, rectify_steps) = std::make_tuple(1, 4);  // t1, t2 (Björck steps)
+  TORCH_ARG(std::string, root_method) = "eigen";     // "eigen" | "newton" (fp32 Shampoo)
+  TORCH_ARG(bool, skip_nonfinite) = false;           // skip a step with a NaN/Inf gradient instead of raising
+
+ public:
+  // Throws c10::Error naming the option, its value and what is allowed.
+  void validate() const;
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const ShampooOptions& lhs, const ShampooOptions& rhs);
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+};
+
+struct ShampooParamState : public torch::optim::OptimizerCloneableParamState<ShampooParamState> {
+  TORCH_ARG(int64_t, step) = 0;
+  TORCH_ARG(int64_t, root_updates) = 0;   // inverse-root refreshes applied so far
+  TORCH_ARG(torch::Tensor, momentum_buffer);  // sgdm
+  TORCH_ARG(torch::Tensor, exp_avg);          // adamw
+  TORCH_ARG(torch::Tensor, exp_avg_sq);       // adamw
+
+ public:
+  std::shared_ptr<precond::ParameterPreconditioner> preconditioner;  // null for 1-D / scalars
+  // Preconditioner entries read from a checkpoint, installed once validated against the parameter.
+  std::map<std::string, torch::Tensor> loaded_preconditioner;
+
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
+
+struct StateBytes {
+  int64_t preconditioner = 0;  // Shampoo statistics, eigen-data and inverse roots
+  int64_t first_order = 0;     // momentum / Adam moments
+  int64_t total() const { return preconditioner + first_order; }
+};
+
+class Shampoo : public torch::optim::Optimizer {
+ public:
+  explicit Shampoo(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                   ShampooOptions defaults = {});
+  explicit Shampoo(std::vector<torch::Tensor> params, ShampooOptions defaults = {});
+
+  // Validates the group's options and keeps them (LibTorch's own add_param_group would
+  // replace the options of an optimizer type it does not know by the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  // Loads into a staging copy, validates shapes and structural options against this
+  // optimizer's parameters, and only then replaces the state: on error nothing changes.
+  void load(torch::serialize::InputArchive& archive) override;
+
+  StateBytes state_bytes() const;
+  int64_t skipped_steps() const { return skipped_steps_; }
+  int64_t root_failures() const;  // failed decompositions that kept the last good root
+  int64_t root_updates() const;   // largest number of root refreshes of any parameter
+
+  // Replaces the symmetric eigensolver (for fault injection and experiments).
+  using EighSolver = std::function<std::tuple<torch::Tensor, torch::Tensor>(const torch::Tensor&)>;
+  void set_eigh_solver(EighSolver solver);
+
+ private:
+  ShampooParamState& state_for(const torch::Tensor& p, const ShampooOptions& options);
+  void check_gradients() const;
+  bool gradients_finite() const;
+  int64_t skipped_steps_ = 0;
+  EighSolver eigh_;
+};
+
+}  // namespace lowbit

@@ -1,0 +1,163 @@
+#include <lowbit/shampoo.h>
+
+#include <ATen/ATen.h>
+#include <torch/serialize/archive.h>
+#include <torch/types.h>
+
+#include "optim/shampoo_internal.h"
+
+namespace lowbit {
+
+using torch::optim::OptimizerParamGroup;
+
+namespace {
+
+const ShampooOptions& shampoo_options_of(const OptimizerParamGroup& group) {
+  const auto* options = dynamic_cast<const ShampooOptions*>(&group.options());
+  TORCH_CHECK(options != nullptr, "lowbit::Shampoo: a parameter group's options must be lowbit::ShampooOptions");
+  return *options;
+}
+
+}  // namespace
+
+Shampoo::Shampoo(const std::vector<OptimizerParamGroup>& param_groups, ShampooOptions defaults)
+    : Optimizer(param_groups, std::make_unique<ShampooOptions>(defaults)) {
+  defaults.validate();
+  // LibTorch's add_param_group only merges options of its own optimizer types and gives
+  // any other group the defaults; put each group's own options back.
+  for (size_t i = 0; i < param_groups.size(); ++i)
+    if (param_groups[i].has_options())
+      this->param_groups()[i].set_options(std::make_unique<ShampooOptions>(shampoo_options_of(param_groups[i])));
+  for (const auto& group : this->param_groups()) shampoo_options_of(group).validate();
+}
+
+void Shampoo::add_param_group(const OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) shampoo_options_of(param_group).validate();
+  Optimizer::add_param_group(param_group);
+  if (param_group.has_options())
+    param_groups().back().set_options(std::make_unique<ShampooOptions>(shampoo_options_of(param_group)));
+}
+
+Shampoo::Shampoo(std::vector<torch::Tensor> params, ShampooOptions defaults)
+    : Shampoo({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+void Shampoo::check_gradients() const {
+  for (size_t gi = 0; gi < param_groups().size(); ++gi) {
+    const auto& group = param_groups()[gi];
+    static_cast<const ShampooOptions&>(group.options()).validate();
+    for (size_t pi = 0; pi < group.params().size(); ++pi) {
+      const torch::Tensor& p = group.params()[pi];
+      const torch::Tensor& g = p.grad();
+      if (!g.defined()) continue;
+      TORCH_CHECK(!g.is_sparse(), "lowbit::Shampoo: parameter ", pi, " of group ", gi,
+                  " has a sparse gradient; Shampoo needs dense gradients");
+      TORCH_CHECK(at::isFloatingType(g.scalar_type()), "lowbit::Shampoo: parameter ", pi, " of group ", gi,
+                  " has a ", g.scalar_type(), " gradient; expected a floating type");
+      TORCH_CHECK(g.sizes() == p.sizes(), "lowbit::Shampoo: parameter ", pi, " of group ", gi,
+                  " has shape ", p.sizes(), " but its gradient has shape ", g.sizes());
+    }
+  }
+}
+
+bool Shampoo::gradients_finite() const {
+  for (size_t gi = 0; gi < param_groups().size(); ++gi) {
+    const auto& group = param_groups()[gi];
+    for (size_t pi = 0; pi < group.params().size(); ++pi) {
+      const torch::Tensor& g = group.params()[pi].grad();
+      if (!g.defined() || g.isfinite().all().item<bool>()) continue;
+      TORCH_CHECK(static_cast<const ShampooOptions&>(group.options()).skip_nonfinite(),
+                  "lowbit::Shampoo: parameter ", pi, " of group ", gi,
+                  " has a NaN or Inf gradient; nothing was updated (set skip_nonfinite to skip such steps)");
+      return false;
+    }
+  }
+  return true;
+}
+
+ShampooParamState& Shampoo::state_for(const torch::Tensor& p, const ShampooOptions& options) {
+  auto& slot = state()[p.unsafeGetTensorImpl()];
+  if (!slot) {
+    auto s = std::make_unique<ShampooParamState>();
+    auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(
+        p.sizes(), p.options(), preconditioner_config(options, eigh_));
+    if (preconditioner->active()) s->preconditioner = std::move(preconditioner);
+    slot = std::move(s);
+  }
+  return static_cast<ShampooParamState&>(*slot);
+}
+
+torch::Tensor Shampoo::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure != nullptr) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  // Every check happens before the first write: a rejected step changes nothing.
+  check_gradients();
+  if (!gradients_finite()) {
+    ++skipped_steps_;
+    return loss;
+  }
+  for (auto& group : param_groups()) {
+    const auto& o = static_cast<const ShampooOptions&>(group.options());
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      ShampooParamState& s = state_for(p, o);
+      s.step(s.step() + 1);
+      const torch::Tensor& g = p.grad();
+      torch::Tensor direction = g;
+      if (s.preconditioner) {
+        const int64_t k = s.step();
+        const bool started = k >= o.start_preconditioning_step();
+        if (k % o.stat_interval() == 0) s.preconditioner->update_statistics(g);  // every T1 steps
+        if (started && k % o.root_interval() == 0) {                               // every T2 steps
+          s.preconditioner->update_inverse_roots();
+          s.root_updates(s.root_updates() + 1);
+        }
+        if (started && s.root_updates() > 0) direction = s.preconditioner->precondition(g);
+      }
+      if (o.graft() == "sgdm") {
+        sgdm_update(p, direction, s, o);
+      } else {
+        adamw_update(p, direction, s, o);
+      }
+    }
+  }
+  return loss;
+}
+
+StateBytes Shampoo::state_bytes() const {
+  StateBytes bytes;
+  for (const auto& [key, base] : state()) {
+    const auto& s = static_cast<const ShampooParamState&>(*base);
+    if (s.preconditioner) bytes.preconditioner += s.preconditioner->state_bytes();
+    for (const torch::Tensor* t : {&s.momentum_buffer(), &s.exp_avg(), &s.exp_avg_sq()})
+      if (t->defined()) bytes.first_order += t->numel() * static_cast<int64_t>(t->element_size());
+  }
+  return bytes;
+}
+
+int64_t Shampoo::root_failures() const {
+  int64_t total = 0;
+  for (const auto& [key, base] : state()) {
+    const auto& s = static_cast<const ShampooParamState&>(*base);
+    if (s.preconditioner) total += s.preconditioner->failures();
+  }
+  return total;
+}
+
+int64_t Shampoo::root_updates() const {
+  int64_t most = 0;
+  for (const auto& [key, base] : state())
+    most = std::max(most, static_cast<const ShampooParamState&>(*base).root_updates());
+  return most;
+}
+
+void Shampoo::set_eigh_solver(EighSolver solver) {
+  // Preconditioners take the solver when they are created, at a parameter's first step.
+  TORCH_CHECK(state().empty(), "lowbit::Shampoo::set_eigh_solver must be called before the first step");
+  eigh_ = std::move(solver);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,120 @@
+// Saving and loading the Shampoo optimizer: plain tensors and scalars only, in LibTorch's
+// optimizer archive layout; loading is validated in full before anything is replaced.
+#include <lowbit/shampoo.h>
+
+#include <torch/serialize/archive.h>
+
+#include <algorithm>
+
+#include "optim/shampoo_internal.h"
+
+namespace lowbit {
+namespace {
+
+// Archive attribute names may not contain '.', which the preconditioner's names use.
+constexpr const char* kPreconditionerPrefix = "preconditioner/";
+
+std::string to_archive_key(std::string name) {
+  std::replace(name.begin(), name.end(), '.', '/');
+  return kPreconditionerPrefix + name;
+}
+
+std::string from_archive_key(const std::string& key) {
+  std::string name = key.substr(std::string(kPreconditionerPrefix).size());
+  std::replace(name.begin(), name.end(), '/', '.');
+  return name;
+}
+
+void check_buffer(const torch::Tensor& buffer, const torch::Tensor& p, const char* name, size_t gi, size_t pi) {
+  if (!buffer.defined()) return;
+  TORCH_CHECK(buffer.sizes() == p.sizes(), "lowbit::Shampoo::load: checkpoint ", name, " of parameter ", pi,
+              " in group ", gi, " has shape ", buffer.sizes(), " but the parameter has shape ", p.sizes());
+}
+
+}  // namespace
+
+void ShampooParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(root_updates);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
+  if (preconditioner) {
+    precond::TensorMap entries;
+    preconditioner->save(entries);
+    for (const auto& [name, tensor] : entries) archive.write(to_archive_key(name), tensor);
+  }
+}
+
+void ShampooParamState::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, root_updates);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
+  loaded_preconditioner.clear();
+  for (const std::string& key : archive.keys()) {
+    if (key.rfind(kPreconditionerPrefix, 0) != 0) continue;
+    torch::Tensor t;
+    archive.read(key, t);
+    loaded_preconditioner[from_archive_key(key)] = t;
+  }
+}
+
+void Shampoo::save(torch::serialize::OutputArchive& archive) const {
+  torch::optim::serialize<ShampooParamState, ShampooOptions>(archive, *this);
+}
+
+void Shampoo::load(torch::serialize::InputArchive& archive) {
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  for (const auto& g : param_groups()) groups.emplace_back(g.params(), g.options().clone());
+  Shampoo staged(groups, static_cast<const ShampooOptions&>(defaults()));
+  staged.eigh_ = eigh_;
+  torch::optim::serialize<ShampooParamState, ShampooOptions>(archive, staged);
+
+  for (size_t gi = 0; gi < staged.param_groups().size(); ++gi) {
+    const auto& saved = static_cast<const ShampooOptions&>(staged.param_groups()[gi].options());
+    const auto& current = static_cast<const ShampooOptions&>(param_groups()[gi].options());
+    const std::vector<std::string> differ = structural_differences(saved, current);
+    if (!differ.empty()) {
+      std::string names;
+      for (const std::string& n : differ) names += (names.empty() ? "" : ", ") + n;
+      TORCH_CHECK(false, "lowbit::Shampoo::load: the checkpoint's group ", gi, " was saved with different ",
+                  names, " than this optimizer uses; nothing was loaded");
+    }
+    saved.validate();
+    const auto& params = staged.param_groups()[gi].params();
+    for (size_t pi = 0; pi < params.size(); ++pi) {
+      const torch::Tensor& p = params[pi];
+      auto it = staged.state().find(p.unsafeGetTensorImpl());
+      if (it == staged.state().end()) continue;
+      auto& s = static_cast<ShampooParamState&>(*it->second);
+      check_buffer(s.momentum_buffer(), p, "momentum_buffer", gi, pi);
+      check_buffer(s.exp_avg(), p, "exp_avg", gi, pi);
+      check_buffer(s.exp_avg_sq(), p, "exp_avg_sq", gi, pi);
+      auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(
+          p.sizes(), p.options(), preconditioner_config(saved, eigh_));
+      if (preconditioner->active()) {
+        try {
+          preconditioner->load(s.loaded_preconditioner);
+        } catch (const c10::Error& e) {
+          TORCH_CHECK(false, "lowbit::Shampoo::load: parameter ", pi, " of group ", gi, " (shape ", p.sizes(),
+                      "): ", e.what_without_backtrace(), "; nothing was loaded");
+        }
+        s.preconditioner = std::move(preconditioner);
+      } else {
+        TORCH_CHECK(s.loaded_preconditioner.empty(), "lowbit::Shampoo::load: the checkpoint has preconditioner "
+                    "entries for parameter ", pi, " of group ", gi, " (shape ", p.sizes(),
+                    "), which takes none; nothing was loaded");
+      }
+      s.loaded_preconditioner.clear();
+    }
+  }
+  // Everything checked: take the staged state and options.
+  state() = std::move(staged.state());
+  for (size_t gi = 0; gi < param_groups().size(); ++gi)
+    static_cast<ShampooOptions&>(param_groups()[gi].options()) =
+        static_cast<const ShampooOptions&>(staged.param_groups()[gi].options());
+}
+
+}  // namespace lowbit

@@ -1,0 +1,23 @@
+// Pieces of the Shampoo optimizer shared by its source files (not public API).
+#pragma once
+
+#include <lowbit/shampoo.h>
+
+#include <string>
+#include <vector>
+
+#include "precond/parameter_preconditioner.h"
+
+namespace lowbit {
+
+// Names of the options that differ between a and b and decide the saved state's layout.
+std::vector<std::string> structural_differences(const ShampooOptions& a, const ShampooOptions& b);
+
+precond::PreconditionerConfig preconditioner_config(const ShampooOptions& options,
+                                                    const Shampoo::EighSolver& eigh);
+
+// The first-order rules applied to the (grafted) direction d; they update p in place.
+void sgdm_update(torch::Tensor& p, torch::Tensor d, ShampooParamState& state, const ShampooOptions& o);
+void adamw_update(torch::Tensor& p, const torch::Tensor& d, ShampooParamState& state, const ShampooOptions& o);
+
+}  // namespace lowbit

@@ -1,0 +1,160 @@
+#include <lowbit/shampoo.h>
+
+#include <lowbit/quant_options.h>
+
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "optim/shampoo_internal.h"
+
+namespace lowbit {
+namespace {
+
+void check_one_of(const char* name, const std::string& value, std::initializer_list<const char*> allowed) {
+  std::string list;
+  for (const char* a : allowed) {
+    if (value == a) return;
+    list += (list.empty() ? "\"" : ", \"") + std::string(a) + "\"";
+  }
+  TORCH_CHECK(false, "ShampooOptions.", name, " must be one of ", list, "; got \"", value, "\"");
+}
+
+}  // namespace
+
+ShampooOptions::ShampooOptions(double lr) : lr_(lr) {}
+
+void ShampooOptions::validate() const {
+  TORCH_CHECK(lr() >= 0, "ShampooOptions.lr must be >= 0; got ", lr());
+  check_one_of("graft", graft(), {"sgdm", "adamw"});
+  TORCH_CHECK(momentum() >= 0 && momentum() < 1, "ShampooOptions.momentum must be in [0, 1); got ", momentum());
+  TORCH_CHECK(!nesterov() || momentum() > 0, "ShampooOptions.nesterov needs momentum > 0");
+  const auto [beta1, beta2] = betas();
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "ShampooOptions.betas[0] must be in [0, 1); got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "ShampooOptions.betas[1] must be in [0, 1); got ", beta2);
+  TORCH_CHECK(eps() > 0, "ShampooOptions.eps must be > 0; got ", eps());
+  TORCH_CHECK(weight_decay() >= 0, "ShampooOptions.weight_decay must be >= 0; got ", weight_decay());
+  TORCH_CHECK(bits() == 32 || bits() == 8 || bits() == 4 || bits() == 3,
+              "ShampooOptions.bits must be 32, 8, 4 or 3; got ", bits());
+  check_one_of("quantize", quantize(), {"eigenvectors", "matrix"});
+  check_one_of("mapping", mapping(), {"linear2", "dynamic", "linear"});
+  check_block_size(quant_block_size(), "ShampooOptions.quant_block_size");
+  TORCH_CHECK(min_quant_numel() >= 0, "ShampooOptions.min_quant_numel must be >= 0; got ", min_quant_numel());
+  TORCH_CHECK(max_preconditioner_dim() >= 1, "ShampooOptions.max_preconditioner_dim must be >= 1; got ",
+              max_preconditioner_dim());
+  TORCH_CHECK(stat_decay() >= 0 && stat_decay() < 1, "ShampooOptions.stat_decay must be in [0, 1); got ",
+              stat_decay());
+  TORCH_CHECK(epsilon() > 0, "ShampooOptions.epsilon must be > 0; got ", epsilon());
+  TORCH_CHECK(stat_interval() >= 1, "ShampooOptions.stat_interval must be >= 1; got ", stat_interval());
+  TORCH_CHECK(root_interval() >= 1, "ShampooOptions.root_interval must be >= 1; got ", root_interval());
+  TORCH_CHECK(start_preconditioning_step() >= 0, "ShampooOptions.start_preconditioning_step must be >= 0; got ",
+              start_preconditioning_step());
+  const auto [t1, t2] = rectify_steps();
+  TORCH_CHECK(t1 >= 0 && t2 >= 0 && t1 <= 100 && t2 <= 100,
+              "ShampooOptions.rectify_steps must be two counts in [0, 100]; got (", t1, ", ", t2, ")");
+  check_one_of("root_method", root_method(), {"eigen", "newton"});
+}
+
+// Options that decide the layout of the saved state: a checkpoint must agree on these.
+std::vector<std::string> structural_differences(const ShampooOptions& a, const ShampooOptions& b) {
+  std::vector<std::string> out;
+  auto note = [&](bool same, const char* name) {
+    if (!same) out.emplace_back(name);
+  };
+  note(a.graft() == b.graft(), "graft");
+  note(a.bits() == b.bits(), "bits");
+  note(a.quantize() == b.quantize(), "quantize");
+  note(a.mapping() == b.mapping(), "mapping");
+  note(a.quant_block_size() == b.quant_block_size(), "quant_block_size");
+  note(a.double_quant_scales() == b.double_quant_scales(), "double_quant_scales");
+  note(a.min_quant_numel() == b.min_quant_numel(), "min_quant_numel");
+  note(a.max_preconditioner_dim() == b.max_preconditioner_dim(), "max_preconditioner_dim");
+  return out;
+}
+
+precond::PreconditionerConfig preconditioner_config(const ShampooOptions& o, const Shampoo::EighSolver& eigh) {
+  precond::PreconditionerConfig c;
+  c.factor.stat_decay = o.stat_decay();
+  c.factor.epsilon = o.epsilon();
+  c.factor.root_exponent = 4;  // two Kronecker factors: L^(-1/4) G R^(-1/4)
+  c.factor.root_method = o.root_method() == "newton" ? precond::RootMethod::Newton : precond::RootMethod::Eigen;
+  if (o.bits() != 32) c.factor.quant.bits = static_cast<int>(o.bits());
+  c.factor.quant.mapping = parse_mapping(o.mapping());
+  c.factor.quant.block_size = o.quant_block_size();
+  c.factor.quant.double_quant_scales = o.double_quant_scales();
+  c.factor.bjorck_stat_steps = static_cast<int>(std::get<0>(o.rectify_steps()));
+  c.factor.bjorck_root_steps = static_cast<int>(std::get<1>(o.rectify_steps()));
+  if (eigh) c.factor.eigh = eigh;
+  c.kind = o.bits() == 32             ? precond::FactorKind::Dense
+           : o.quantize() == "matrix" ? precond::FactorKind::NaiveQuantized
+                                      : precond::FactorKind::EigenQuantized;
+  c.min_quant_numel = o.min_quant_numel();
+  c.max_dim = o.max_preconditioner_dim();
+  return c;
+}
+
+void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(graft);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(bits);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(quantize);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(mapping);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(quant_block_size);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(double_quant_scales);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(min_quant_numel);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(max_preconditioner_dim);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stat_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(epsilon);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(stat_interval);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(root_interval);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(start_preconditioning_step);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rectify_steps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(root_method);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skip_nonfinite);
+}
+
+void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, graft);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, bits);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, quantize);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mapping);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, quant_block_size);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, double_quant_scales);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, min_quant_numel);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, max_preconditioner_dim);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, stat_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, epsilon);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, stat_interval);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, root_interval);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, start_preconditioning_step);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(rectify_t, rectify_steps);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, root_method);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, skip_nonfinite);
+}
+
+bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
+  return a.lr() == b.lr() && a.momentum() == b.momentum() && a.nesterov() == b.nesterov() &&
+         a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() &&
+         structural_differences(a, b).empty() && a.stat_decay() == b.stat_decay() &&
+         a.epsilon() == b.epsilon() && a.stat_interval() == b.stat_interval() &&
+         a.root_interval() == b.root_interval() &&
+         a.start_preconditioning_step() == b.start_preconditioning_step() &&
+         a.rectify_steps() == b.rectify_steps() && a.root_method() == b.root_method() &&
+         a.skip_nonfinite() == b.skip_nonfinite();
+}
+
+double ShampooOptions::get_lr() const { return lr(); }
+void ShampooOptions::set_lr(const double lr) { this->lr(lr); }
+
+}  // namespace lowbit

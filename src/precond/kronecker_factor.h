@@ -1,0 +1,80 @@
+// One Kronecker factor of a Shampoo block: the statistic of one side (L = sum G G^T, or
+// R = sum G^T G) and its inverse root. One interface, three ways to store it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include <lowbit/quant_options.h>
+#include <lowbit/quantized_matrix.h>
+
+#include "linalg/matrix_functions.h"
+
+namespace lowbit::precond {
+
+using TensorMap = std::map<std::string, at::Tensor>;
+
+enum class FactorKind {
+  Dense,           // fp32 statistic and fp32 inverse root
+  EigenQuantized,  // 4-bit Shampoo: quantized eigenvectors + fp32 eigenvalues
+  NaiveQuantized,  // the paper's baseline: statistic itself quantized (fp32 diagonal)
+};
+std::string to_string(FactorKind kind);
+
+enum class RootMethod { Eigen, Newton };
+
+struct FactorConfig {
+  double stat_decay = 0.95;   // beta
+  double epsilon = 1e-6;      // relative to lambda_max
+  double root_exponent = 4;   // p in A^(-1/p): 4 for a 2-D block
+  RootMethod root_method = RootMethod::Eigen;
+  QuantOptions quant;         // bits, mapping, block size of quantized factors
+  int bjorck_stat_steps = 1;  // t1
+  int bjorck_root_steps = 4;  // t2
+  linalg::EighSolver eigh = linalg::default_eigh_solver();
+};
+
+class KroneckerFactor {
+ public:
+  virtual ~KroneckerFactor() = default;
+  virtual FactorKind kind() const = 0;
+  int64_t order() const { return order_; }
+
+  // statistic <- beta * statistic + (1 - beta) * outer, with outer = G G^T (fp32, n x n).
+  virtual void update_statistic(const at::Tensor& outer) = 0;
+  // Recomputes the inverse root; on a failed decomposition keeps the last good one and
+  // counts the failure. Returns false on failure.
+  virtual bool update_inverse_root() = 0;
+  // The current inverse root as a dense fp32 n x n matrix (identity before the first update).
+  virtual at::Tensor inverse_root() const = 0;
+  // The statistic as a dense fp32 matrix (for inspection and tests).
+  virtual at::Tensor statistic() const = 0;
+
+  virtual int64_t state_bytes() const = 0;
+  // Named tensors under `prefix`; load validates shapes and leaves the factor unchanged on error.
+  virtual void save(TensorMap& out, const std::string& prefix) const = 0;
+  virtual void load(const TensorMap& in, const std::string& prefix) = 0;
+
+  int64_t failures() const { return failures_; }
+
+ protected:
+  explicit KroneckerFactor(int64_t order) : order_(order) {}
+  int64_t order_;
+  int64_t failures_ = 0;
+};
+
+std::unique_ptr<KroneckerFactor> make_factor(FactorKind kind, int64_t order, const at::TensorOptions& device,
+                                             const FactorConfig& config);
+
+// Reads `prefix + name` from a saved map, checking dtype and shape; names the entry on error.
+at::Tensor read_entry(const TensorMap& in, const std::string& key, at::ScalarType dtype,
+                      at::IntArrayRef shape);
+// Save / load a quantized matrix under `prefix` (one entry per tensor of its state()).
+void save_quantized(TensorMap& out, const std::string& prefix, const QuantizedMatrix& q);
+QuantizedMatrix load_quantized(const TensorMap& in, const std::string& prefix, int64_t order,
+                               const QuantOptions& expected);
+
+}  // namespace lowbit::precond

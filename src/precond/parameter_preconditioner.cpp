@@ -1,0 +1,109 @@
+#include "precond/parameter_preconditioner.h"
+
+#include <ATen/ATen.h>
+
+namespace lowbit::precond {
+namespace {
+
+at::Tensor block_of(const at::Tensor& m, const BlockSlice& s) {
+  return m.slice(0, s.row0, s.row0 + s.rows).slice(1, s.col0, s.col0 + s.cols);
+}
+
+std::string block_prefix(size_t index, const char* side) {
+  return "block" + std::to_string(index) + "." + side + ".";
+}
+
+}  // namespace
+
+ParameterPreconditioner::ParameterPreconditioner(at::IntArrayRef shape, const at::TensorOptions& device,
+                                                 const PreconditionerConfig& config)
+    : partition_(partition_shape(shape, config.max_dim)), config_(config) {
+  auto make = [&](int64_t order) {
+    const FactorKind kind = order * order < config.min_quant_numel ? FactorKind::Dense : config.kind;
+    return make_factor(kind, order, device, config.factor);
+  };
+  for (const BlockSlice& s : partition_.blocks) blocks_.push_back({s, make(s.rows), make(s.cols)});
+}
+
+at::Tensor ParameterPreconditioner::as_matrix(const at::Tensor& grad) const {
+  return grad.reshape({partition_.rows, partition_.cols}).to(at::kFloat);
+}
+
+void ParameterPreconditioner::update_statistics(const at::Tensor& grad) {
+  const at::Tensor g = as_matrix(grad);
+  for (Block& b : blocks_) {
+    const at::Tensor gb = block_of(g, b.slice);
+    b.left->update_statistic(at::matmul(gb, gb.t()));
+    b.right->update_statistic(at::matmul(gb.t(), gb));
+  }
+}
+
+int64_t ParameterPreconditioner::update_inverse_roots() {
+  int64_t failed = 0;
+  for (Block& b : blocks_) {
+    failed += b.left->update_inverse_root() ? 0 : 1;
+    failed += b.right->update_inverse_root() ? 0 : 1;
+  }
+  return failed;
+}
+
+at::Tensor ParameterPreconditioner::precondition(const at::Tensor& grad) const {
+  const at::Tensor g = as_matrix(grad);
+  at::Tensor out = at::empty_like(g);
+  for (const Block& b : blocks_) {
+    const at::Tensor gb = block_of(g, b.slice);
+    const at::Tensor ghat = at::matmul(at::matmul(b.left->inverse_root(), gb), b.right->inverse_root());
+    // Grafting by norm: the direction is Shampoo's, the step length the gradient's.
+    const at::Tensor scale = gb.norm() / (ghat.norm() + 1e-12);
+    block_of(out, b.slice).copy_(ghat * scale);
+  }
+  return out.reshape(grad.sizes()).to(grad.scalar_type());
+}
+
+int64_t ParameterPreconditioner::state_bytes() const {
+  int64_t total = 0;
+  for (const KroneckerFactor* f : factors()) total += f->state_bytes();
+  return total;
+}
+
+int64_t ParameterPreconditioner::failures() const {
+  int64_t total = 0;
+  for (const KroneckerFactor* f : factors()) total += f->failures();
+  return total;
+}
+
+std::vector<const KroneckerFactor*> ParameterPreconditioner::factors() const {
+  std::vector<const KroneckerFactor*> out;
+  for (const Block& b : blocks_) {
+    out.push_back(b.left.get());
+    out.push_back(b.right.get());
+  }
+  return out;
+}
+
+void ParameterPreconditioner::save(TensorMap& out) const {
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    blocks_[i].left->save(out, block_prefix(i, "left"));
+    blocks_[i].right->save(out, block_prefix(i, "right"));
+  }
+}
+
+void ParameterPreconditioner::load(const TensorMap& in) {
+  // Load into fresh factors first, so a bad entry leaves this preconditioner as it was.
+  std::vector<Block> staged;
+  const at::TensorOptions device = at::TensorOptions().device(
+      blocks_.empty() ? at::Device(at::kCPU) : blocks_[0].left->inverse_root().device());
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block b{blocks_[i].slice, make_factor(blocks_[i].left->kind(), blocks_[i].slice.rows, device, config_.factor),
+            make_factor(blocks_[i].right->kind(), blocks_[i].slice.cols, device, config_.factor)};
+    b.left->load(in, block_prefix(i, "left"));
+    b.right->load(in, block_prefix(i, "right"));
+    staged.push_back(std::move(b));
+  }
+  const std::string extra = "block" + std::to_string(blocks_.size()) + ".";
+  TORCH_CHECK(in.lower_bound(extra) == in.end() || in.lower_bound(extra)->first.rfind(extra, 0) != 0,
+              "checkpoint holds more preconditioner blocks than this parameter has (", blocks_.size(), ")");
+  blocks_ = std::move(staged);
+}
+
+}  // namespace lowbit::precond

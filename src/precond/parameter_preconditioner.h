@@ -1,0 +1,57 @@
+// The Shampoo preconditioner of one parameter: its partition into blocks and, for each
+// block, a left and a right KroneckerFactor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <vector>
+
+#include "precond/kronecker_factor.h"
+#include "precond/partition.h"
+
+namespace lowbit::precond {
+
+struct PreconditionerConfig {
+  FactorConfig factor;
+  FactorKind kind = FactorKind::EigenQuantized;  // for factors of at least min_quant_numel
+  int64_t min_quant_numel = 4096;                // smaller factors stay Dense (fp32)
+  int64_t max_dim = 1200;
+};
+
+class ParameterPreconditioner {
+ public:
+  ParameterPreconditioner(at::IntArrayRef shape, const at::TensorOptions& device,
+                          const PreconditionerConfig& config);
+
+  bool active() const { return partition_.preconditioned(); }
+  const Partition& partition() const { return partition_; }
+
+  // L += G G^T, R += G^T G per block (with the exponential decay of the config).
+  void update_statistics(const at::Tensor& grad);
+  // Recomputes every inverse root; returns how many factors failed (and kept their last root).
+  int64_t update_inverse_roots();
+  // L^(-1/4) G R^(-1/4) per block, each block rescaled to the Frobenius norm of its
+  // gradient block ("grafting by norm"). Same shape and dtype as grad.
+  at::Tensor precondition(const at::Tensor& grad) const;
+
+  int64_t state_bytes() const;
+  int64_t failures() const;
+  std::vector<const KroneckerFactor*> factors() const;
+
+  void save(TensorMap& out) const;
+  // Validates every entry first; on error the preconditioner is unchanged.
+  void load(const TensorMap& in);
+
+ private:
+  struct Block {
+    BlockSlice slice;
+    std::unique_ptr<KroneckerFactor> left, right;
+  };
+  at::Tensor as_matrix(const at::Tensor& grad) const;
+  Partition partition_;
+  std::vector<Block> blocks_;
+  PreconditionerConfig config_;
+};
+
+}  // namespace lowbit::precond

@@ -1,0 +1,179 @@
+// The Table 1 error analysis: metrics, synthetic matrices, the fp64 reference and the
+// orderings the paper reports (order 256 keeps the suite fast).
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <map>
+#include <tuple>
+
+#include "analysis/quant_error.h"
+
+namespace lowbit::analysis {
+namespace {
+
+constexpr int64_t kOrder = 256;
+constexpr double kEpsilon = 1e-4;
+
+at::Tensor symmetric_test_matrix() {
+  const at::Tensor x = at::randn({20, 20}, at::kDouble);
+  return x + x.t();
+}
+
+TEST(QuantErrorMetrics, NormalizedRelativeErrorOfKnownPairs) {
+  at::manual_seed(3);
+  const at::Tensor f = symmetric_test_matrix();
+  EXPECT_EQ(normalized_relative_error(f, f), 0.0);
+  EXPECT_NEAR(normalized_relative_error(f, 2 * f), 1.0, 1e-14);
+  EXPECT_NEAR(normalized_relative_error(f, at::zeros_like(f)), 1.0, 1e-14);
+  EXPECT_NEAR(normalized_relative_error(f, f.to(at::kFloat)), 0.0, 1e-7);
+  EXPECT_THROW(normalized_relative_error(f, f.narrow(0, 0, 10)), c10::Error);
+}
+
+TEST(QuantErrorMetrics, AngleOfKnownPairs) {
+  at::manual_seed(4);
+  const at::Tensor f = symmetric_test_matrix();
+  EXPECT_NEAR(angle_error_deg(f, f), 0.0, 1e-6);
+  EXPECT_NEAR(angle_error_deg(f, 2 * f), 0.0, 1e-6);
+  EXPECT_NEAR(angle_error_deg(f, -f), 180.0, 1e-6);
+  // An antisymmetric matrix is Frobenius-orthogonal to every symmetric one, so mixing the
+  // two unit matrices with (cos t, sin t) gives exactly the angle t.
+  const at::Tensor x = at::randn({20, 20}, at::kDouble);
+  const at::Tensor h = x - x.t();
+  EXPECT_NEAR(angle_error_deg(f, h), 90.0, 1e-9);
+  const double t = 30.0 * M_PI / 180.0;
+  const at::Tensor g = std::cos(t) * f / f.norm() + std::sin(t) * h / h.norm();
+  EXPECT_NEAR(angle_error_deg(f, g), 30.0, 1e-9);
+  EXPECT_NEAR(angle_error_deg(f, 5 * g), 30.0, 1e-9);
+  EXPECT_THROW(angle_error_deg(f, at::zeros_like(f)), c10::Error);
+}
+
+// The documented spectra, written out again here rather than taken from the library.
+at::Tensor documented_spectrum(const std::string& name, int64_t n) {
+  at::Tensor values = at::empty({n}, at::kDouble);
+  for (int64_t i = 0; i < n; ++i) {
+    const double position = static_cast<double>(i) / static_cast<double>(n - 1);
+    double v = 0;
+    if (name == "geometric-1e2") v = std::pow(1e2, -position);
+    if (name == "geometric-1e4") v = std::pow(1e4, -position);
+    if (name == "geometric-1e6") v = std::pow(1e6, -position);
+    if (name == "fast-decay") v = std::pow(static_cast<double>(i + 1), -4.0);
+    if (name == "two-clusters") v = i < n / 2 ? 1.0 : 1e-3;
+    values[i] = v;
+  }
+  return values;
+}
+
+TEST(QuantErrorMatrices, SpectraAreAsDocumented) {
+  ASSERT_EQ(synthetic_matrix_names().size(), 5u);
+  for (const std::string& name : synthetic_matrix_names()) {
+    const at::Tensor expected = documented_spectrum(name, kOrder);
+    EXPECT_TRUE(at::allclose(synthetic_spectrum(name, kOrder), expected, 1e-14, 0)) << name;
+    const at::Tensor a = synthetic_spd_matrix(name, kOrder, 7);
+    ASSERT_EQ(a.scalar_type(), at::kDouble);
+    EXPECT_TRUE(at::equal(a, a.t())) << name;
+    const at::Tensor computed = at::flip(at::linalg_eigvalsh(a), {0});  // descending, as documented
+    // Relative to lambda_max = 1: eigvalsh is accurate to round-off times ||A||.
+    EXPECT_LT((computed - expected).abs().max().item<double>(), 1e-8 * expected.max().item<double>()) << name;
+  }
+}
+
+TEST(QuantErrorMatrices, SeededAndRejectsBadInput) {
+  const at::Tensor a = synthetic_spd_matrix("two-clusters", 32, 1);
+  EXPECT_TRUE(at::equal(a, synthetic_spd_matrix("two-clusters", 32, 1)));
+  EXPECT_FALSE(at::allclose(a, synthetic_spd_matrix("two-clusters", 32, 2)));
+  EXPECT_THROW(synthetic_spd_matrix("no-such-matrix", 32, 1), c10::Error);
+  EXPECT_THROW(synthetic_spd_matrix("two-clusters", 0, 1), c10::Error);
+  QuantErrorOptions options;
+  options.order = 16;
+  options.matrices = {"two-clusters", "typo"};
+  EXPECT_THROW(quant_error_table(options), c10::Error);
+}
+
+TEST(QuantErrorReference, IsTheRegularizedInverseFourthRoot) {
+  for (const std::string& name : synthetic_matrix_names()) {
+    const at::Tensor a = synthetic_spd_matrix(name, kOrder, 5);
+    const at::Tensor f = reference_inverse_fourth_root(a, kEpsilon);
+    const double lambda_max = at::linalg_eigvalsh(a).max().item<double>();
+    const at::Tensor identity = at::eye(kOrder, at::kDouble);
+    const at::Tensor product = at::matmul(at::linalg_matrix_power(f, 4), a + kEpsilon * lambda_max * identity);
+    EXPECT_LT((product - identity).abs().max().item<double>(), 1e-8) << name;
+  }
+}
+
+using Key = std::tuple<std::string, std::string, int, std::string, bool>;  // matrix mapping bits method OR
+
+class QuantErrorTable : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    QuantErrorOptions options;
+    options.order = kOrder;
+    options.epsilon = kEpsilon;
+    options.matrices = {"two-clusters", "geometric-1e4"};
+    rows_ = new std::vector<QuantErrorRow>(quant_error_table(options));
+    by_key_ = new std::map<Key, QuantErrorRow>();
+    for (const QuantErrorRow& r : *rows_)
+      (*by_key_)[{r.matrix, r.mapping, r.bits, r.quantized, r.rectified}] = r;
+  }
+  static void TearDownTestSuite() {
+    delete rows_;
+    delete by_key_;
+  }
+  static const QuantErrorRow& row(const std::string& matrix, const std::string& mapping, int bits,
+                                  const std::string& quantized, bool rectified) {
+    return by_key_->at({matrix, mapping, bits, quantized, rectified});
+  }
+  static inline std::vector<QuantErrorRow>* rows_ = nullptr;
+  static inline std::map<Key, QuantErrorRow>* by_key_ = nullptr;
+};
+
+const std::vector<std::string> kMatrices{"two-clusters", "geometric-1e4"};
+const std::vector<std::string> kMappings{"linear2", "dynamic"};
+// (quantized, rectified) of the three methods, best last.
+const std::vector<std::pair<std::string, bool>> kMethods{
+    {"matrix", false}, {"eigenvectors", false}, {"eigenvectors", true}};
+
+TEST_F(QuantErrorTable, HasEveryRowOnce) {
+  EXPECT_EQ(rows_->size(), 2u * 2 * 3 * 3);
+  EXPECT_EQ(by_key_->size(), rows_->size());
+  for (const QuantErrorRow& r : *rows_) {
+    EXPECT_TRUE(std::isfinite(r.nre) && r.nre > 0) << r.matrix << " " << r.mapping << " " << r.bits;
+    EXPECT_TRUE(r.angle_deg > 0 && r.angle_deg < 90) << r.matrix << " " << r.mapping << " " << r.bits;
+  }
+}
+
+// The paper's Table 1 ordering at 4 bits: QM=U with Björck < QM=U < QM=A.
+TEST_F(QuantErrorTable, EigenvectorQuantizationBeatsMatrixQuantizationAndBjorckHelps) {
+  for (const std::string& matrix : kMatrices) {
+    for (const std::string& mapping : kMappings) {
+      const QuantErrorRow& naive = row(matrix, mapping, 4, "matrix", false);
+      const QuantErrorRow& eigen = row(matrix, mapping, 4, "eigenvectors", false);
+      const QuantErrorRow& rectified = row(matrix, mapping, 4, "eigenvectors", true);
+      EXPECT_LT(rectified.nre, eigen.nre) << matrix << " " << mapping;
+      EXPECT_LT(eigen.nre, naive.nre) << matrix << " " << mapping;
+      EXPECT_LT(rectified.angle_deg, eigen.angle_deg) << matrix << " " << mapping;
+      EXPECT_LT(eigen.angle_deg, naive.angle_deg) << matrix << " " << mapping;
+    }
+  }
+}
+
+TEST_F(QuantErrorTable, MoreBitsGiveSmallerErrors) {
+  for (const std::string& matrix : kMatrices) {
+    for (const std::string& mapping : kMappings) {
+      for (const auto& [quantized, rectified] : kMethods) {
+        const QuantErrorRow& b8 = row(matrix, mapping, 8, quantized, rectified);
+        const QuantErrorRow& b4 = row(matrix, mapping, 4, quantized, rectified);
+        const QuantErrorRow& b3 = row(matrix, mapping, 3, quantized, rectified);
+        const std::string where = matrix + " " + mapping + " " + quantized + (rectified ? " OR" : "");
+        EXPECT_LT(b8.nre, b4.nre) << where;
+        EXPECT_LT(b4.nre, b3.nre) << where;
+        EXPECT_LT(b8.angle_deg, b4.angle_deg) << where;
+        EXPECT_LT(b4.angle_deg, b3.angle_deg) << where;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lowbit::analysis
