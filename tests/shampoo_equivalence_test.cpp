@@ -98,3 +98,35 @@ TEST(ShampooEquivalence, Fp32ShampooMatchesADenseFp64Reference) {
 
 }  // namespace
 }  // namespace lowbit
+
+namespace lowbit {
+namespace {
+
+TEST(ShampooStep, ClosureIsEvaluatedWithGradientsAndItsLossReturned) {
+  at::manual_seed(5);
+  const at::Tensor x = at::randn({16, 8}), y = at::randn({16, 4});
+  at::Tensor w = at::zeros({8, 4}).requires_grad_(true);
+  at::Tensor w_ref = at::zeros({8, 4}).requires_grad_(true);
+  Shampoo opt({w}, ShampooOptions(0.05).bits(32).stat_interval(1).root_interval(1));
+  Shampoo ref({w_ref}, ShampooOptions(0.05).bits(32).stat_interval(1).root_interval(1));
+  int calls = 0;
+  for (int step = 0; step < 3; ++step) {
+    const at::Tensor loss = opt.step([&] {
+      ++calls;
+      opt.zero_grad();
+      at::Tensor l = (at::matmul(x, w) - y).pow(2).mean();
+      l.backward();
+      return l;
+    });
+    ref.zero_grad();
+    const at::Tensor expected = (at::matmul(x, w_ref) - y).pow(2).mean();
+    expected.backward();
+    ref.step();
+    EXPECT_EQ(loss.item<float>(), expected.item<float>());
+  }
+  EXPECT_EQ(calls, 3);
+  EXPECT_TRUE(at::equal(w, w_ref));
+}
+
+}  // namespace
+}  // namespace lowbit

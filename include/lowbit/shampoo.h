@@ -44,6 +44,7 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   typedef std::tuple<int64_t, int64_t> rectify_t;
   TORCH_ARG(rectify_t, rectify_steps) = std::make_tuple(1, 4);  // t1, t2 (Björck steps)
   TORCH_ARG(std::string, root_method) = "eigen";     // "eigen" | "newton" (fp32 Shampoo)
+  TORCH_ARG(std::string, eigen_update) = "qr";       // 4-bit: "qr" (paper: one subspace step) | "eigh" (full)
   TORCH_ARG(bool, skip_nonfinite) = false;           // skip a step with a NaN/Inf gradient instead of raising
 
  public:

@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   CLI::App* bench = app.add_subcommand("bench", "Measure speed and memory");
   bench->require_subcommand(1);
   lowbit::cli::add_bench_codec(*bench);
+  lowbit::cli::add_bench_step(*bench);
   lowbit::cli::add_quant_error(app);
   try {
     app.parse(argc, argv);

@@ -53,6 +53,7 @@ void ShampooOptions::validate() const {
   TORCH_CHECK(t1 >= 0 && t2 >= 0 && t1 <= 100 && t2 <= 100,
               "ShampooOptions.rectify_steps must be two counts in [0, 100]; got (", t1, ", ", t2, ")");
   check_one_of("root_method", root_method(), {"eigen", "newton"});
+  check_one_of("eigen_update", eigen_update(), {"qr", "eigh"});
 }
 
 // Options that decide the layout of the saved state: a checkpoint must agree on these.
@@ -84,6 +85,7 @@ precond::PreconditionerConfig preconditioner_config(const ShampooOptions& o, con
   c.factor.quant.double_quant_scales = o.double_quant_scales();
   c.factor.bjorck_stat_steps = static_cast<int>(std::get<0>(o.rectify_steps()));
   c.factor.bjorck_root_steps = static_cast<int>(std::get<1>(o.rectify_steps()));
+  c.factor.eigen_update = o.eigen_update() == "eigh" ? precond::EigenUpdate::Eigh : precond::EigenUpdate::QrStep;
   if (eigh) c.factor.eigh = eigh;
   c.kind = o.bits() == 32             ? precond::FactorKind::Dense
            : o.quantize() == "matrix" ? precond::FactorKind::NaiveQuantized
@@ -115,6 +117,7 @@ void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(start_preconditioning_step);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rectify_steps);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(root_method);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eigen_update);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skip_nonfinite);
 }
 
@@ -140,6 +143,7 @@ void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, start_preconditioning_step);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(rectify_t, rectify_steps);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, root_method);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, eigen_update);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, skip_nonfinite);
 }
 
@@ -150,7 +154,7 @@ bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
          a.epsilon() == b.epsilon() && a.stat_interval() == b.stat_interval() &&
          a.root_interval() == b.root_interval() &&
          a.start_preconditioning_step() == b.start_preconditioning_step() &&
-         a.rectify_steps() == b.rectify_steps() && a.root_method() == b.root_method() &&
+         a.rectify_steps() == b.rectify_steps() && a.root_method() == b.root_method() && a.eigen_update() == b.eigen_update() &&
          a.skip_nonfinite() == b.skip_nonfinite();
 }
 

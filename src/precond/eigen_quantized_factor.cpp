@@ -37,14 +37,19 @@ void EigenQuantizedFactor::update_statistic(const at::Tensor& outer) {
   const at::Tensor v = eigenvectors(config_.bjorck_stat_steps);  // t1 in the paper
   const at::Tensor a = at::matmul(v * eigenvalues_.unsqueeze(0), v.t()).mul_(config_.stat_decay)
                            .add_(outer, 1.0 - config_.stat_decay);
-  // One warm-started subspace step replaces a full eigendecomposition.
-  const linalg::Eigen e = linalg::qr_subspace_step(a, v);
-  if (!finite(e.values) || !finite(e.vectors)) {
+  // The paper replaces a full eigendecomposition by one warm-started subspace step.
+  std::optional<linalg::Eigen> e;
+  if (config_.eigen_update == EigenUpdate::QrStep) {
+    e = linalg::qr_subspace_step(a, v);
+  } else {
+    e = linalg::eigh_with_fallback(a, config_.eigh);
+  }
+  if (!e || !finite(e->values) || !finite(e->vectors)) {
     ++failures_;
     return;
   }
-  eigenvectors_t_ = QuantizedMatrix::quantize(e.vectors.t().contiguous(), vector_quant_);
-  eigenvalues_ = e.values.contiguous();
+  eigenvectors_t_ = QuantizedMatrix::quantize(e->vectors.t().contiguous(), vector_quant_);
+  eigenvalues_ = e->values.contiguous();
 }
 
 bool EigenQuantizedFactor::update_inverse_root() {

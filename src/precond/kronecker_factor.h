@@ -26,6 +26,12 @@ std::string to_string(FactorKind kind);
 
 enum class RootMethod { Eigen, Newton };
 
+// How 4-bit Shampoo refreshes its eigenbasis after a statistics update.
+enum class EigenUpdate {
+  QrStep,  // the paper: one warm-started subspace iteration (cheap, tracks slowly)
+  Eigh,    // a full symmetric eigendecomposition of the updated statistic
+};
+
 struct FactorConfig {
   double stat_decay = 0.95;   // beta
   double epsilon = 1e-6;      // relative to lambda_max
@@ -34,6 +40,7 @@ struct FactorConfig {
   QuantOptions quant;         // bits, mapping, block size of quantized factors
   int bjorck_stat_steps = 1;  // t1
   int bjorck_root_steps = 4;  // t2
+  EigenUpdate eigen_update = EigenUpdate::QrStep;
   linalg::EighSolver eigh = linalg::default_eigh_solver();
 };
 

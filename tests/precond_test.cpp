@@ -1,0 +1,127 @@
+// Preconditioner pieces: the block partition, factor kinds and memory, and how close the
+// quantized preconditioners stay to fp32 Shampoo on a stream of gradients.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include "precond/parameter_preconditioner.h"
+
+namespace lowbit::precond {
+namespace {
+
+std::vector<int64_t> block_dims(const Partition& p) {
+  std::vector<int64_t> out;
+  for (const BlockSlice& b : p.blocks) {
+    out.push_back(b.rows);
+    out.push_back(b.cols);
+  }
+  return out;
+}
+
+TEST(Partition, DropsUnitDimensionsFlattensAndSplits) {
+  EXPECT_FALSE(partition_shape({}, 1200).preconditioned());        // scalar
+  EXPECT_FALSE(partition_shape({7}, 1200).preconditioned());       // vector
+  EXPECT_FALSE(partition_shape({1, 7, 1}, 1200).preconditioned()); // a vector in disguise
+  EXPECT_FALSE(partition_shape({0, 5}, 1200).preconditioned());    // empty
+  const Partition a = partition_shape({1, 64, 1, 3}, 1200);
+  EXPECT_EQ(a.rows, 64);
+  EXPECT_EQ(a.cols, 3);
+  EXPECT_EQ(block_dims(a), (std::vector<int64_t>{64, 3}));
+  const Partition conv = partition_shape({8, 3, 3, 3}, 1200);
+  EXPECT_EQ(block_dims(conv), (std::vector<int64_t>{8, 27}));
+  const Partition big = partition_shape({2500, 10}, 1200);
+  EXPECT_EQ(block_dims(big), (std::vector<int64_t>{1200, 10, 1200, 10, 100, 10}));
+  EXPECT_EQ(big.blocks[2].row0, 2400);
+  const Partition both = partition_shape({5, 7}, 4);
+  EXPECT_EQ(block_dims(both), (std::vector<int64_t>{4, 4, 4, 3, 1, 4, 1, 3}));
+}
+
+PreconditionerConfig config(FactorKind kind, int bits = 4) {
+  PreconditionerConfig c;
+  c.kind = kind;
+  c.factor.quant.bits = bits;
+  c.factor.epsilon = 1e-6;
+  c.min_quant_numel = 4096;
+  return c;
+}
+
+TEST(ParameterPreconditioner, SmallFactorsStayFp32AndStateBytesFollowTheLayout) {
+  // 200 x 40: the 200-factor is quantized, the 40-factor (1600 < 4096 elements) stays fp32.
+  const ParameterPreconditioner p({200, 40}, at::TensorOptions(), config(FactorKind::EigenQuantized));
+  const auto factors = p.factors();
+  ASSERT_EQ(factors.size(), 2u);
+  EXPECT_EQ(factors[0]->kind(), FactorKind::EigenQuantized);
+  EXPECT_EQ(factors[1]->kind(), FactorKind::Dense);
+  const int64_t n = 200, blocks = (n + 63) / 64;
+  const int64_t eigenvectors = n * n / 2 + 4 * n * blocks;
+  const int64_t root = n * n / 2 + 4 * n * blocks + 4 * n;  // + fp32 diagonal
+  EXPECT_EQ(factors[0]->state_bytes(), eigenvectors + 4 * n + root);
+  EXPECT_EQ(factors[1]->state_bytes(), 2 * 40 * 40 * 4);
+
+  const ParameterPreconditioner naive({200, 40}, at::TensorOptions(), config(FactorKind::NaiveQuantized));
+  EXPECT_EQ(naive.factors()[0]->state_bytes(), 2 * root);
+  const ParameterPreconditioner dense({200, 40}, at::TensorOptions(), config(FactorKind::Dense));
+  EXPECT_EQ(dense.state_bytes(), 2 * (n * n + 40 * 40) * 4);
+  // 4-bit state against fp32 for this 200-factor: about 0.14.
+  EXPECT_LT(static_cast<double>(factors[0]->state_bytes()) / (2 * n * n * 4), 0.16);
+}
+
+// Runs fp32 and quantized preconditioners side by side on one gradient stream and
+// returns the mean relative error of the preconditioned gradient over the last steps.
+double relative_error_vs_fp32(const PreconditionerConfig& quantized, int steps, uint64_t seed) {
+  const std::vector<int64_t> shape{128, 96};
+  ParameterPreconditioner reference(shape, at::TensorOptions(), config(FactorKind::Dense));
+  ParameterPreconditioner tested(shape, at::TensorOptions(), quantized);
+  at::manual_seed(seed);
+  // Gradients with a decaying spectrum on both sides, like real layers.
+  const at::Tensor left = at::matmul(std::get<0>(at::linalg_qr(at::randn({128, 128}))), at::diag(at::logspace(0, -3, 128)));
+  const at::Tensor right = at::matmul(at::diag(at::logspace(0, -1, 96)), std::get<0>(at::linalg_qr(at::randn({96, 96}))));
+  double sum = 0;
+  int counted = 0;
+  for (int k = 1; k <= steps; ++k) {
+    const at::Tensor g = at::matmul(at::matmul(left, at::randn({128, 96})), right);
+    reference.update_statistics(g);
+    tested.update_statistics(g);
+    reference.update_inverse_roots();
+    tested.update_inverse_roots();
+    if (k > steps / 2) {
+      const at::Tensor want = reference.precondition(g), got = tested.precondition(g);
+      sum += ((got - want).norm() / want.norm()).item<double>();
+      ++counted;
+    }
+  }
+  return sum / counted;
+}
+
+// On this stationary stream with statistics and roots refreshed every step (T1 = T2 = 1),
+// measured on 2026-11-22: 4-bit 0.38 (no Björck 0.48, full eigh 0.36), 8-bit 0.13
+// (full eigh 0.07), naive 4-bit 0.27. Re-quantizing the eigenvectors at every update lets
+// their rounding accumulate; the paper's ordering on A^(-1/4) itself (eigenvectors +
+// Björck < eigenvectors < matrix) is checked in quant_error_test.
+TEST(QuantizedPreconditioners, StayCloseToFp32AndImproveWithBitsBjorckAndEigh) {
+  PreconditionerConfig eigen4 = config(FactorKind::EigenQuantized);
+  PreconditionerConfig unrectified = eigen4;
+  unrectified.factor.bjorck_stat_steps = unrectified.factor.bjorck_root_steps = 0;
+  PreconditionerConfig eigen8 = config(FactorKind::EigenQuantized, 8);
+  PreconditionerConfig full4 = eigen4, full8 = eigen8;
+  full4.factor.eigen_update = full8.factor.eigen_update = EigenUpdate::Eigh;
+  const double e4 = relative_error_vs_fp32(eigen4, 40, 1);
+  const double e4_raw = relative_error_vs_fp32(unrectified, 40, 1);
+  const double e8 = relative_error_vs_fp32(eigen8, 40, 1);
+  const double f4 = relative_error_vs_fp32(full4, 40, 1);
+  const double f8 = relative_error_vs_fp32(full8, 40, 1);
+  EXPECT_LT(e4, 0.45);
+  EXPECT_LT(e8, 0.5 * e4);
+  EXPECT_LT(e4, e4_raw);  // Björck rectification helps
+  EXPECT_LT(f4, e4);      // a full eigendecomposition tracks the basis better than one QR step
+  EXPECT_LT(f8, e8);
+}
+
+TEST(QuantizedPreconditioners, NaiveQuantizedStaysFiniteAndBounded) {
+  const double n4 = relative_error_vs_fp32(config(FactorKind::NaiveQuantized), 40, 1);
+  EXPECT_TRUE(std::isfinite(n4));
+  EXPECT_LT(n4, 0.45);
+}
+
+}  // namespace
+}  // namespace lowbit::precond
