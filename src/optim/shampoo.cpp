@@ -76,13 +76,7 @@ bool Shampoo::gradients_finite() const {
 
 ShampooParamState& Shampoo::state_for(const torch::Tensor& p, const ShampooOptions& options) {
   auto& slot = state()[p.unsafeGetTensorImpl()];
-  if (!slot) {
-    auto s = std::make_unique<ShampooParamState>();
-    auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(
-        p.sizes(), p.options(), preconditioner_config(options, eigh_));
-    if (preconditioner->active()) s->preconditioner = std::move(preconditioner);
-    slot = std::move(s);
-  }
+  if (!slot) slot = std::make_unique<ShampooParamState>(make_param_state(p, options, eigh_));
   return static_cast<ShampooParamState&>(*slot);
 }
 
@@ -103,25 +97,7 @@ torch::Tensor Shampoo::step(LossClosure closure) {
     const auto& o = static_cast<const ShampooOptions&>(group.options());
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      ShampooParamState& s = state_for(p, o);
-      s.step(s.step() + 1);
-      const torch::Tensor& g = p.grad();
-      torch::Tensor direction = g;
-      if (s.preconditioner) {
-        const int64_t k = s.step();
-        const bool started = k >= o.start_preconditioning_step();
-        if (k % o.stat_interval() == 0) s.preconditioner->update_statistics(g);  // every T1 steps
-        if (started && k % o.root_interval() == 0) {                               // every T2 steps
-          s.preconditioner->update_inverse_roots();
-          s.root_updates(s.root_updates() + 1);
-        }
-        if (started && s.root_updates() > 0) direction = s.preconditioner->precondition(g);
-      }
-      if (o.graft() == "sgdm") {
-        sgdm_update(p, direction, s, o);
-      } else {
-        adamw_update(p, direction, s, o);
-      }
+      shampoo_param_step(p, p.grad(), state_for(p, o), o);
     }
   }
   return loss;
