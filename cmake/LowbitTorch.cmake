@@ -8,6 +8,10 @@ if(NOT Torch_DIR)
     RESULT_VARIABLE _lowbit_torch_rc)
   if(_lowbit_torch_rc EQUAL 0)
     list(APPEND CMAKE_PREFIX_PATH "${_lowbit_torch_prefix}")
+  elseif(SKBUILD)
+    message(FATAL_ERROR "lowbit: ${Python3_EXECUTABLE} cannot import torch. The Python package "
+      "is built against the torch already installed: install torch first, then run "
+      "`python3 -m pip install --no-build-isolation .` (build isolation hides the installed torch).")
   endif()
 endif()
 find_package(Torch REQUIRED)

@@ -22,7 +22,7 @@ if ! python3 -c 'import torch' 2>/dev/null; then
   echo "setup: installing torch==2.13.0 (CPU)"
   python3 -m pip install -q torch==2.13.0
 fi
-python3 -c 'import numpy, pytest' 2>/dev/null || python3 -m pip install -q numpy pytest
+python3 -c 'import numpy, pytest, matplotlib' 2>/dev/null || python3 -m pip install -q numpy pytest matplotlib
 
 lowbit_configure_and_build
 echo "setup: built $LOWBIT_BUILD (LibTorch $(python3 -c 'import torch;print(torch.__version__)'))"

@@ -72,6 +72,19 @@ TEST(ShampooRobustness, NonFiniteGradientRaisesAndChangesNothing) {
   }
 }
 
+TEST(ShampooRobustness, HugeFiniteGradientsAreNotMistakenForInf) {
+  // The finiteness check sums each gradient first; a sum that overflows must fall back to
+  // the elementwise check. Inf and -Inf together (a NaN sum) are still caught.
+  auto params = model(5, {{4, 3}});
+  Shampoo opt(params, ShampooOptions(1e-40).graft("sgdm").momentum(0));
+  params[0].mutable_grad() = at::full({4, 3}, 3e38);
+  opt.step();
+  EXPECT_EQ(static_cast<ShampooParamState&>(*opt.state().at(params[0].unsafeGetTensorImpl())).step(), 1);
+  params[0].mutable_grad()[0][0] = std::numeric_limits<float>::infinity();
+  params[0].mutable_grad()[0][1] = -std::numeric_limits<float>::infinity();
+  expect_error([&] { opt.step(); }, "parameter 0 of group 0 has a NaN or Inf gradient");
+}
+
 TEST(ShampooRobustness, SkipNonFiniteSkipsTheWholeStep) {
   auto params = model(2);
   Shampoo opt(params, quick(4).skip_nonfinite(true));

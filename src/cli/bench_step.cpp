@@ -39,7 +39,7 @@ struct BenchStepArgs {
   int64_t stat_interval = 10;   // T1 (paper: 100)
   int64_t root_interval = 50;   // T2 (paper: 500)
   int64_t max_preconditioner_dim = 1200;
-  int repeats = 1;              // timed T2 cycles per variant, after one warm-up cycle
+  int repeats = 3;              // timed T2 cycles per variant, after one warm-up cycle
   uint64_t seed = 0;
   std::string json_path;
 };
@@ -151,32 +151,50 @@ struct Run {
   Timing timing;
 };
 
-// Runs one cycle of T2 steps; when `timing` is set, records each step's wall time.
-void run_cycle(Run& run, const std::vector<at::Tensor>& pool, const BenchStepArgs& args, Timing* timing) {
-  double cycle_s = 0;
+// One optimizer step of `run` with the next pooled gradient; returns its wall seconds.
+double timed_step(Run& run, const std::vector<at::Tensor>& pool) {
+  run.param.mutable_grad() = pool[(run.step + 1) % kGradientPool];
+  const auto start = std::chrono::steady_clock::now();
+  run.optimizer->step();
+  ++run.step;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void record(Timing& t, int64_t k, double s, const BenchStepArgs& args) {
+  if (k % args.root_interval == 0) {
+    t.root_s += s;
+    ++t.root_n;
+  } else if (k % args.stat_interval == 0) {
+    t.stat_s += s;
+    ++t.stat_n;
+  } else {
+    t.plain_s += s;
+    ++t.plain_n;
+  }
+}
+
+// Runs one cycle of T2 steps of every variant, interleaved step by step (the order rotating
+// each step) so that load from elsewhere on the machine, or a cold cache, hits every variant
+// alike. With `timed` set, records each step's wall time.
+void run_cycle(std::vector<Run>& runs, const std::vector<at::Tensor>& pool, const BenchStepArgs& args, bool timed) {
+  std::vector<double> cycle_s(runs.size(), 0.0);
   for (int64_t i = 0; i < args.root_interval; ++i) {
-    const int64_t k = ++run.step;  // the optimizer's step number for this call
-    run.param.mutable_grad() = pool[k % kGradientPool];
-    const auto start = std::chrono::steady_clock::now();
-    run.optimizer->step();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (!timing) continue;
-    cycle_s += s;
-    if (k % args.root_interval == 0) {
-      timing->root_s += s;
-      ++timing->root_n;
-    } else if (k % args.stat_interval == 0) {
-      timing->stat_s += s;
-      ++timing->stat_n;
-    } else {
-      timing->plain_s += s;
-      ++timing->plain_n;
+    for (size_t j = 0; j < runs.size(); ++j) {
+      const size_t v = (static_cast<size_t>(i) + j) % runs.size();
+      Run& run = runs[v];
+      const double s = timed_step(run, pool);
+      if (!timed) continue;
+      cycle_s[v] += s;
+      record(run.timing, run.step, s, args);
     }
   }
-  if (!timing) return;
-  timing->total_s += cycle_s;
-  timing->steps += args.root_interval;
-  timing->cycle_ms_per_step.push_back(1e3 * cycle_s / static_cast<double>(args.root_interval));
+  if (!timed) return;
+  for (size_t v = 0; v < runs.size(); ++v) {
+    Timing& t = runs[v].timing;
+    t.total_s += cycle_s[v];
+    t.steps += args.root_interval;
+    t.cycle_ms_per_step.push_back(1e3 * cycle_s[v] / static_cast<double>(args.root_interval));
+  }
 }
 
 // Mean ms/step with the refresh costs measured here amortized over other intervals:
@@ -210,8 +228,7 @@ nlohmann::json bench_shape(const std::vector<int64_t>& shape, const BenchStepArg
   std::vector<at::Tensor> pool;
   for (int64_t i = 0; i < kGradientPool; ++i) pool.push_back(at::randn(shape));
 
-  // Same initial parameter for every variant; runs interleave cycle by cycle so that a
-  // drift in machine load hits every variant alike.
+  // Same initial parameter and gradients for every variant.
   const torch::Tensor init = make_parameter(shape).detach();
   std::vector<Run> runs;
   for (const Variant& v : variants()) {
@@ -222,9 +239,8 @@ nlohmann::json bench_shape(const std::vector<int64_t>& shape, const BenchStepArg
     r.optimizer = std::make_unique<Shampoo>(std::vector<torch::Tensor>{r.param}, options_for(v, args));
     runs.push_back(std::move(r));
   }
-  for (Run& r : runs) run_cycle(r, pool, args, nullptr);  // warm-up: every factor refreshed once
-  for (int rep = 0; rep < args.repeats; ++rep)
-    for (Run& r : runs) run_cycle(r, pool, args, &r.timing);
+  run_cycle(runs, pool, args, false);  // warm-up: every factor created and refreshed once
+  for (int rep = 0; rep < args.repeats; ++rep) run_cycle(runs, pool, args, true);
 
   nlohmann::json out = nlohmann::json::array();
   const StateBytes fp32_bytes = state_bytes_for(shape, variants()[0], args);
@@ -338,7 +354,8 @@ void run(const BenchStepArgs& args) {
   std::printf("Intervals are shortened so a CPU run finishes: compare the ratio to fp32, not absolute ms.\n");
   std::printf("ms/step: mean over %d full T2 cycle%s after one warm-up cycle (every factor refreshed once);\n",
               args.repeats, args.repeats == 1 ? "" : "s");
-  std::printf("gradients from a pool of %lld random tensors made before timing; max preconditioner dim %lld.\n",
+  std::printf("Variants run interleaved step by step; gradients come from a pool of %lld random tensors\n"
+              "made before timing; max preconditioner dim %lld.\n",
               static_cast<long long>(kGradientPool), static_cast<long long>(args.max_preconditioner_dim));
   std::printf("Goals: 4-bit state <= %.2f x fp32, <= %.2f with double-quantized scales; 4-bit time <= %.2f x fp32.\n",
               kGoalStateRatio, kGoalStateRatioDoubleQ, kGoalTimeRatio);

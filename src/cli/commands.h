@@ -12,6 +12,12 @@ void add_bench_codec(CLI::App& bench);
 // 4-bit (and double-quantized, naive) against fp32 Shampoo in the same run.
 void add_bench_step(CLI::App& bench);
 
+// `lowbit train`: one training run; with no arguments, the README's main job.
+void add_train(CLI::App& app);
+
+// `lowbit compare`: training runs of several optimizers and seeds, with a table, JSON and a chart.
+void add_compare(CLI::App& app);
+
 // `lowbit quant-error`: the paper's Table 1 error analysis on synthetic SPD matrices.
 void add_quant_error(CLI::App& app);
 

@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   lowbit::cli::add_bench_codec(*bench);
   lowbit::cli::add_bench_step(*bench);
+  lowbit::cli::add_train(app);
+  lowbit::cli::add_compare(app);
   lowbit::cli::add_quant_error(app);
   try {
     app.parse(argc, argv);

@@ -64,7 +64,7 @@ bool Shampoo::gradients_finite() const {
     const auto& group = param_groups()[gi];
     for (size_t pi = 0; pi < group.params().size(); ++pi) {
       const torch::Tensor& g = group.params()[pi].grad();
-      if (!g.defined() || g.isfinite().all().item<bool>()) continue;
+      if (!g.defined() || all_finite(g)) continue;
       TORCH_CHECK(static_cast<const ShampooOptions&>(group.options()).skip_nonfinite(),
                   "lowbit::Shampoo: parameter ", pi, " of group ", gi,
                   " has a NaN or Inf gradient; nothing was updated (set skip_nonfinite to skip such steps)");

@@ -25,13 +25,47 @@ std::string from_archive_key(const std::string& key) {
   return name;
 }
 
-void check_buffer(const torch::Tensor& buffer, const torch::Tensor& p, const char* name, size_t gi, size_t pi) {
-  if (!buffer.defined()) return;
-  TORCH_CHECK(buffer.sizes() == p.sizes(), "lowbit::Shampoo::load: checkpoint ", name, " of parameter ", pi,
-              " in group ", gi, " has shape ", buffer.sizes(), " but the parameter has shape ", p.sizes());
+// A first-order buffer from a checkpoint, on p's device and in p's dtype (as torch.optim
+// does when it loads a state dict).
+torch::Tensor checked_buffer(const torch::Tensor& buffer, const torch::Tensor& p, const char* name,
+                             const std::string& who, const std::string& what) {
+  if (!buffer.defined()) return buffer;
+  TORCH_CHECK(buffer.sizes() == p.sizes(), who, "checkpoint ", name, " of ", what, " has shape ", buffer.sizes(),
+              " but the parameter has shape ", p.sizes());
+  TORCH_CHECK(at::isFloatingType(buffer.scalar_type()), who, "checkpoint ", name, " of ", what,
+              " must be a floating tensor; got ", buffer.scalar_type());
+  return buffer.to(p.options());
 }
 
 }  // namespace
+
+void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, const ShampooOptions& options,
+                              const Shampoo::EighSolver& eigh, const std::string& who, const std::string& what) {
+  TORCH_CHECK(s.step() >= 0 && s.root_updates() >= 0 && s.root_updates() <= s.step(), who, "checkpoint of ",
+              what, " has step ", s.step(), " and root_updates ", s.root_updates(),
+              "; expected 0 <= root_updates <= step");
+  s.momentum_buffer(checked_buffer(s.momentum_buffer(), p, "momentum_buffer", who, what));
+  s.exp_avg(checked_buffer(s.exp_avg(), p, "exp_avg", who, what));
+  s.exp_avg_sq(checked_buffer(s.exp_avg_sq(), p, "exp_avg_sq", who, what));
+  TORCH_CHECK(s.exp_avg().defined() == s.exp_avg_sq().defined(), who, "checkpoint of ", what,
+              " has only one of exp_avg and exp_avg_sq");
+  auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(p.sizes(), p.options(),
+                                                                           preconditioner_config(options, eigh));
+  if (preconditioner->active()) {
+    try {
+      preconditioner->load(s.loaded_preconditioner);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, who, what, " (shape ", p.sizes(), "): ", e.what_without_backtrace(),
+                  "; nothing was loaded");
+    }
+    s.preconditioner = std::move(preconditioner);
+  } else {
+    TORCH_CHECK(s.loaded_preconditioner.empty(), who, "the checkpoint has preconditioner entries for ", what,
+                " (shape ", p.sizes(), "), which takes none; nothing was loaded");
+    s.preconditioner = nullptr;
+  }
+  s.loaded_preconditioner.clear();
+}
 
 void ShampooParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
@@ -88,26 +122,9 @@ void Shampoo::load(torch::serialize::InputArchive& archive) {
       const torch::Tensor& p = params[pi];
       auto it = staged.state().find(p.unsafeGetTensorImpl());
       if (it == staged.state().end()) continue;
-      auto& s = static_cast<ShampooParamState&>(*it->second);
-      check_buffer(s.momentum_buffer(), p, "momentum_buffer", gi, pi);
-      check_buffer(s.exp_avg(), p, "exp_avg", gi, pi);
-      check_buffer(s.exp_avg_sq(), p, "exp_avg_sq", gi, pi);
-      auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(
-          p.sizes(), p.options(), preconditioner_config(saved, eigh_));
-      if (preconditioner->active()) {
-        try {
-          preconditioner->load(s.loaded_preconditioner);
-        } catch (const c10::Error& e) {
-          TORCH_CHECK(false, "lowbit::Shampoo::load: parameter ", pi, " of group ", gi, " (shape ", p.sizes(),
-                      "): ", e.what_without_backtrace(), "; nothing was loaded");
-        }
-        s.preconditioner = std::move(preconditioner);
-      } else {
-        TORCH_CHECK(s.loaded_preconditioner.empty(), "lowbit::Shampoo::load: the checkpoint has preconditioner "
-                    "entries for parameter ", pi, " of group ", gi, " (shape ", p.sizes(),
-                    "), which takes none; nothing was loaded");
-      }
-      s.loaded_preconditioner.clear();
+      install_checkpoint_state(static_cast<ShampooParamState&>(*it->second), p, saved, eigh_,
+                               "lowbit::Shampoo::load: ",
+                               "parameter " + std::to_string(pi) + " of group " + std::to_string(gi));
     }
   }
   // Everything checked: take the staged state and options.

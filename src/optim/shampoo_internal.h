@@ -10,8 +10,15 @@
 
 namespace lowbit {
 
+// ShampooOptions::validate with messages starting with `prefix` + the option's name
+// ("ShampooOptions." from C++, "lowbit.Shampoo: " from Python).
+void validate_options(const ShampooOptions& options, const std::string& prefix);
+
 // Names of the options that differ between a and b and decide the saved state's layout.
 std::vector<std::string> structural_differences(const ShampooOptions& a, const ShampooOptions& b);
+// Names of the other options that differ between a and b and go into the preconditioner
+// config (stat_decay, epsilon, root_method, rectify_steps, eigen_update).
+std::vector<std::string> preconditioner_differences(const ShampooOptions& a, const ShampooOptions& b);
 
 precond::PreconditionerConfig preconditioner_config(const ShampooOptions& options,
                                                     const Shampoo::EighSolver& eigh);
@@ -20,6 +27,19 @@ precond::PreconditionerConfig preconditioner_config(const ShampooOptions& option
 // non-unit dimensions.
 ShampooParamState make_param_state(const torch::Tensor& p, const ShampooOptions& options,
                                    const Shampoo::EighSolver& eigh);
+
+// Checks one parameter's state read from a checkpoint against its parameter p and the
+// layout `options` gives p, then completes it: first-order buffers moved to p's device
+// and dtype, preconditioner built from `state.loaded_preconditioner` (which is cleared).
+// `state` is a staged copy: on error it is left half-done and must be discarded. Messages
+// start with `who` and name the parameter as `what` (e.g. "parameter 2 of group 0").
+void install_checkpoint_state(ShampooParamState& state, const torch::Tensor& p, const ShampooOptions& options,
+                              const Shampoo::EighSolver& eigh, const std::string& who, const std::string& what);
+
+// Whether every element of t is finite. One summation pass in the common case: a NaN or
+// Inf element makes the sum non-finite; only a non-finite sum (which finite values can
+// also give, by overflow) takes the exact elementwise check.
+bool all_finite(const torch::Tensor& t);
 
 // One Shampoo step of one parameter (the gradient already checked): statistics every
 // T1 steps, roots every T2 steps, grafted preconditioned direction, first-order update.

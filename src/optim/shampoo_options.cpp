@@ -11,49 +11,53 @@
 namespace lowbit {
 namespace {
 
-void check_one_of(const char* name, const std::string& value, std::initializer_list<const char*> allowed) {
+void check_one_of(const std::string& prefix, const char* name, const std::string& value,
+                  std::initializer_list<const char*> allowed) {
   std::string list;
   for (const char* a : allowed) {
     if (value == a) return;
     list += (list.empty() ? "\"" : ", \"") + std::string(a) + "\"";
   }
-  TORCH_CHECK(false, "ShampooOptions.", name, " must be one of ", list, "; got \"", value, "\"");
+  TORCH_CHECK(false, prefix, name, " must be one of ", list, "; got \"", value, "\"");
 }
 
 }  // namespace
 
 ShampooOptions::ShampooOptions(double lr) : lr_(lr) {}
 
-void ShampooOptions::validate() const {
-  TORCH_CHECK(lr() >= 0, "ShampooOptions.lr must be >= 0; got ", lr());
-  check_one_of("graft", graft(), {"sgdm", "adamw"});
-  TORCH_CHECK(momentum() >= 0 && momentum() < 1, "ShampooOptions.momentum must be in [0, 1); got ", momentum());
-  TORCH_CHECK(!nesterov() || momentum() > 0, "ShampooOptions.nesterov needs momentum > 0");
-  const auto [beta1, beta2] = betas();
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "ShampooOptions.betas[0] must be in [0, 1); got ", beta1);
-  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "ShampooOptions.betas[1] must be in [0, 1); got ", beta2);
-  TORCH_CHECK(eps() > 0, "ShampooOptions.eps must be > 0; got ", eps());
-  TORCH_CHECK(weight_decay() >= 0, "ShampooOptions.weight_decay must be >= 0; got ", weight_decay());
-  TORCH_CHECK(bits() == 32 || bits() == 8 || bits() == 4 || bits() == 3,
-              "ShampooOptions.bits must be 32, 8, 4 or 3; got ", bits());
-  check_one_of("quantize", quantize(), {"eigenvectors", "matrix"});
-  check_one_of("mapping", mapping(), {"linear2", "dynamic", "linear"});
-  check_block_size(quant_block_size(), "ShampooOptions.quant_block_size");
-  TORCH_CHECK(min_quant_numel() >= 0, "ShampooOptions.min_quant_numel must be >= 0; got ", min_quant_numel());
-  TORCH_CHECK(max_preconditioner_dim() >= 1, "ShampooOptions.max_preconditioner_dim must be >= 1; got ",
-              max_preconditioner_dim());
-  TORCH_CHECK(stat_decay() >= 0 && stat_decay() < 1, "ShampooOptions.stat_decay must be in [0, 1); got ",
-              stat_decay());
-  TORCH_CHECK(epsilon() > 0, "ShampooOptions.epsilon must be > 0; got ", epsilon());
-  TORCH_CHECK(stat_interval() >= 1, "ShampooOptions.stat_interval must be >= 1; got ", stat_interval());
-  TORCH_CHECK(root_interval() >= 1, "ShampooOptions.root_interval must be >= 1; got ", root_interval());
-  TORCH_CHECK(start_preconditioning_step() >= 0, "ShampooOptions.start_preconditioning_step must be >= 0; got ",
-              start_preconditioning_step());
-  const auto [t1, t2] = rectify_steps();
+void ShampooOptions::validate() const { validate_options(*this, "ShampooOptions."); }
+
+void validate_options(const ShampooOptions& o, const std::string& prefix) {
+  const std::string& p = prefix;
+  TORCH_CHECK(o.lr() >= 0, p, "lr must be >= 0; got ", o.lr());
+  check_one_of(p, "graft", o.graft(), {"sgdm", "adamw"});
+  TORCH_CHECK(o.momentum() >= 0 && o.momentum() < 1, p, "momentum must be in [0, 1); got ", o.momentum());
+  TORCH_CHECK(!o.nesterov() || o.momentum() > 0, p, "nesterov needs momentum > 0");
+  const auto [beta1, beta2] = o.betas();
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, p, "betas[0] must be in [0, 1); got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, p, "betas[1] must be in [0, 1); got ", beta2);
+  TORCH_CHECK(o.eps() > 0, p, "eps must be > 0; got ", o.eps());
+  TORCH_CHECK(o.weight_decay() >= 0, p, "weight_decay must be >= 0; got ", o.weight_decay());
+  TORCH_CHECK(o.bits() == 32 || o.bits() == 8 || o.bits() == 4 || o.bits() == 3,
+              p, "bits must be 32, 8, 4 or 3; got ", o.bits());
+  check_one_of(p, "quantize", o.quantize(), {"eigenvectors", "matrix"});
+  check_one_of(p, "mapping", o.mapping(), {"linear2", "dynamic", "linear"});
+  check_block_size(o.quant_block_size(), (p + "quant_block_size").c_str());
+  TORCH_CHECK(o.min_quant_numel() >= 0, p, "min_quant_numel must be >= 0; got ", o.min_quant_numel());
+  TORCH_CHECK(o.max_preconditioner_dim() >= 1, p, "max_preconditioner_dim must be >= 1; got ",
+              o.max_preconditioner_dim());
+  TORCH_CHECK(o.stat_decay() >= 0 && o.stat_decay() < 1, p, "stat_decay must be in [0, 1); got ",
+              o.stat_decay());
+  TORCH_CHECK(o.epsilon() > 0, p, "epsilon must be > 0; got ", o.epsilon());
+  TORCH_CHECK(o.stat_interval() >= 1, p, "stat_interval must be >= 1; got ", o.stat_interval());
+  TORCH_CHECK(o.root_interval() >= 1, p, "root_interval must be >= 1; got ", o.root_interval());
+  TORCH_CHECK(o.start_preconditioning_step() >= 0, p, "start_preconditioning_step must be >= 0; got ",
+              o.start_preconditioning_step());
+  const auto [t1, t2] = o.rectify_steps();
   TORCH_CHECK(t1 >= 0 && t2 >= 0 && t1 <= 100 && t2 <= 100,
-              "ShampooOptions.rectify_steps must be two counts in [0, 100]; got (", t1, ", ", t2, ")");
-  check_one_of("root_method", root_method(), {"eigen", "newton"});
-  check_one_of("eigen_update", eigen_update(), {"qr", "eigh"});
+              p, "rectify_steps must be two counts in [0, 100]; got (", t1, ", ", t2, ")");
+  check_one_of(p, "root_method", o.root_method(), {"eigen", "newton"});
+  check_one_of(p, "eigen_update", o.eigen_update(), {"qr", "eigh"});
 }
 
 // Options that decide the layout of the saved state: a checkpoint must agree on these.
@@ -70,6 +74,19 @@ std::vector<std::string> structural_differences(const ShampooOptions& a, const S
   note(a.double_quant_scales() == b.double_quant_scales(), "double_quant_scales");
   note(a.min_quant_numel() == b.min_quant_numel(), "min_quant_numel");
   note(a.max_preconditioner_dim() == b.max_preconditioner_dim(), "max_preconditioner_dim");
+  return out;
+}
+
+std::vector<std::string> preconditioner_differences(const ShampooOptions& a, const ShampooOptions& b) {
+  std::vector<std::string> out;
+  auto note = [&](bool same, const char* name) {
+    if (!same) out.emplace_back(name);
+  };
+  note(a.stat_decay() == b.stat_decay(), "stat_decay");
+  note(a.epsilon() == b.epsilon(), "epsilon");
+  note(a.root_method() == b.root_method(), "root_method");
+  note(a.rectify_steps() == b.rectify_steps(), "rectify_steps");
+  note(a.eigen_update() == b.eigen_update(), "eigen_update");
   return out;
 }
 

@@ -1,5 +1,7 @@
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -11,6 +13,11 @@ ShampooParamState make_param_state(const torch::Tensor& p, const ShampooOptions&
       p.sizes(), p.options(), preconditioner_config(options, eigh));
   if (preconditioner->active()) s.preconditioner = std::move(preconditioner);
   return s;
+}
+
+bool all_finite(const torch::Tensor& t) {
+  if (at::isFloatingType(t.scalar_type()) && std::isfinite(t.sum().item<double>())) return true;
+  return t.isfinite().all().item<bool>();
 }
 
 void shampoo_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,

@@ -1,0 +1,34 @@
+"""lowbit: 4-bit Shampoo (Wang et al., NeurIPS 2024) for PyTorch, backed by the lowbit C++
+library on LibTorch.
+
+- :class:`lowbit.Shampoo`: a ``torch.optim.Optimizer`` (32-, 8-, 4- or 3-bit Shampoo grafted
+  onto SGD with momentum or AdamW); ``help(lowbit.Shampoo)`` lists every option with its
+  paper symbol and default.
+- :func:`lowbit.quantize` / :func:`lowbit.dequantize`: the block-wise low-bit codec.
+- ``torch.ops.lowbit.*``: the codec ops; ``torch.classes.lowbit.*``: the C++ state classes.
+
+Importing lowbit loads liblowbit: the path in ``LOWBIT_LIBRARY``, else the copy installed
+inside this package, else ``build/liblowbit.so`` of a source checkout.
+"""
+
+from ._library import load as _load
+
+library_path: str = _load()
+
+from .codec import QuantizedTensor, codebook, dequantize, quantize  # noqa: E402
+from .optim import OPTION_DEFAULTS, OPTION_TABLE, Shampoo, ShampooState, StateBytes  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Shampoo",
+    "ShampooState",
+    "StateBytes",
+    "OPTION_DEFAULTS",
+    "OPTION_TABLE",
+    "QuantizedTensor",
+    "quantize",
+    "dequantize",
+    "codebook",
+    "library_path",
+]

@@ -1,0 +1,558 @@
+"""lowbit.Shampoo: 4-bit Shampoo as a torch.optim optimizer, backed by the C++ core.
+
+The algorithm lives in C++ only (``lowbit::shampoo_param_step`` and the preconditioners);
+this module handles what a torch optimizer does in Python: parameter groups and their
+options, gradient checks, state dicts of plain tensors.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections import defaultdict
+from collections.abc import Mapping
+from copy import deepcopy
+from itertools import chain
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Union,
+)
+
+import torch
+from torch.optim import Optimizer
+
+from ._library import load as _load_library
+
+_load_library()
+
+__all__ = ["Shampoo", "ShampooState", "StateBytes", "OPTION_DEFAULTS", "OPTION_TABLE"]
+
+# name: (default, kind, paper symbol / meaning, allowed values). The same names,
+# defaults and rules as lowbit::ShampooOptions (include/lowbit/shampoo.h); a test checks
+# that the defaults agree with the C++ ones.
+OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
+    "lr": (1e-3, "number", "learning rate", ">= 0"),
+    "graft": ("adamw", "str", "first-order optimizer F", '"sgdm", "adamw"'),
+    "momentum": (0.9, "number", "SGDM momentum", "[0, 1)"),
+    "nesterov": (False, "bool", "Nesterov SGDM", "needs momentum > 0"),
+    "betas": ((0.9, 0.999), "number pair", "AdamW (beta1, beta2)", "each in [0, 1)"),
+    "eps": (1e-8, "number", "AdamW epsilon", "> 0"),
+    "weight_decay": (0.0, "number", "weight decay (coupled L2 for SGDM, decoupled for AdamW)", ">= 0"),
+    "bits": (4, "int", "bit width b (32 = 32-bit Shampoo)", "32, 8, 4, 3"),
+    "quantize": ("eigenvectors", "str", "QM: what is quantized (U or A)", '"eigenvectors", "matrix"'),
+    "mapping": ("linear2", "str", "quantization mapping", '"linear2", "dynamic", "linear"'),
+    "quant_block_size": (64, "int", "block size B", "power of two, 16..4096"),
+    "double_quant_scales": (False, "bool", "8-bit block scales (future work in the paper)", "bool"),
+    "min_quant_numel": (4096, "int", "smallest quantized factor (elements)", ">= 0"),
+    "max_preconditioner_dim": (1200, "int", "max order of a block", ">= 1"),
+    "stat_decay": (0.95, "number", "beta", "[0, 1)"),
+    "epsilon": (1e-6, "number", "epsilon (relative to lambda_max)", "> 0"),
+    "stat_interval": (100, "int", "T1", ">= 1"),
+    "root_interval": (500, "int", "T2", ">= 1"),
+    "start_preconditioning_step": (1, "int", "first step that may use a root", ">= 0"),
+    "rectify_steps": ((1, 4), "int pair", "(t1, t2) Bjorck steps", "each in [0, 100]"),
+    "root_method": ("eigen", "str", "inverse root of 32-bit Shampoo", '"eigen", "newton"'),
+    "eigen_update": ("qr", "str", "eigenbasis refresh of 4-bit Shampoo", '"qr", "eigh"'),
+    "skip_nonfinite": (False, "bool", "(lowbit) skip steps with NaN/Inf gradients", "bool"),
+}
+OPTION_DEFAULTS: Dict[str, Any] = {name: row[0] for name, row in OPTION_TABLE.items()}
+_NAMES: Tuple[str, ...] = tuple(OPTION_TABLE)
+# Options that decide the layout of the state (a checkpoint must agree on them).
+_LAYOUT = ("graft", "bits", "quantize", "mapping", "quant_block_size", "double_quant_scales",
+           "min_quant_numel", "max_preconditioner_dim")
+
+_ShampooConfig = torch.classes.lowbit.ShampooConfig
+_ShampooParam = torch.classes.lowbit.ShampooParam
+_first_nonfinite = torch.ops.lowbit.first_nonfinite.default
+
+ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
+
+
+class StateBytes(NamedTuple):
+    """Bytes of optimizer state: Shampoo statistics, eigen-data and inverse roots
+    (``preconditioner``) and momentum / Adam moments (``first_order``)."""
+
+    preconditioner: int
+    first_order: int
+
+    @property
+    def total(self) -> int:
+        return self.preconditioner + self.first_order
+
+
+def _normalize(name: str, value: Any, where: str) -> Any:
+    """The option's value in its canonical Python type; TypeError naming it otherwise."""
+    kind = OPTION_TABLE[name][1]
+
+    def fail(expected: str) -> None:
+        raise TypeError(f"lowbit.Shampoo: {name} must be {expected}; got {value!r} "
+                        f"({type(value).__name__}){where}")
+
+    def number(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            fail("a number")
+        return float(v)
+
+    def integer(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            fail("an int")
+        return int(v)
+
+    if kind == "number":
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            return float(value.item())
+        return number(value)
+    if kind == "int":
+        return integer(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            fail("a bool")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            fail("a str")
+        return value
+    # pairs
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        fail("a pair (a, b)")
+    convert = number if kind == "number pair" else integer
+    return (convert(value[0]), convert(value[1]))
+
+
+def _options_of(group: Dict[str, Any], defaults: Dict[str, Any]) -> Tuple[Any, ...]:
+    return tuple(group.get(name, defaults.get(name, OPTION_DEFAULTS[name])) for name in _NAMES)
+
+
+def _make_config(values: Tuple[Any, ...], where: str) -> Tuple[Dict[str, Any], Any]:
+    """(normalized options, C++ ShampooConfig), or TypeError / ValueError naming the option."""
+    options = {name: _normalize(name, v, where) for name, v in zip(_NAMES, values)}
+    try:
+        return options, _ShampooConfig(options)
+    except RuntimeError as e:
+        raise ValueError(f"{_message(e)}{where}") from None
+
+
+def _message(e: BaseException) -> str:
+    # The first line of a c10::Error is its message; further lines are C++ context.
+    return str(e).split("\n", 1)[0]
+
+
+class ShampooState(Mapping):
+    """The live Shampoo state of one parameter (``optimizer.state[p]``).
+
+    A read-only mapping from entry names to the tensors the C++ optimizer holds:
+    ``step`` and ``root_updates`` (0-d int64), ``momentum_buffer`` (SGDM) or ``exp_avg`` /
+    ``exp_avg_sq`` (AdamW), and ``preconditioner.*`` (statistics, eigenvectors as codes
+    and scales, eigenvalues, inverse roots). ``optimizer.state_dict()`` holds the same
+    entries as plain tensors.
+    """
+
+    __slots__ = ("_cpp",)
+
+    def __init__(self, cpp: Any) -> None:
+        self._cpp = cpp
+
+    def _entries(self) -> Dict[str, torch.Tensor]:
+        return dict(self._cpp.state_dict())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._entries()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+    @property
+    def steps(self) -> int:
+        """Steps taken by this parameter."""
+        return int(self._cpp.steps())
+
+    @property
+    def root_updates(self) -> int:
+        """Inverse-root refreshes applied so far."""
+        return int(self._cpp.root_updates())
+
+    @property
+    def root_failures(self) -> int:
+        """Failed decompositions that kept the last good root."""
+        return int(self._cpp.root_failures())
+
+    @property
+    def preconditioned(self) -> bool:
+        """Whether this parameter has a preconditioner (two or more non-unit dimensions)."""
+        return bool(self._cpp.preconditioned())
+
+    def state_bytes(self) -> StateBytes:
+        return StateBytes(*self._cpp.state_bytes())
+
+    def __repr__(self) -> str:
+        b = self.state_bytes()
+        return (f"ShampooState(steps={self.steps}, root_updates={self.root_updates}, "
+                f"preconditioned={self.preconditioned}, preconditioner_bytes={b.preconditioner}, "
+                f"first_order_bytes={b.first_order})")
+
+
+class Shampoo(Optimizer):
+    r"""Shampoo with 32-, 8-, 4- or 3-bit preconditioners (Wang et al., "4-bit Shampoo for
+    Memory-Efficient Network Training", NeurIPS 2024), as a ``torch.optim`` optimizer.
+
+    For every parameter with a gradient G (step k, from 1): every ``stat_interval`` (T1)
+    steps ``L <- beta L + (1 - beta) G G^T`` and ``R <- beta R + (1 - beta) G^T G`` per
+    block; every ``root_interval`` (T2) steps, once ``k >= start_preconditioning_step``, the
+    inverse roots ``L^(-1/4)``, ``R^(-1/4)`` are recomputed; once a root exists the direction
+    is ``L^(-1/4) G R^(-1/4)`` rescaled to the norm of G (grafting), before that G itself;
+    the first-order rule ``graft`` (SGD with momentum, or AdamW) applies it. Parameters
+    with fewer than two non-unit dimensions get the first-order rule alone. With
+    preconditioning never started, the optimizer *is* ``torch.optim.SGD`` (momentum) or
+    ``torch.optim.AdamW``, bit for bit.
+
+    ``bits=4`` (default) is the paper's 4-bit Shampoo: eigenvectors stored block-wise at
+    4 bits, eigenvalues in fp32. ``bits=32`` is 32-bit Shampoo; ``quantize="matrix"`` is
+    the paper's naive 4-bit baseline.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs, or dicts defining parameter
+            groups (each group may override any option below).
+
+    Options (paper symbol, default, allowed values):
+
+    ==============================  =======================================================  ==================  ==========================================
+    option                          paper symbol / meaning                                   default             allowed
+    ==============================  =======================================================  ==================  ==========================================
+    ``lr``                          learning rate                                            1e-3                >= 0
+    ``graft``                       first-order optimizer F                                  ``"adamw"``         ``"sgdm"``, ``"adamw"``
+    ``momentum``                    SGDM momentum                                            0.9                 [0, 1)
+    ``nesterov``                    Nesterov SGDM                                            False               needs momentum > 0
+    ``betas``                       AdamW (beta1, beta2)                                     (0.9, 0.999)        each in [0, 1)
+    ``eps``                         AdamW epsilon                                            1e-8                > 0
+    ``weight_decay``                weight decay (coupled L2 for SGDM, decoupled for AdamW)  0.0                 >= 0
+    ``bits``                        bit width b (32 = 32-bit Shampoo)                        4                   32, 8, 4, 3
+    ``quantize``                    QM: what is quantized (U or A)                           ``"eigenvectors"``  ``"eigenvectors"``, ``"matrix"``
+    ``mapping``                     quantization mapping                                     ``"linear2"``       ``"linear2"``, ``"dynamic"``, ``"linear"``
+    ``quant_block_size``            block size B                                             64                  power of two, 16..4096
+    ``double_quant_scales``         8-bit block scales (paper: future work)                  False               bool
+    ``min_quant_numel``             smallest quantized factor (elements)                     4096                >= 0
+    ``max_preconditioner_dim``      max order of a block                                     1200                >= 1
+    ``stat_decay``                  beta                                                     0.95                [0, 1)
+    ``epsilon``                     epsilon (relative to lambda_max)                         1e-6                > 0
+    ``stat_interval``               T1                                                       100                 >= 1
+    ``root_interval``               T2                                                       500                 >= 1
+    ``start_preconditioning_step``  first step that may use a root                           1                   >= 0
+    ``rectify_steps``               (t1, t2) Bjorck steps                                    (1, 4)              each in [0, 100]
+    ``root_method``                 inverse root of 32-bit Shampoo                           ``"eigen"``         ``"eigen"``, ``"newton"``
+    ``eigen_update``                eigenbasis refresh of 4-bit Shampoo                      ``"qr"``            ``"qr"`` (paper), ``"eigh"``
+    ``skip_nonfinite``              (lowbit) skip steps with NaN/Inf gradients               False               bool
+    ==============================  =======================================================  ==================  ==========================================
+
+    T1 = 100 / T2 = 500 suit runs of tens of thousands of steps; scale them down for short
+    runs (e.g. 10 / 50) and check :meth:`root_updates`.
+
+    Bad options raise ``TypeError`` (wrong type) or ``ValueError`` (bad value) naming the
+    option, at construction, in :meth:`add_param_group`, and at the next :meth:`step` after
+    a group was edited. A sparse or NaN/Inf gradient raises ``RuntimeError`` naming the
+    parameter before anything changes (with ``skip_nonfinite=True`` the whole step is
+    skipped and counted in :attr:`skipped_steps`).
+
+    ``state_dict()`` holds only tensors and numbers (``torch.load(..., weights_only=True)``
+    reads it, on any ``map_location``); :meth:`load_state_dict` checks every group, option
+    and tensor before replacing anything. State tensors follow their parameter between
+    devices. ``optimizer.state[p]`` is a :class:`ShampooState`.
+
+    Example::
+
+        opt = lowbit.Shampoo(model.parameters(), lr=1e-3, graft="adamw", bits=4,
+                             stat_interval=10, root_interval=50)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        print(opt.state_bytes(), opt.root_updates())
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        *,
+        graft: Literal["sgdm", "adamw"] = "adamw",
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bits: Literal[32, 8, 4, 3] = 4,
+        quantize: Literal["eigenvectors", "matrix"] = "eigenvectors",
+        mapping: Literal["linear2", "dynamic", "linear"] = "linear2",
+        quant_block_size: int = 64,
+        double_quant_scales: bool = False,
+        min_quant_numel: int = 4096,
+        max_preconditioner_dim: int = 1200,
+        stat_decay: float = 0.95,
+        epsilon: float = 1e-6,
+        stat_interval: int = 100,
+        root_interval: int = 500,
+        start_preconditioning_step: int = 1,
+        rectify_steps: Tuple[int, int] = (1, 4),
+        root_method: Literal["eigen", "newton"] = "eigen",
+        eigen_update: Literal["qr", "eigh"] = "qr",
+        skip_nonfinite: bool = False,
+    ) -> None:
+        given = dict(
+            lr=lr, graft=graft, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+            weight_decay=weight_decay, bits=bits, quantize=quantize, mapping=mapping,
+            quant_block_size=quant_block_size, double_quant_scales=double_quant_scales,
+            min_quant_numel=min_quant_numel, max_preconditioner_dim=max_preconditioner_dim,
+            stat_decay=stat_decay, epsilon=epsilon, stat_interval=stat_interval,
+            root_interval=root_interval, start_preconditioning_step=start_preconditioning_step,
+            rectify_steps=rectify_steps, root_method=root_method, eigen_update=eigen_update,
+            skip_nonfinite=skip_nonfinite,
+        )
+        defaults, _ = _make_config(tuple(given[n] for n in _NAMES), " (defaults)")
+        # Per group: (option values the config was built from, C++ config, normalized options).
+        self._configs: List[Tuple[Tuple[Any, ...], Optional[Any], Dict[str, Any]]] = []
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a group; its options (missing ones from the defaults) are validated first."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        try:
+            for i, p in enumerate(group["params"]):
+                if not p.is_floating_point():
+                    raise TypeError(f"lowbit.Shampoo: {self._describe(index, i, p)} is a {p.dtype} "
+                                    "tensor; Shampoo optimizes floating-point parameters")
+            values = _options_of(group, self.defaults)
+            options, config = _make_config(values, f" (param group {index})")
+        except Exception:
+            self.param_groups.pop()
+            raise
+        group.update(options)
+        self._configs.append((_options_of(group, self.defaults), config, options))
+
+    def _config(self, index: int, group: Dict[str, Any]) -> Any:
+        """The C++ config of a group, rebuilt (and validated) when its options changed."""
+        values = _options_of(group, self.defaults)
+        cached_values, config, cached = self._configs[index]
+        if config is None or values != cached_values:
+            options, config = _make_config(values, f" (param group {index})")
+            changed = [n for n in _LAYOUT if cached and cached[n] != options[n]]
+            if changed and any(isinstance(self.state.get(p), ShampooState) for p in group["params"]):
+                raise ValueError(f"lowbit.Shampoo: cannot change {', '.join(changed)} of param group {index} "
+                                 "after its first step (they decide the layout of the state); make a new "
+                                 "optimizer, or load a state dict into one built with the new options")
+            self._configs[index] = (values, config, options)
+        return config
+
+    @staticmethod
+    def _describe(group_index: int, index: int, p: torch.Tensor, group: Optional[Dict[str, Any]] = None,
+                  shape: bool = True) -> str:
+        names = group.get("param_names") if group else None
+        shape_text = f", shape {list(p.shape)}" if shape else ""
+        if names and index < len(names):
+            return f"parameter '{names[index]}' (index {index} of param group {group_index}{shape_text})"
+        return f"parameter {index} of param group {group_index}" + (f" (shape {list(p.shape)})" if shape else "")
+
+    # ------------------------------------------------------------------ step
+    def _state_of(self, p: torch.Tensor, config: Any) -> ShampooState:
+        s = self.state.get(p)
+        if isinstance(s, ShampooState):
+            return s
+        cpp = _ShampooParam(p, config)
+        if s:  # plain entries (an unpickled or deep-copied optimizer)
+            cpp.load_state_dict(p, {k: v.to(p.device) for k, v in s.items()}, "lowbit.Shampoo: ", "a parameter")
+        self.state[p] = wrapped = ShampooState(cpp)
+        return wrapped
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
+        """One optimizer step. ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Every gradient is checked before anything is written: a sparse, misshapen or
+        NaN/Inf gradient raises ``RuntimeError`` naming the parameter (NaN/Inf: unless
+        ``skip_nonfinite``, which skips the whole step), and the parameters and state are
+        left as they were. (The C++ step runs without autograd; no ``torch.no_grad`` needed.)
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []
+        grads: List[torch.Tensor] = []
+        where: List[Tuple[int, int]] = []
+        for gi, group in enumerate(self.param_groups):
+            config = self._config(gi, group)
+            ps, gs = [], []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, p, group)} has a sparse "
+                                       "gradient; Shampoo needs dense gradients")
+                if not g.is_floating_point():
+                    raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, p, group)} has a {g.dtype} "
+                                       "gradient; expected a floating type")
+                if g.shape != p.shape or g.device != p.device:
+                    raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, p, group)} on {p.device} has "
+                                       f"a gradient of shape {list(g.shape)} on {g.device}")
+                ps.append(p)
+                gs.append(g)
+                where.append((gi, pi))
+            if ps:
+                work.append((config, ps, gs))
+            grads.extend(gs)
+
+        bad = _first_nonfinite(grads)
+        if bad >= 0:
+            gi, pi = where[bad]
+            group = self.param_groups[gi]
+            if group["skip_nonfinite"]:
+                self.skipped_steps += 1
+                return loss
+            raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, group['params'][pi], group)} has a NaN "
+                               "or Inf gradient; nothing was updated (set skip_nonfinite=True to skip such steps)")
+
+        # States first (a parameter's first step creates one), then the steps.
+        prepared = [(config, [self._state_of(p, config)._cpp for p in ps], ps, gs) for config, ps, gs in work]
+        for config, states, ps, gs in prepared:
+            config.step(states, ps, gs)  # = torch.ops.lowbit.shampoo_step(states, ps, gs, config)
+        return loss
+
+    # ------------------------------------------------------------------ introspection
+    def _states(self) -> Iterator[ShampooState]:
+        return (s for s in self.state.values() if isinstance(s, ShampooState))
+
+    def state_bytes(self) -> StateBytes:
+        """Bytes of preconditioner state and of first-order state (momentum / Adam moments)."""
+        pre = first = 0
+        for s in self._states():
+            b = s.state_bytes()
+            pre += b.preconditioner
+            first += b.first_order
+        return StateBytes(pre, first)
+
+    def root_updates(self) -> int:
+        """The largest number of inverse-root refreshes of any parameter (0: Shampoo never
+        preconditioned, the run was its first-order rule alone)."""
+        return max((s.root_updates for s in self._states()), default=0)
+
+    def root_failures(self) -> int:
+        """Failed decompositions (each kept its last good root), over all parameters."""
+        return sum(s.root_failures for s in self._states())
+
+    # ------------------------------------------------------------------ state dicts
+    def _plain_state(self) -> Dict[Any, Any]:
+        plain: Dict[Any, Any] = defaultdict(dict)
+        for key, s in self.state.items():
+            plain[key] = dict(s._cpp.state_dict()) if isinstance(s, ShampooState) else s
+        return plain
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"state": {index: {name: tensor}}, "param_groups": [...]}`` of plain tensors and
+        numbers. Like torch's optimizers, the tensors are the live state (copy them, or save
+        the dict, before stepping again if you need a snapshot)."""
+        live = self.state
+        self.state = self._plain_state()  # type: ignore[assignment]
+        try:
+            return super().state_dict()
+        finally:
+            self.state = live
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict`. Everything is checked first (group and parameter
+        counts, every option, the options that decide the state layout against this
+        optimizer's, every tensor's name, shape and dtype); on any mismatch ``ValueError``
+        is raised and the optimizer is unchanged. Tensors are copied to their parameter's
+        device."""
+        who = "lowbit.Shampoo.load_state_dict: "
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(who + "expected a dict with 'state' and 'param_groups'")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(who + f"loaded state dict has {len(saved_groups)} parameter groups; this "
+                             f"optimizer has {len(groups)}")
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(who + f"loaded state dict contains a parameter group ({gi}) that doesn't "
+                                 f"match the size of optimizer's group ({len(sg['params'])} parameters, "
+                                 f"expected {len(g['params'])})")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        position = {id(p): (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
+
+        new_groups, configs = [], []
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            sg["params"] = g["params"]
+            if "param_names" in g and "param_names" not in sg:
+                sg["param_names"] = g["param_names"]
+            for name in _NAMES:
+                sg.setdefault(name, g[name])
+            options, config = _make_config(_options_of(sg, self.defaults), f" (saved param group {gi})")
+            differ = [n for n in _LAYOUT if options[n] != g[n]]
+            if differ:
+                raise ValueError(who + f"the state dict's param group {gi} was saved with different "
+                                 f"{', '.join(differ)} than this optimizer uses; nothing was loaded")
+            sg.update(options)
+            new_groups.append(sg)
+            configs.append((_options_of(sg, self.defaults), config, options))
+
+        new_state: Dict[Any, Any] = defaultdict(dict)
+        for key, entries in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(who + f"the state dict has state for parameter {key!r}, which is in no "
+                                 "param group; nothing was loaded")
+            p = id_map[key]
+            gi, pi = position[id(p)]
+            what = self._describe(gi, pi, p, groups[gi], shape=False)
+            if not isinstance(entries, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in entries.items()):
+                raise ValueError(who + f"the state of {what} must map names to tensors; nothing was loaded")
+            if not entries:
+                continue
+            cpp = _ShampooParam(p, configs[gi][1])
+            try:
+                cpp.load_state_dict(p, {k: v.to(device=p.device, copy=True) for k, v in entries.items()}, who, what)
+            except RuntimeError as e:
+                message = _message(e)
+                raise ValueError(message if "nothing was loaded" in message else message + "; nothing was loaded") \
+                    from None
+            new_state[p] = ShampooState(cpp)
+
+        self.state = new_state  # type: ignore[assignment]
+        self.param_groups = new_groups
+        self._configs = configs
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ------------------------------------------------------------------ pickling / deepcopy
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state["state"] = self._plain_state()
+        state["_configs"] = None  # C++ objects are rebuilt from the plain state
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        # Configs are rebuilt (and validated) at the next step.
+        self._configs = [((), None, {}) for _ in self.param_groups]

@@ -1,0 +1,83 @@
+#include "cli/train_options.h"
+
+#include <memory>
+
+#include "train/optimizer_factory.h"
+
+namespace lowbit::cli {
+
+OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool with_optimizer) {
+  // Plain values that CLI11 fills; ShampooOptions' setters are applied after parsing.
+  struct Raw {
+    double lr = -1, momentum = 0.9, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+    bool nesterov = false, double_quant = false;
+    int64_t bits = 4, block_size = 64, min_quant_numel = 4096, max_dim = 1200;
+    int64_t stat_interval = 10, root_interval = 50, start = 1, t1 = 1, t2 = 4;
+    double stat_decay = 0.95, epsilon = 1e-6;
+    std::string graft = "adamw", mapping = "linear2", root_method = "eigen", eigen_update = "qr";
+  };
+  auto raw = std::make_shared<Raw>();
+  cmd.add_option("--dataset", c.dataset, "fashion-mnist | mnist | cifar10 | cifar100 | synthetic")->capture_default_str();
+  cmd.add_option("--data-dir", c.data_dir, "Directory of the dataset files (default: the dataset's usual place)");
+  cmd.add_option("--max-train", c.max_train, "Use only the first N training examples");
+  cmd.add_option("--max-test", c.max_test, "Use only the first N test examples");
+  cmd.add_option("--model", c.model, "mlp | cnn | resnet20 | vit")->capture_default_str();
+  if (with_optimizer)
+    cmd.add_option("--optimizer", c.optimizer, "sgdm | adamw | shampoo | shampoo4 | shampoo4-naive")
+        ->check(CLI::IsMember(train::kOptimizerNames))->capture_default_str();
+  cmd.add_option("--epochs", c.epochs, "Epochs")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd.add_option("--batch-size", c.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd.add_option("--lr", raw->lr, "Learning rate (default: 0.05 for sgdm or sgdm grafting, else 1e-3)");
+  cmd.add_option("--schedule", c.schedule, "constant | cosine | multistep")
+      ->check(CLI::IsMember({"constant", "cosine", "multistep"}))->capture_default_str();
+  cmd.add_option("--warmup-epochs", c.warmup_epochs, "Linear warm-up length in epochs")->capture_default_str();
+  cmd.add_option("--milestones", c.milestones, "multistep: epochs after which lr is multiplied by --gamma");
+  cmd.add_option("--gamma", c.gamma, "multistep factor")->capture_default_str();
+  cmd.add_option("--seed", c.seed, "Random seed (initialization and shuffling)")->capture_default_str();
+  cmd.add_option("--threads", c.threads, "CPU threads (0: LibTorch's default)")->capture_default_str();
+  cmd.add_option("--checkpoint", c.checkpoint_dir, "Save model, optimizer and progress here after every epoch");
+  cmd.add_flag("--resume", c.resume, "Continue the run saved in --checkpoint");
+  cmd.add_option("--stop-after-epoch", c.stop_after_epoch, "End early after this epoch (the schedule still spans --epochs)");
+  cmd.add_flag("!--no-progress", c.progress, "No progress bar");
+  cmd.add_option("--dump-preconditioner", c.dump_preconditioner,
+                 "Save the largest preconditioner statistic (a tensor file for quant-error --matrix)");
+  cmd.add_option("--graft", raw->graft, "First-order rule under Shampoo: sgdm | adamw")
+      ->check(CLI::IsMember({"sgdm", "adamw"}))->capture_default_str();
+  cmd.add_option("--momentum", raw->momentum, "SGDM momentum")->capture_default_str();
+  cmd.add_flag("--nesterov", raw->nesterov, "Nesterov momentum");
+  cmd.add_option("--weight-decay", raw->weight_decay, "Weight decay")->capture_default_str();
+  cmd.add_option("--beta1", raw->beta1, "AdamW beta1")->capture_default_str();
+  cmd.add_option("--beta2", raw->beta2, "AdamW beta2")->capture_default_str();
+  cmd.add_option("--eps", raw->eps, "AdamW epsilon")->capture_default_str();
+  cmd.add_option("--bits", raw->bits, "Bits of quantized Shampoo state: 8, 4 or 3")
+      ->check(CLI::IsMember({8, 4, 3}))->capture_default_str();
+  cmd.add_option("--mapping", raw->mapping, "linear2 | dynamic | linear")->capture_default_str();
+  cmd.add_option("--block-size", raw->block_size, "Quantization block size")->capture_default_str();
+  cmd.add_flag("--double-quant", raw->double_quant, "8-bit block scales");
+  cmd.add_option("--min-quant-numel", raw->min_quant_numel, "Smaller factors stay fp32")->capture_default_str();
+  cmd.add_option("--max-preconditioner-dim", raw->max_dim, "Largest block order")->capture_default_str();
+  cmd.add_option("--stat-interval", raw->stat_interval, "T1: steps between statistics updates")->capture_default_str();
+  cmd.add_option("--root-interval", raw->root_interval, "T2: steps between inverse-root updates")->capture_default_str();
+  cmd.add_option("--start-preconditioning-step", raw->start, "First step that may precondition")->capture_default_str();
+  cmd.add_option("--stat-decay", raw->stat_decay, "beta of the statistics")->capture_default_str();
+  cmd.add_option("--epsilon", raw->epsilon, "epsilon, relative to lambda_max")->capture_default_str();
+  cmd.add_option("--rectify-t1", raw->t1, "Björck steps before a statistics update")->capture_default_str();
+  cmd.add_option("--rectify-t2", raw->t2, "Björck steps before a root update")->capture_default_str();
+  cmd.add_option("--root-method", raw->root_method, "eigen | newton (32-bit Shampoo)")->capture_default_str();
+  cmd.add_option("--eigen-update", raw->eigen_update, "qr | eigh (4-bit Shampoo eigenbasis refresh)")->capture_default_str();
+  return [raw](const std::string& optimizer) {
+    const bool sgd_rule = optimizer == "sgdm" || (optimizer != "adamw" && raw->graft == "sgdm");
+    const double lr = raw->lr > 0 ? raw->lr : (sgd_rule ? 0.05 : 1e-3);
+    return ShampooOptions(lr)
+                    .graft(raw->graft).momentum(raw->momentum).nesterov(raw->nesterov)
+                    .weight_decay(raw->weight_decay).betas({raw->beta1, raw->beta2}).eps(raw->eps)
+                    .bits(raw->bits).mapping(raw->mapping).quant_block_size(raw->block_size)
+                    .double_quant_scales(raw->double_quant).min_quant_numel(raw->min_quant_numel)
+                    .max_preconditioner_dim(raw->max_dim).stat_interval(raw->stat_interval)
+                    .root_interval(raw->root_interval).start_preconditioning_step(raw->start)
+                    .stat_decay(raw->stat_decay).epsilon(raw->epsilon).rectify_steps({raw->t1, raw->t2})
+                    .root_method(raw->root_method).eigen_update(raw->eigen_update);
+  };
+}
+
+}  // namespace lowbit::cli

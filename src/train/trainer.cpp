@@ -1,0 +1,245 @@
+#include "train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/serialize.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <ostream>
+#include <unistd.h>
+
+#include "data/dataset.h"
+#include "models/models.h"
+#include "precond/parameter_preconditioner.h"
+#include "train/optimizer_factory.h"
+#include "train/progress_bar.h"
+
+namespace lowbit::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// The shuffle of an epoch depends only on (seed, epoch), so a resumed run sees the same batches.
+at::Tensor epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003ull + static_cast<uint64_t>(epoch));
+  return at::randperm(n, gen, at::kLong);
+}
+
+double evaluate(models::Classifier& model, const data::Dataset& test) {
+  torch::NoGradGuard no_grad;
+  model.eval();
+  int64_t correct = 0;
+  const int64_t n = test.labels.size(0);
+  for (int64_t start = 0; start < n; start += 1000) {
+    const int64_t end = std::min(n, start + 1000);
+    const at::Tensor logits = model.forward(test.images.slice(0, start, end));
+    correct += logits.argmax(1).eq(test.labels.slice(0, start, end)).sum().item<int64_t>();
+  }
+  model.train();
+  return n > 0 ? static_cast<double>(correct) / n : 0.0;
+}
+
+// Checkpoint layout: model.pt, optimizer.pt and progress.pt (epoch, step, history, and the
+// identity of the run, checked on resume).
+struct Progress {
+  int64_t epoch = 0, step = 0;
+  std::vector<EpochRecord> history;
+};
+
+std::string run_identity(const TrainConfig& c) {
+  return c.dataset + "|" + c.model + "|" + c.optimizer + "|" + std::to_string(c.seed) + "|" +
+         std::to_string(c.batch_size);
+}
+
+void save_checkpoint(const std::string& dir, const TrainConfig& config, models::Classifier& model,
+                     const torch::optim::Optimizer& optimizer, const Progress& progress) {
+  std::filesystem::create_directories(dir);
+  {
+    torch::serialize::OutputArchive archive;
+    model.save(archive);
+    archive.save_to(dir + "/model.pt.tmp");
+  }
+  {
+    torch::serialize::OutputArchive archive;
+    optimizer.save(archive);
+    archive.save_to(dir + "/optimizer.pt.tmp");
+  }
+  torch::serialize::OutputArchive archive;
+  archive.write("identity", c10::IValue(run_identity(config)));
+  archive.write("epoch", c10::IValue(progress.epoch));
+  archive.write("step", c10::IValue(progress.step));
+  std::vector<double> rows;
+  for (const EpochRecord& r : progress.history)
+    rows.insert(rows.end(), {double(r.epoch), r.train_loss, r.test_accuracy, r.seconds, r.lr, double(r.steps)});
+  archive.write("history", at::tensor(rows, at::kDouble));
+  archive.save_to(dir + "/progress.pt.tmp");
+  // Rename last, so an interrupted save never leaves a half-written checkpoint behind.
+  for (const char* name : {"model.pt", "optimizer.pt", "progress.pt"})
+    std::filesystem::rename(dir + "/" + name + ".tmp", dir + "/" + name);
+}
+
+Progress load_checkpoint(const std::string& dir, const TrainConfig& config, models::Classifier& model,
+                         torch::optim::Optimizer& optimizer) {
+  for (const char* name : {"model.pt", "optimizer.pt", "progress.pt"})
+    TORCH_CHECK(std::filesystem::exists(dir + "/" + name), "--resume: ", dir, "/", name, " does not exist");
+  Progress progress;
+  torch::serialize::InputArchive archive;
+  archive.load_from(dir + "/progress.pt");
+  c10::IValue identity, epoch, step;
+  archive.read("identity", identity);
+  TORCH_CHECK(identity.toStringRef() == run_identity(config), "--resume: the checkpoint in ", dir,
+              " belongs to another run (", identity.toStringRef(), "); this run is ", run_identity(config));
+  archive.read("epoch", epoch);
+  archive.read("step", step);
+  progress.epoch = epoch.toInt();
+  progress.step = step.toInt();
+  at::Tensor rows;
+  archive.read("history", rows);
+  const at::Tensor r = rows.reshape({-1, 6});
+  for (int64_t i = 0; i < r.size(0); ++i)
+    progress.history.push_back({static_cast<int64_t>(r[i][0].item<double>()), r[i][1].item<double>(),
+                                r[i][2].item<double>(), r[i][3].item<double>(), r[i][4].item<double>(),
+                                static_cast<int64_t>(r[i][5].item<double>())});
+  torch::serialize::InputArchive model_archive;
+  model_archive.load_from(dir + "/model.pt");
+  model.load(model_archive);
+  torch::serialize::InputArchive optimizer_archive;
+  optimizer_archive.load_from(dir + "/optimizer.pt");
+  optimizer.load(optimizer_archive);
+  return progress;
+}
+
+// The statistic of the largest preconditioner factor, for `lowbit quant-error --matrix`.
+void dump_largest_statistic(const torch::optim::Optimizer& optimizer, const std::string& path) {
+  at::Tensor largest;
+  for (const auto& [key, base] : optimizer.state()) {
+    const auto* s = dynamic_cast<const ShampooParamState*>(base.get());
+    if (s == nullptr || !s->preconditioner) continue;
+    for (const precond::KroneckerFactor* f : s->preconditioner->factors())
+      if (!largest.defined() || f->order() > largest.size(0)) largest = f->statistic();
+  }
+  TORCH_CHECK(largest.defined(), "--dump-preconditioner: the optimizer has no preconditioner to dump");
+  torch::save(largest.contiguous(), path);
+}
+
+}  // namespace
+
+void TrainConfig::validate() const {
+  TORCH_CHECK(epochs >= 1, "--epochs must be >= 1; got ", epochs);
+  TORCH_CHECK(batch_size >= 1, "--batch-size must be >= 1; got ", batch_size);
+  TORCH_CHECK(warmup_epochs >= 0, "--warmup-epochs must be >= 0; got ", warmup_epochs);
+  TORCH_CHECK(threads >= 0, "--threads must be >= 0; got ", threads);
+  TORCH_CHECK(!resume || !checkpoint_dir.empty(), "--resume needs --checkpoint DIR");
+  TORCH_CHECK(stop_after_epoch >= 0, "--stop-after-epoch must be >= 0; got ", stop_after_epoch);
+  shampoo.validate();
+}
+
+TrainResult run_training(const TrainConfig& config, std::ostream& log) {
+  config.validate();
+  const auto wall_start = Clock::now();
+  if (config.threads > 0) at::set_num_threads(config.threads);
+  at::manual_seed(config.seed);
+
+  const data::DatasetSplit data = data::load_dataset(config.dataset, config.data_dir, log, config.max_train,
+                                                     config.max_test);
+  const int64_t n = data.train.labels.size(0);
+  TORCH_CHECK(n > 0, "the training set is empty");
+  auto model = models::make_model(config.model, data.train.images.size(1), data.train.images.size(2),
+                                  data.num_classes);
+  auto optimizer = make_optimizer(config.optimizer, model->parameters(), config.shampoo);
+
+  const int64_t steps_per_epoch = (n + config.batch_size - 1) / config.batch_size;
+  LrSchedule schedule;
+  schedule.kind = config.schedule;
+  schedule.base_lr = config.shampoo.lr();
+  schedule.warmup_steps = static_cast<int64_t>(std::llround(config.warmup_epochs * steps_per_epoch));
+  schedule.total_steps = config.epochs * steps_per_epoch;
+  for (int64_t e : config.milestones) schedule.milestones.push_back(e * steps_per_epoch);
+  schedule.gamma = config.gamma;
+  schedule.validate();
+
+  Progress progress;
+  TrainResult result;
+  if (config.resume) {
+    progress = load_checkpoint(config.checkpoint_dir, config, *model, *optimizer);
+    result.resumed_from_epoch = progress.epoch;
+    log << "resumed from " << config.checkpoint_dir << " after epoch " << progress.epoch << "\n";
+  }
+  result.dataset = data.name;
+  result.dataset_source = data.source;
+  result.synthetic = data.synthetic;
+  result.history = progress.history;
+
+  double step_seconds = 0, batch_seconds = 0;
+  const bool show_bar = config.progress && isatty(fileno(stderr));
+  const int64_t last_epoch = config.stop_after_epoch > 0 ? std::min(config.epochs, config.stop_after_epoch) : config.epochs;
+  for (int64_t epoch = progress.epoch + 1; epoch <= last_epoch; ++epoch) {
+    const auto epoch_start = Clock::now();
+    const at::Tensor order = epoch_order(n, config.seed, epoch);
+    ProgressBar bar(steps_per_epoch, "epoch " + std::to_string(epoch) + "/" + std::to_string(config.epochs), show_bar);
+    double loss_sum = 0;
+    for (int64_t b = 0; b < steps_per_epoch; ++b) {
+      const auto batch_start = Clock::now();
+      const at::Tensor idx = order.slice(0, b * config.batch_size, std::min(n, (b + 1) * config.batch_size));
+      const at::Tensor x = data.train.images.index_select(0, idx), y = data.train.labels.index_select(0, idx);
+      const double lr = schedule.at(progress.step);
+      for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
+      optimizer->zero_grad();
+      const at::Tensor loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+      loss.backward();
+      const auto step_start = Clock::now();
+      optimizer->step();
+      step_seconds += seconds_since(step_start);
+      batch_seconds += seconds_since(batch_start);
+      const double value = loss.item<double>();
+      TORCH_CHECK(std::isfinite(value), "training diverged: the loss is ", value, " at step ", progress.step + 1,
+                  " (try a smaller --lr)");
+      loss_sum += value;
+      result.step_losses.push_back(value);
+      ++progress.step;
+      ++result.steps;
+      bar.update(b + 1, value);
+    }
+    bar.finish();
+    EpochRecord record;
+    record.epoch = epoch;
+    record.train_loss = loss_sum / steps_per_epoch;
+    record.test_accuracy = evaluate(*model, data.test);
+    record.seconds = seconds_since(epoch_start);
+    record.lr = schedule.at(progress.step - 1);
+    record.steps = steps_per_epoch;
+    progress.history.push_back(record);
+    progress.epoch = epoch;
+    char line[160];
+    std::snprintf(line, sizeof(line), "epoch %lld/%lld  train loss %.4f  test acc %.4f  lr %.2e  %.1fs\n",
+                  static_cast<long long>(epoch), static_cast<long long>(config.epochs), record.train_loss,
+                  record.test_accuracy, record.lr, record.seconds);
+    log << line << std::flush;
+    if (!config.checkpoint_dir.empty()) save_checkpoint(config.checkpoint_dir, config, *model, *optimizer, progress);
+  }
+
+  result.history = progress.history;
+  if (!result.history.empty()) {
+    result.test_accuracy = result.history.back().test_accuracy;
+    result.final_train_loss = result.history.back().train_loss;
+  }
+  result.state = optimizer_state_bytes(*optimizer);
+  if (const auto* shampoo = dynamic_cast<const Shampoo*>(optimizer.get())) result.root_updates = shampoo->root_updates();
+  if (result.steps > 0) {
+    result.step_ms_mean = 1000 * step_seconds / result.steps;
+    result.batch_ms_mean = 1000 * batch_seconds / result.steps;
+  }
+  if (!config.dump_preconditioner.empty()) dump_largest_statistic(*optimizer, config.dump_preconditioner);
+  result.wall_s = seconds_since(wall_start);
+  return result;
+}
+
+}  // namespace lowbit::train

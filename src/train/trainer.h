@@ -1,0 +1,61 @@
+// The training loop behind `lowbit train` and `lowbit compare`.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include <lowbit/shampoo.h>
+
+#include "train/lr_schedule.h"
+
+namespace lowbit::train {
+
+struct TrainConfig {
+  std::string dataset = "fashion-mnist";
+  std::string data_dir;               // empty: the dataset's default location
+  int64_t max_train = -1, max_test = -1;  // use only the first examples (quick runs, tests)
+  std::string model = "cnn";
+  std::string optimizer = "shampoo4";
+  ShampooOptions shampoo;             // lr, momentum, betas, weight decay and Shampoo's options
+  int64_t epochs = 2;
+  int64_t batch_size = 128;
+  std::string schedule = "cosine";    // constant | cosine | multistep
+  double warmup_epochs = 0.0;
+  std::vector<int64_t> milestones;    // multistep, in epochs
+  double gamma = 0.1;
+  uint64_t seed = 0;
+  int threads = 0;                    // 0: LibTorch's default
+  std::string checkpoint_dir;         // save model + optimizer + progress after every epoch
+  bool resume = false;                // continue from checkpoint_dir
+  int64_t stop_after_epoch = 0;       // end the run early (the schedule still spans `epochs`); 0: no
+  bool progress = true;               // progress bar on a terminal
+  std::string dump_preconditioner;    // save the largest preconditioner statistic here
+
+  void validate() const;
+};
+
+struct EpochRecord {
+  int64_t epoch = 0;
+  double train_loss = 0, test_accuracy = 0, seconds = 0, lr = 0;
+  int64_t steps = 0;
+};
+
+struct TrainResult {
+  std::string dataset, dataset_source;
+  bool synthetic = false;
+  std::vector<EpochRecord> history;
+  std::vector<double> step_losses;    // training loss of every step of this run
+  double test_accuracy = 0, final_train_loss = 0;
+  StateBytes state;
+  double step_ms_mean = 0;            // optimizer.step() alone
+  double batch_ms_mean = 0;           // forward + backward + step
+  double wall_s = 0;
+  int64_t steps = 0, root_updates = 0, resumed_from_epoch = 0;
+};
+
+// Trains, printing one line per epoch (and a progress bar on a terminal) to `log`.
+TrainResult run_training(const TrainConfig& config, std::ostream& log);
+
+}  // namespace lowbit::train
