@@ -4,3 +4,4 @@
 #include <lowbit/codebook.h>
 #include <lowbit/quant_options.h>
 #include <lowbit/quantized_matrix.h>
+#include <lowbit/shampoo.h>

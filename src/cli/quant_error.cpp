@@ -12,6 +12,10 @@
 #include <lowbit/quant_options.h>
 
 #include "analysis/quant_error.h"
+#include <torch/serialize.h>
+
+#include <filesystem>
+
 #include "cli/commands.h"
 
 namespace lowbit::cli {
@@ -20,7 +24,25 @@ namespace {
 struct QuantErrorArgs {
   analysis::QuantErrorOptions options;
   std::string json_path;
+  std::string matrix_path;  // a saved SPD matrix (train --dump-preconditioner) instead of synthetic ones
 };
+
+// The matrix of --matrix: a square, symmetric, finite tensor saved with torch::save.
+at::Tensor load_matrix(const std::string& path) {
+  at::Tensor m;
+  try {
+    torch::load(m, path);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "--matrix: cannot read a tensor from ", path, ": ", e.what_without_backtrace());
+  }
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == m.size(1) && m.size(0) > 0, "--matrix: ", path,
+              " must hold a square matrix; got shape ", m.sizes());
+  m = m.to(at::kDouble);
+  TORCH_CHECK(m.isfinite().all().item<bool>(), "--matrix: ", path, " contains NaN or Inf");
+  TORCH_CHECK((m - m.t()).abs().max().item<double>() <= 1e-4 * m.abs().max().item<double>(), "--matrix: ", path,
+              " is not symmetric");
+  return (m + m.t()) / 2;
+}
 
 // CLI::PositiveNumber's message spells out DBL_MAX; this one names the value only.
 const CLI::Validator kPositive(
@@ -34,14 +56,24 @@ const CLI::Validator kPositive(
 void run(const QuantErrorArgs& args) {
   const analysis::QuantErrorOptions& o = args.options;
   check_block_size(o.block_size, "--block-size");  // before the header, not after seconds of work
-  std::printf("lowbit quant-error: f(A) = (A + %g lambda_max I)^(-1/4), order %lld, block %lld, seed %llu\n",
-              o.epsilon, static_cast<long long>(o.order), static_cast<long long>(o.block_size),
-              static_cast<unsigned long long>(o.seed));
+  if (args.matrix_path.empty()) {
+    std::printf("lowbit quant-error: f(A) = (A + %g lambda_max I)^(-1/4), order %lld, block %lld, seed %llu\n",
+                o.epsilon, static_cast<long long>(o.order), static_cast<long long>(o.block_size),
+                static_cast<unsigned long long>(o.seed));
+  } else {
+    std::printf("lowbit quant-error: f(A) = (A + %g lambda_max I)^(-1/4), A from %s, block %lld\n", o.epsilon,
+                args.matrix_path.c_str(), static_cast<long long>(o.block_size));
+  }
   std::printf("NRE = ||f - g||_F / ||f||_F ; AE = angle between f and g (degrees)\n\n");
   std::printf("%-14s %-8s %4s %-12s %9s %8s %8s\n", "matrix", "mapping", "bits", "quantized", "rectified",
               "NRE", "AE deg");
   nlohmann::json rows = nlohmann::json::array();
-  for (const analysis::QuantErrorRow& r : analysis::quant_error_table(o)) {
+  const std::vector<analysis::QuantErrorRow> table =
+      args.matrix_path.empty() ? analysis::quant_error_table(o)
+                               : analysis::quant_error_rows(std::filesystem::path(args.matrix_path).filename().string(),
+                                                            load_matrix(args.matrix_path),
+                                                            o.block_size, o.epsilon);
+  for (const analysis::QuantErrorRow& r : table) {
     std::printf("%-14s %-8s %4d %-12s %9s %8.4f %8.3f\n", r.matrix.c_str(), r.mapping.c_str(), r.bits,
                 r.quantized.c_str(), r.rectified ? "yes" : "no", r.nre, r.angle_deg);
     rows.push_back({{"matrix", r.matrix},
@@ -83,6 +115,8 @@ void add_quant_error(CLI::App& app) {
   cmd->add_option("--matrices", o.matrices, "Synthetic matrices")
       ->check(CLI::IsMember(analysis::synthetic_matrix_names()))->capture_default_str();
   cmd->add_option("--json", args->json_path, "Also write the rows to this JSON file");
+  cmd->add_option("--matrix", args->matrix_path,
+                  "Analyse this saved SPD matrix (e.g. from `lowbit train --dump-preconditioner`) instead");
   cmd->callback([args] { run(*args); });
 }
 
