@@ -1,6 +1,8 @@
 // Bad input: each case raises a c10::Error whose message names the problem, and writes nothing.
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <functional>
@@ -13,15 +15,7 @@
 namespace lowbit {
 namespace {
 
-void expect_error(const std::function<void()>& fn, const std::string& fragment) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning \"" << fragment << "\"";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace()).find(fragment), std::string::npos)
-        << "message was: " << e.what_without_backtrace();
-  }
-}
+using testing::expect_error;
 
 QuantOptions with(std::function<void(QuantOptions&)> edit) {
   QuantOptions o;

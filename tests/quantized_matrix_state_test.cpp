@@ -1,6 +1,8 @@
 // QuantizedMatrix as a value: state() / from_state() round trips, corrupt states, devices.
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include <functional>
 #include <string>
 
@@ -11,15 +13,7 @@ namespace {
 
 using State = std::map<std::string, at::Tensor>;
 
-void expect_error(const std::function<void()>& fn, const std::string& fragment) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning \"" << fragment << "\"";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace()).find(fragment), std::string::npos)
-        << "message was: " << e.what_without_backtrace();
-  }
-}
+using testing::expect_error;
 
 std::vector<QuantOptions> all_modes() {
   std::vector<QuantOptions> modes(4);

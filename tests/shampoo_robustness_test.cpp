@@ -2,6 +2,8 @@
 // options and mismatched checkpoints. Each leaves parameters and state as they were.
 #include <gtest/gtest.h>
 
+#include "expect_error.h"
+
 #include <torch/serialize.h>
 
 #include <functional>
@@ -13,15 +15,7 @@
 namespace lowbit {
 namespace {
 
-void expect_error(const std::function<void()>& fn, const std::string& fragment) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning \"" << fragment << "\"";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace()).find(fragment), std::string::npos)
-        << "message was: " << e.what_without_backtrace();
-  }
-}
+using testing::expect_error;
 
 ShampooOptions quick(int64_t bits, const char* quantize = "eigenvectors") {
   // Small min_quant_numel so that these small test matrices are really quantized.
