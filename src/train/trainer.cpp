@@ -1,7 +1,6 @@
 #include "train/trainer.h"
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/serialize.h>
 
@@ -28,10 +27,7 @@ double seconds_since(Clock::time_point start) {
 }
 
 // The shuffle of an epoch depends only on (seed, epoch), so a resumed run sees the same batches.
-at::Tensor epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003ull + static_cast<uint64_t>(epoch));
-  return at::randperm(n, gen, at::kLong);
-}
+uint64_t epoch_seed(uint64_t seed, int64_t epoch) { return seed * 1000003ull + static_cast<uint64_t>(epoch); }
 
 double evaluate(models::Classifier& model, const data::Dataset& test) {
   torch::NoGradGuard no_grad;
@@ -183,13 +179,13 @@ TrainResult run_training(const TrainConfig& config, std::ostream& log) {
   const int64_t last_epoch = config.stop_after_epoch > 0 ? std::min(config.epochs, config.stop_after_epoch) : config.epochs;
   for (int64_t epoch = progress.epoch + 1; epoch <= last_epoch; ++epoch) {
     const auto epoch_start = Clock::now();
-    const at::Tensor order = epoch_order(n, config.seed, epoch);
+    data::BatchIterator batches(data.train, config.batch_size, /*shuffle=*/true, epoch_seed(config.seed, epoch));
     ProgressBar bar(steps_per_epoch, "epoch " + std::to_string(epoch) + "/" + std::to_string(config.epochs), show_bar);
     double loss_sum = 0;
-    for (int64_t b = 0; b < steps_per_epoch; ++b) {
+    data::Batch batch;
+    for (int64_t b = 0; b < steps_per_epoch && batches.next(batch); ++b) {
       const auto batch_start = Clock::now();
-      const at::Tensor idx = order.slice(0, b * config.batch_size, std::min(n, (b + 1) * config.batch_size));
-      const at::Tensor x = data.train.images.index_select(0, idx), y = data.train.labels.index_select(0, idx);
+      const at::Tensor &x = batch.images, &y = batch.labels;
       const double lr = schedule.at(progress.step);
       for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
       optimizer->zero_grad();
