@@ -17,7 +17,7 @@ std::string block_prefix(size_t index, const char* side) {
 
 ParameterPreconditioner::ParameterPreconditioner(at::IntArrayRef shape, const at::TensorOptions& device,
                                                  const PreconditionerConfig& config)
-    : partition_(partition_shape(shape, config.max_dim)), config_(config) {
+    : partition_(partition_shape(shape, config.max_dim)), config_(config), device_(device) {
   auto make = [&](int64_t order) {
     const FactorKind kind = order * order < config.min_quant_numel ? FactorKind::Dense : config.kind;
     return make_factor(kind, order, device, config.factor);
@@ -91,11 +91,9 @@ void ParameterPreconditioner::save(TensorMap& out) const {
 void ParameterPreconditioner::load(const TensorMap& in) {
   // Load into fresh factors first, so a bad entry leaves this preconditioner as it was.
   std::vector<Block> staged;
-  const at::TensorOptions device = at::TensorOptions().device(
-      blocks_.empty() ? at::Device(at::kCPU) : blocks_[0].left->inverse_root().device());
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    Block b{blocks_[i].slice, make_factor(blocks_[i].left->kind(), blocks_[i].slice.rows, device, config_.factor),
-            make_factor(blocks_[i].right->kind(), blocks_[i].slice.cols, device, config_.factor)};
+    Block b{blocks_[i].slice, make_factor(blocks_[i].left->kind(), blocks_[i].slice.rows, device_, config_.factor),
+            make_factor(blocks_[i].right->kind(), blocks_[i].slice.cols, device_, config_.factor)};
     b.left->load(in, block_prefix(i, "left"));
     b.right->load(in, block_prefix(i, "right"));
     staged.push_back(std::move(b));

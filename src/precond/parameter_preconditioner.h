@@ -52,6 +52,7 @@ class ParameterPreconditioner {
   Partition partition_;
   std::vector<Block> blocks_;
   PreconditionerConfig config_;
+  at::TensorOptions device_;  // where the factors live (the parameter's device)
 };
 
 }  // namespace lowbit::precond
