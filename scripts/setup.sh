@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 APT_PACKAGES=(cmake ninja-build ccache g++ zlib1g-dev libgtest-dev libgmock-dev libbenchmark-dev
-              libcli11-dev nlohmann-json3-dev dataset-fashion-mnist)
+              libcli11-dev libgloo-dev nlohmann-json3-dev dataset-fashion-mnist)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,10 +12,19 @@
 #include <tuple>
 #include <vector>
 
+#include <lowbit/distributed_options.h>
+
+namespace c10d {
+class ProcessGroup;
+}
+
 namespace lowbit {
 
 namespace precond {
 class ParameterPreconditioner;
+}
+namespace distributed {
+class Communicator;
 }
 
 // Every option, its paper symbol and default, is in docs/shampoo.md.
@@ -104,12 +113,23 @@ class Shampoo : public torch::optim::Optimizer {
   using EighSolver = std::function<std::tuple<torch::Tensor, torch::Tensor>(const torch::Tensor&)>;
   void set_eigh_solver(EighSolver solver);
 
+  // Distributed mode (include lowbit/distributed.h): the ranks of `group` share the matrix
+  // work and exchange the updated preconditioner state, quantized as it is stored. Every
+  // rank builds the optimizer over the same parameters and calls this before stepping;
+  // gradients must then be equal on every rank (DDP, or options.average_gradients).
+  void distribute(const c10::intrusive_ptr<c10d::ProcessGroup>& group, DistributedOptions options = {});
+  bool distributed() const { return communicator_ != nullptr; }
+  // This rank's traffic; all zero when not distributed.
+  CommunicationStats communication() const;
+
  private:
   ShampooParamState& state_for(const torch::Tensor& p, const ShampooOptions& options);
   void check_gradients() const;
   bool gradients_finite() const;
+  void distributed_step();
   int64_t skipped_steps_ = 0;
   EighSolver eigh_;
+  std::shared_ptr<distributed::Communicator> communicator_;
 };
 
 }  // namespace lowbit

@@ -140,6 +140,24 @@ def _make_config(values: Tuple[Any, ...], where: str) -> Tuple[Dict[str, Any], A
         raise ValueError(f"{_message(e)}{where}") from None
 
 
+def _make_sharding(group: Any, average_gradients: Any, timeout: Any) -> Any:
+    """The C++ distributed step over ``group`` (a torch.distributed ProcessGroup), or None."""
+    if not isinstance(average_gradients, bool):
+        raise TypeError(f"lowbit.Shampoo: average_gradients must be a bool; got {type(average_gradients).__name__}")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
+        raise ValueError(f"lowbit.Shampoo: distributed_timeout must be a number of seconds > 0; got {timeout!r}")
+    if group is None:
+        if average_gradients:
+            raise ValueError("lowbit.Shampoo: average_gradients needs a process_group")
+        return None
+    import torch.distributed as dist
+
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError("lowbit.Shampoo: process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD); got {type(group).__name__}")
+    return torch.classes.lowbit.ShampooSharding(group.boxed(), average_gradients, float(timeout))
+
+
 def _message(e: BaseException) -> str:
     # The first line of a c10::Error is its message; further lines are C++ context.
     return str(e).split("\n", 1)[0]
@@ -254,6 +272,17 @@ class Shampoo(Optimizer):
     ``skip_nonfinite``              (lowbit) skip steps with NaN/Inf gradients               False               bool
     ==============================  =======================================================  ==================  ==========================================
 
+    Distributed (keyword arguments, not per-group options): with ``process_group`` (a
+    ``torch.distributed`` group, e.g. ``dist.group.WORLD``) the ranks share the matrix work:
+    each factor due for a statistics or root update is updated by one rank (balanced by
+    order^3) and broadcast in its stored, quantized form, so every rank keeps the same state
+    and parameters stay bit-identical across ranks. Gradients must be equal on every rank:
+    use DDP, or ``average_gradients=True`` to have the optimizer all-reduce them.
+    ``distributed_timeout`` (seconds) bounds every collective: a rank that died or raised
+    makes the others fail with a clear error instead of hanging. The state dict is the
+    same on every rank and loads into any number of ranks (or none). See
+    :meth:`communication` for the bytes exchanged.
+
     T1 = 100 / T2 = 500 suit runs of tens of thousands of steps; scale them down for short
     runs (e.g. 10 / 50) and check :meth:`root_updates`.
 
@@ -306,6 +335,9 @@ class Shampoo(Optimizer):
         root_method: Literal["eigen", "newton"] = "eigen",
         eigen_update: Literal["qr", "eigh"] = "qr",
         skip_nonfinite: bool = False,
+        process_group: Optional[Any] = None,
+        average_gradients: bool = False,
+        distributed_timeout: float = 300.0,
     ) -> None:
         given = dict(
             lr=lr, graft=graft, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
@@ -321,6 +353,8 @@ class Shampoo(Optimizer):
         # Per group: (option values the config was built from, C++ config, normalized options).
         self._configs: List[Tuple[Tuple[Any, ...], Optional[Any], Dict[str, Any]]] = []
         self.skipped_steps = 0
+        self._sharding = _make_sharding(process_group, average_gradients, distributed_timeout)
+        self._average_gradients = bool(average_gradients)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -415,6 +449,8 @@ class Shampoo(Optimizer):
                 work.append((config, ps, gs))
             grads.extend(gs)
 
+        if self._sharding is not None and self._average_gradients:
+            self._sharding.average(grads)  # equal gradients on every rank, so equal decisions below
         bad = _first_nonfinite(grads)
         if bad >= 0:
             gi, pi = where[bad]
@@ -427,9 +463,25 @@ class Shampoo(Optimizer):
 
         # States first (a parameter's first step creates one), then the steps.
         prepared = [(config, [self._state_of(p, config)._cpp for p in ps], ps, gs) for config, ps, gs in work]
+        if self._sharding is not None:
+            self._sharding.step([c for c, states, _, _ in prepared for _ in states],
+                                [s for _, states, _, _ in prepared for s in states],
+                                [p for _, _, ps, _ in prepared for p in ps],
+                                [g for _, _, _, gs in prepared for g in gs])
+            return loss
         for config, states, ps, gs in prepared:
             config.step(states, ps, gs)  # = torch.ops.lowbit.shampoo_step(states, ps, gs, config)
         return loss
+
+    # ------------------------------------------------------------------ distributed
+    def communication(self) -> Dict[str, int]:
+        """This rank's traffic in distributed mode: ``exchanges`` (steps that exchanged
+        updated preconditioner factors), ``state_bytes`` (factor state broadcast, summed over
+        all owners), ``gradient_bytes`` (gradients all-reduced); all zero otherwise."""
+        if self._sharding is None:
+            return {"exchanges": 0, "state_bytes": 0, "gradient_bytes": 0}
+        exchanges, state_bytes, gradient_bytes = self._sharding.traffic()
+        return {"exchanges": exchanges, "state_bytes": state_bytes, "gradient_bytes": gradient_bytes}
 
     # ------------------------------------------------------------------ introspection
     def _states(self) -> Iterator[ShampooState]:
@@ -548,11 +600,14 @@ class Shampoo(Optimizer):
         state = super().__getstate__()
         state["state"] = self._plain_state()
         state["_configs"] = None  # C++ objects are rebuilt from the plain state
+        state["_sharding"] = None  # a process group does not travel; the copy is not distributed
         state["skipped_steps"] = self.skipped_steps
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.__dict__.setdefault("_sharding", None)
+        self.__dict__.setdefault("_average_gradients", False)
         # Configs are rebuilt (and validated) at the next step.
         self._configs = [((), None, {}) for _ in self.param_groups]

@@ -89,6 +89,10 @@ torch::Tensor Shampoo::step(LossClosure closure) {
   }
   // Every check happens before the first write: a rejected step changes nothing.
   check_gradients();
+  if (distributed()) {
+    distributed_step();
+    return loss;
+  }
   if (!gradients_finite()) {
     ++skipped_steps_;
     return loss;

@@ -43,9 +43,24 @@ bool all_finite(const torch::Tensor& t);
 
 // One Shampoo step of one parameter (the gradient already checked): statistics every
 // T1 steps, roots every T2 steps, grafted preconditioned direction, first-order update.
-// Shared by lowbit::Shampoo and the Python binding.
+// Shared by lowbit::Shampoo and the Python binding. It is begin_param_step, the matrix
+// work of the plan on every factor, then finish_param_step; a distributed step runs the
+// same three phases with the matrix work split over ranks.
 void shampoo_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& state,
                         const ShampooOptions& options);
+
+// The matrix work a step does on a parameter's preconditioner.
+struct ParamStepPlan {
+  bool statistics = false;  // every T1 steps
+  bool roots = false;       // every T2 steps, once preconditioning started
+  bool any() const { return statistics || roots; }
+};
+// Advances the step counter (and the root-update count when roots are due) and says
+// which matrix work this step does.
+ParamStepPlan begin_param_step(ShampooParamState& state, const ShampooOptions& options);
+// The preconditioned (once a root exists) grafted direction, applied by the first-order rule.
+void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& state,
+                       const ShampooOptions& options);
 
 // The first-order rules applied to the (grafted) direction d; they update p in place.
 void sgdm_update(torch::Tensor& p, torch::Tensor d, ShampooParamState& state, const ShampooOptions& o);

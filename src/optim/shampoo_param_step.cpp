@@ -20,25 +20,35 @@ bool all_finite(const torch::Tensor& t) {
   return t.isfinite().all().item<bool>();
 }
 
-void shampoo_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,
-                        const ShampooOptions& o) {
+ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
   s.step(s.step() + 1);
+  ParamStepPlan plan;
+  if (!s.preconditioner) return plan;
+  const int64_t k = s.step();
+  plan.statistics = k % o.stat_interval() == 0;
+  plan.roots = k >= o.start_preconditioning_step() && k % o.root_interval() == 0;
+  if (plan.roots) s.root_updates(s.root_updates() + 1);
+  return plan;
+}
+
+void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,
+                       const ShampooOptions& o) {
   torch::Tensor direction = grad;
-  if (s.preconditioner) {
-    const int64_t k = s.step();
-    const bool started = k >= o.start_preconditioning_step();
-    if (k % o.stat_interval() == 0) s.preconditioner->update_statistics(grad);  // every T1 steps
-    if (started && k % o.root_interval() == 0) {                                  // every T2 steps
-      s.preconditioner->update_inverse_roots();
-      s.root_updates(s.root_updates() + 1);
-    }
-    if (started && s.root_updates() > 0) direction = s.preconditioner->precondition(grad);
-  }
+  const bool started = s.step() >= o.start_preconditioning_step();
+  if (s.preconditioner && started && s.root_updates() > 0) direction = s.preconditioner->precondition(grad);
   if (o.graft() == "sgdm") {
     sgdm_update(p, direction, s, o);
   } else {
     adamw_update(p, direction, s, o);
   }
+}
+
+void shampoo_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,
+                        const ShampooOptions& o) {
+  const ParamStepPlan plan = begin_param_step(s, o);
+  if (plan.statistics) s.preconditioner->update_statistics(grad);
+  if (plan.roots) s.preconditioner->update_inverse_roots();
+  finish_param_step(p, grad, s, o);
 }
 
 }  // namespace lowbit

@@ -29,21 +29,34 @@ at::Tensor ParameterPreconditioner::as_matrix(const at::Tensor& grad) const {
   return grad.reshape({partition_.rows, partition_.cols}).to(at::kFloat);
 }
 
-void ParameterPreconditioner::update_statistics(const at::Tensor& grad) {
+KroneckerFactor& ParameterPreconditioner::factor(int64_t index) {
+  TORCH_CHECK(index >= 0 && index < factor_count(), "factor index ", index, " out of range [0, ", factor_count(), ")");
+  Block& b = blocks_[static_cast<size_t>(index / 2)];
+  return index % 2 == 0 ? *b.left : *b.right;
+}
+
+void ParameterPreconditioner::check_mask(const FactorMask& mask) const {
+  TORCH_CHECK(mask.empty() || static_cast<int64_t>(mask.size()) == factor_count(), "factor mask has ",
+              mask.size(), " entries for ", factor_count(), " factors");
+}
+
+void ParameterPreconditioner::update_statistics(const at::Tensor& grad, const FactorMask& mask) {
+  check_mask(mask);
+  const auto wanted = [&](size_t index) { return mask.empty() || mask[index]; };
   const at::Tensor g = as_matrix(grad);
-  for (Block& b : blocks_) {
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& b = blocks_[i];
     const at::Tensor gb = block_of(g, b.slice);
-    b.left->update_statistic(at::matmul(gb, gb.t()));
-    b.right->update_statistic(at::matmul(gb.t(), gb));
+    if (wanted(2 * i)) b.left->update_statistic(at::matmul(gb, gb.t()));
+    if (wanted(2 * i + 1)) b.right->update_statistic(at::matmul(gb.t(), gb));
   }
 }
 
-int64_t ParameterPreconditioner::update_inverse_roots() {
+int64_t ParameterPreconditioner::update_inverse_roots(const FactorMask& mask) {
+  check_mask(mask);
   int64_t failed = 0;
-  for (Block& b : blocks_) {
-    failed += b.left->update_inverse_root() ? 0 : 1;
-    failed += b.right->update_inverse_root() ? 0 : 1;
-  }
+  for (int64_t i = 0; i < factor_count(); ++i)
+    if (mask.empty() || mask[static_cast<size_t>(i)]) failed += factor(i).update_inverse_root() ? 0 : 1;
   return failed;
 }
 

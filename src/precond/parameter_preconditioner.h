@@ -27,10 +27,17 @@ class ParameterPreconditioner {
   bool active() const { return partition_.preconditioned(); }
   const Partition& partition() const { return partition_; }
 
+  // Factors are numbered block by block: block b has left 2b and right 2b + 1.
+  int64_t factor_count() const { return static_cast<int64_t>(2 * blocks_.size()); }
+  KroneckerFactor& factor(int64_t index);
+  // Which factors a call works on (one flag per factor); empty: all of them. Distributed
+  // runs give each process its share.
+  using FactorMask = std::vector<bool>;
+
   // L += G G^T, R += G^T G per block (with the exponential decay of the config).
-  void update_statistics(const at::Tensor& grad);
-  // Recomputes every inverse root; returns how many factors failed (and kept their last root).
-  int64_t update_inverse_roots();
+  void update_statistics(const at::Tensor& grad, const FactorMask& mask = {});
+  // Recomputes the inverse roots; returns how many factors failed (and kept their last root).
+  int64_t update_inverse_roots(const FactorMask& mask = {});
   // L^(-1/4) G R^(-1/4) per block, each block rescaled to the Frobenius norm of its
   // gradient block ("grafting by norm"). Same shape and dtype as grad.
   at::Tensor precondition(const at::Tensor& grad) const;
@@ -49,6 +56,7 @@ class ParameterPreconditioner {
     std::unique_ptr<KroneckerFactor> left, right;
   };
   at::Tensor as_matrix(const at::Tensor& grad) const;
+  void check_mask(const FactorMask& mask) const;
   Partition partition_;
   std::vector<Block> blocks_;
   PreconditionerConfig config_;

@@ -1,0 +1,143 @@
+#include "bindings/options_dict.h"
+
+#include <functional>
+#include <map>
+
+#include "optim/shampoo_internal.h"
+
+namespace lowbit::bindings {
+namespace {
+
+// ------------------------------------------------------------------ options from a dict
+
+[[noreturn]] void bad_type(const std::string& name, const char* expected, const c10::IValue& v) {
+  TORCH_CHECK(false, kWho, name, " must be ", expected, "; got a value of type ", v.type()->str());
+}
+
+double as_number(const std::string& name, const c10::IValue& v) {
+  if (v.isDouble()) return v.toDouble();
+  if (v.isInt()) return static_cast<double>(v.toInt());
+  bad_type(name, "a number", v);
+}
+
+int64_t as_int(const std::string& name, const c10::IValue& v) {
+  if (v.isInt()) return v.toInt();
+  bad_type(name, "an int", v);
+}
+
+bool as_bool(const std::string& name, const c10::IValue& v) {
+  if (v.isBool()) return v.toBool();
+  bad_type(name, "a bool", v);
+}
+
+std::string as_string(const std::string& name, const c10::IValue& v) {
+  if (v.isString()) return v.toStringRef();
+  bad_type(name, "a str", v);
+}
+
+std::vector<c10::IValue> as_pair(const std::string& name, const c10::IValue& v) {
+  std::vector<c10::IValue> items;
+  if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements()) items.push_back(e);
+  } else if (v.isList()) {
+    for (const auto& e : v.toListRef()) items.push_back(e);
+  }
+  TORCH_CHECK((v.isTuple() || v.isList()) && items.size() == 2, kWho, name, " must be a pair (a, b); got ",
+              v.isTuple() || v.isList() ? std::to_string(items.size()) + " values" : "a " + v.type()->str());
+  return items;
+}
+
+using Setter = std::function<void(ShampooOptions&, const std::string&, const c10::IValue&)>;
+
+// Every option of lowbit::ShampooOptions under its C++ (and Python) name.
+const std::map<std::string, Setter>& setters() {
+  static const std::map<std::string, Setter> table = {
+      {"lr", [](auto& o, auto& n, auto& v) { o.lr(as_number(n, v)); }},
+      {"graft", [](auto& o, auto& n, auto& v) { o.graft(as_string(n, v)); }},
+      {"momentum", [](auto& o, auto& n, auto& v) { o.momentum(as_number(n, v)); }},
+      {"nesterov", [](auto& o, auto& n, auto& v) { o.nesterov(as_bool(n, v)); }},
+      {"betas",
+       [](auto& o, auto& n, auto& v) {
+         const auto b = as_pair(n, v);
+         o.betas(std::make_tuple(as_number(n + "[0]", b[0]), as_number(n + "[1]", b[1])));
+       }},
+      {"eps", [](auto& o, auto& n, auto& v) { o.eps(as_number(n, v)); }},
+      {"weight_decay", [](auto& o, auto& n, auto& v) { o.weight_decay(as_number(n, v)); }},
+      {"bits", [](auto& o, auto& n, auto& v) { o.bits(as_int(n, v)); }},
+      {"quantize", [](auto& o, auto& n, auto& v) { o.quantize(as_string(n, v)); }},
+      {"mapping", [](auto& o, auto& n, auto& v) { o.mapping(as_string(n, v)); }},
+      {"quant_block_size", [](auto& o, auto& n, auto& v) { o.quant_block_size(as_int(n, v)); }},
+      {"double_quant_scales", [](auto& o, auto& n, auto& v) { o.double_quant_scales(as_bool(n, v)); }},
+      {"min_quant_numel", [](auto& o, auto& n, auto& v) { o.min_quant_numel(as_int(n, v)); }},
+      {"max_preconditioner_dim", [](auto& o, auto& n, auto& v) { o.max_preconditioner_dim(as_int(n, v)); }},
+      {"stat_decay", [](auto& o, auto& n, auto& v) { o.stat_decay(as_number(n, v)); }},
+      {"epsilon", [](auto& o, auto& n, auto& v) { o.epsilon(as_number(n, v)); }},
+      {"stat_interval", [](auto& o, auto& n, auto& v) { o.stat_interval(as_int(n, v)); }},
+      {"root_interval", [](auto& o, auto& n, auto& v) { o.root_interval(as_int(n, v)); }},
+      {"start_preconditioning_step",
+       [](auto& o, auto& n, auto& v) { o.start_preconditioning_step(as_int(n, v)); }},
+      {"rectify_steps",
+       [](auto& o, auto& n, auto& v) {
+         const auto t = as_pair(n, v);
+         o.rectify_steps(std::make_tuple(as_int(n + "[0]", t[0]), as_int(n + "[1]", t[1])));
+       }},
+      {"root_method", [](auto& o, auto& n, auto& v) { o.root_method(as_string(n, v)); }},
+      {"eigen_update", [](auto& o, auto& n, auto& v) { o.eigen_update(as_string(n, v)); }},
+      {"skip_nonfinite", [](auto& o, auto& n, auto& v) { o.skip_nonfinite(as_bool(n, v)); }},
+  };
+  return table;
+}
+
+}  // namespace
+
+ShampooOptions options_from_dict(const c10::Dict<std::string, c10::IValue>& dict) {
+  ShampooOptions o;
+  for (const auto& entry : dict) {
+    const auto it = setters().find(entry.key());
+    if (it == setters().end()) {
+      std::string names;
+      for (const auto& [name, setter] : setters()) names += (names.empty() ? "" : ", ") + name;
+      TORCH_CHECK(false, kWho, "unknown option \"", entry.key(), "\"; the options are ", names);
+    }
+    it->second(o, entry.key(), entry.value());
+  }
+  validate_options(o, kWho);
+  return o;
+}
+
+c10::Dict<std::string, c10::IValue> options_to_dict(const ShampooOptions& o) {
+  c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+  d.insert("lr", o.lr());
+  d.insert("graft", o.graft());
+  d.insert("momentum", o.momentum());
+  d.insert("nesterov", o.nesterov());
+  d.insert("betas", c10::ivalue::Tuple::create(std::get<0>(o.betas()), std::get<1>(o.betas())));
+  d.insert("eps", o.eps());
+  d.insert("weight_decay", o.weight_decay());
+  d.insert("bits", o.bits());
+  d.insert("quantize", o.quantize());
+  d.insert("mapping", o.mapping());
+  d.insert("quant_block_size", o.quant_block_size());
+  d.insert("double_quant_scales", o.double_quant_scales());
+  d.insert("min_quant_numel", o.min_quant_numel());
+  d.insert("max_preconditioner_dim", o.max_preconditioner_dim());
+  d.insert("stat_decay", o.stat_decay());
+  d.insert("epsilon", o.epsilon());
+  d.insert("stat_interval", o.stat_interval());
+  d.insert("root_interval", o.root_interval());
+  d.insert("start_preconditioning_step", o.start_preconditioning_step());
+  d.insert("rectify_steps",
+           c10::ivalue::Tuple::create(std::get<0>(o.rectify_steps()), std::get<1>(o.rectify_steps())));
+  d.insert("root_method", o.root_method());
+  d.insert("eigen_update", o.eigen_update());
+  d.insert("skip_nonfinite", o.skip_nonfinite());
+  return c10::impl::toTypedDict<std::string, c10::IValue>(std::move(d));
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+}  // namespace lowbit::bindings
