@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cfloat>
 #include <sstream>
 #include <string>
 
@@ -87,6 +88,88 @@ void same_device(const char* op, const at::Device& device,
     if (t->defined())
       TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
                   " but the operation runs on ", device);
+}
+
+void block_absmax_args(const at::Tensor& input, int64_t block_size, bool skip_diagonal) {
+  constexpr const char* op = "lowbit::block_absmax";
+  matrix_input(op, "input", input);
+  check_block_size(block_size, "lowbit::block_absmax: block_size");
+  TORCH_CHECK(!skip_diagonal || input.size(0) == input.size(1), op,
+              ": skip_diagonal needs a square matrix; got ", input.sizes());
+}
+
+void quantize_blockwise_args(const at::Tensor& input, const at::Tensor& table, int64_t bits,
+                             int64_t block_size, bool keep_diagonal,
+                             const c10::optional<at::Tensor>& scales) {
+  constexpr const char* op = "lowbit::quantize_blockwise";
+  matrix_input(op, "input", input);
+  codebook(op, table, bits);
+  check_block_size(block_size, "lowbit::quantize_blockwise: block_size");
+  TORCH_CHECK(!keep_diagonal || input.size(0) == input.size(1), op,
+              ": keep_diagonal needs a square matrix; got shape ", input.sizes());
+  if (scales.has_value() && scales->defined()) {
+    const int64_t rows = input.size(0), blocks = blocks_per_row(input.size(1), block_size);
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->dim() == 2 &&
+                    scales->size(0) == rows && scales->size(1) == blocks,
+                op, ": scales must be float32 of shape [", rows, ", ", blocks, "]; got ",
+                scales->toString(), " of shape ", scales->sizes());
+    same_device(op, input.device(), {{"scales", &*scales}});
+  }
+}
+
+void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols) {
+  TORCH_CHECK(codes.defined() && codes.dim() == 2, "lowbit::dequantize_blockwise: codes must be 2-D");
+  TORCH_CHECK(cols >= 0, "lowbit::dequantize_blockwise: cols must be non-negative; got ", cols);
+}
+
+void dequantize_blockwise_out_args(const at::Tensor& codes, const at::Tensor& scales,
+                                   const at::Tensor& table, const c10::optional<at::Tensor>& diag,
+                                   int64_t bits, int64_t block_size, const at::Tensor& out) {
+  constexpr const char* op = "lowbit::dequantize_blockwise.out";
+  matrix_input(op, "out", out);
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+  codebook(op, table, bits);
+  packed_matrix(op, codes, scales, diag, bits, block_size, out.size(0), out.size(1));
+  const at::Tensor diag_t = diag.has_value() ? *diag : at::Tensor();
+  same_device(op, out.device(), {{"codes", &codes}, {"scales", &scales}, {"diagonal", &diag_t}});
+}
+
+void quantize_scales_args(const at::Tensor& scales, const at::Tensor& scale_codebook) {
+  constexpr const char* op = "lowbit::quantize_scales";
+  TORCH_CHECK(scales.defined() && scales.scalar_type() == at::kFloat, op,
+              ": scales must be a float32 tensor");
+  TORCH_CHECK(scale_codebook.defined() && scale_codebook.scalar_type() == at::kFloat &&
+                  scale_codebook.dim() == 1 && scale_codebook.numel() == 256,
+              op, ": scale_codebook must be 256 float32 values");
+  const at::Tensor host = scale_codebook.cpu().contiguous();
+  const float* table = host.data_ptr<float>();
+  TORCH_CHECK(table[0] == 0.f && table[255] == 1.f, op, ": scale_codebook must run from 0 to 1");
+}
+
+void dequantize_scales_args(const at::Tensor& codes, const at::Tensor& group_max,
+                            const at::Tensor& scale_codebook) {
+  constexpr const char* op = "lowbit::dequantize_scales";
+  TORCH_CHECK(codes.defined() && codes.scalar_type() == at::kByte, op, ": codes must be uint8");
+  const int64_t n = codes.numel();
+  const int64_t groups = (n + kScaleGroupSize - 1) / kScaleGroupSize;
+  TORCH_CHECK(group_max.defined() && group_max.scalar_type() == at::kFloat && group_max.dim() == 1 &&
+                  group_max.numel() == groups,
+              op, ": group_max must be float32 of shape [", groups, "] for ", n, " scales; got ",
+              group_max.defined() ? group_max.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(scale_codebook.defined() && scale_codebook.scalar_type() == at::kFloat &&
+                  scale_codebook.numel() == 256,
+              op, ": scale_codebook must be 256 float32 values");
+  same_device(op, codes.device(), {{"group_max", &group_max}});
+}
+
+void finite_input(const char* op, int64_t first_bad, int64_t cols) {
+  TORCH_CHECK(first_bad < 0, op, ": input contains NaN or Inf (or a value beyond float32 range), "
+              "first at [", first_bad / cols, ", ", first_bad % cols, "]; nothing was written");
+}
+
+void finite_nonnegative_scale(const char* op, int64_t index, float value) {
+  TORCH_CHECK(value >= 0.f && value <= FLT_MAX, op,
+              ": scales must be finite and non-negative; entry ", index, " is ", value);
 }
 
 }  // namespace lowbit::checks

@@ -25,4 +25,24 @@ void packed_matrix(const char* op, const at::Tensor& codes, const at::Tensor& sc
 void same_device(const char* op, const at::Device& device,
                  std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors);
 
+// All arguments of one op, checked in the order every backend's kernel (CPU, CUDA) checks
+// them first, so that a bad call fails with the same message whatever the device.
+void block_absmax_args(const at::Tensor& input, int64_t block_size, bool skip_diagonal);
+void quantize_blockwise_args(const at::Tensor& input, const at::Tensor& codebook, int64_t bits,
+                             int64_t block_size, bool keep_diagonal,
+                             const c10::optional<at::Tensor>& scales);
+void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols);
+void dequantize_blockwise_out_args(const at::Tensor& codes, const at::Tensor& scales,
+                                   const at::Tensor& codebook, const c10::optional<at::Tensor>& diagonal,
+                                   int64_t bits, int64_t block_size, const at::Tensor& out);
+void quantize_scales_args(const at::Tensor& scales, const at::Tensor& scale_codebook);
+void dequantize_scales_args(const at::Tensor& codes, const at::Tensor& group_max,
+                            const at::Tensor& scale_codebook);
+
+// Failures found while a kernel runs over the data.
+// A NaN/Inf (or beyond-float32) input value at row-major flat index first_bad (< 0: none).
+void finite_input(const char* op, int64_t first_bad, int64_t cols);
+// A block scale handed to double quantization must be finite and non-negative.
+void finite_nonnegative_scale(const char* op, int64_t index, float value);
+
 }  // namespace lowbit::checks

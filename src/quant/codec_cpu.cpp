@@ -176,8 +176,7 @@ class NonFiniteTracker {
   }
   void throw_if_any(const char* op, int64_t cols) const {
     const int64_t at = first_.load();
-    TORCH_CHECK(at == kNone, op, ": input contains NaN or Inf (or a value beyond float32 range), "
-                "first at [", at / cols, ", ", at % cols, "]; nothing was written");
+    checks::finite_input(op, at == kNone ? -1 : at, cols);
   }
 
  private:
@@ -187,10 +186,7 @@ class NonFiniteTracker {
 
 at::Tensor block_absmax_cpu(const at::Tensor& input_arg, int64_t block_size, bool skip_diagonal) {
   constexpr const char* op = "lowbit::block_absmax";
-  checks::matrix_input(op, "input", input_arg);
-  check_block_size(block_size, "lowbit::block_absmax: block_size");
-  TORCH_CHECK(!skip_diagonal || input_arg.size(0) == input_arg.size(1), op,
-              ": skip_diagonal needs a square matrix; got ", input_arg.sizes());
+  checks::block_absmax_args(input_arg, block_size, skip_diagonal);
   const at::Tensor input = input_arg.contiguous();
   const BlockGrid g{input.size(0), input.size(1), block_size, blocks_per_row(input.size(1), block_size)};
   at::Tensor scales = at::empty({g.rows, g.blocks_per_row}, input.options().dtype(at::kFloat));
@@ -218,21 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_blockwise_cpu(
     const at::Tensor& input_arg, const at::Tensor& codebook, int64_t bits, int64_t block_size,
     bool keep_diagonal, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& given_scales) {
   constexpr const char* op = "lowbit::quantize_blockwise";
-  checks::matrix_input(op, "input", input_arg);
-  checks::codebook(op, codebook, bits);
-  check_block_size(block_size, "lowbit::quantize_blockwise: block_size");
-  TORCH_CHECK(!keep_diagonal || input_arg.size(0) == input_arg.size(1), op,
-              ": keep_diagonal needs a square matrix; got shape ", input_arg.sizes());
+  checks::quantize_blockwise_args(input_arg, codebook, bits, block_size, keep_diagonal, given_scales);
   const at::Tensor input = input_arg.contiguous();
   const BlockGrid g{input.size(0), input.size(1), block_size, blocks_per_row(input.size(1), block_size)};
   const bool use_given = given_scales.has_value() && given_scales->defined();
-  if (use_given) {
-    TORCH_CHECK(given_scales->scalar_type() == at::kFloat && given_scales->dim() == 2 &&
-                    given_scales->size(0) == g.rows && given_scales->size(1) == g.blocks_per_row,
-                op, ": scales must be float32 of shape [", g.rows, ", ", g.blocks_per_row,
-                "]; got ", given_scales->toString(), " of shape ", given_scales->sizes());
-    checks::same_device(op, input.device(), {{"scales", &*given_scales}});
-  }
   const CodeTable table(codebook);
   const int64_t row_bytes = packed_row_bytes(g.cols, bits);
   at::Tensor codes = at::empty({g.rows, row_bytes}, input.options().dtype(at::kByte));
@@ -330,12 +315,7 @@ at::Tensor& dequantize_blockwise_out_cpu(const at::Tensor& codes, const at::Tens
                                          const c10::optional<at::Tensor>& diagonal, int64_t bits,
                                          int64_t block_size, at::Tensor& out) {
   constexpr const char* op = "lowbit::dequantize_blockwise.out";
-  checks::matrix_input(op, "out", out);
-  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
-  checks::codebook(op, codebook, bits);
-  checks::packed_matrix(op, codes, scales, diagonal, bits, block_size, out.size(0), out.size(1));
-  const at::Tensor diag = diagonal.has_value() ? *diagonal : at::Tensor();
-  checks::same_device(op, out.device(), {{"codes", &codes}, {"scales", &scales}, {"diagonal", &diag}});
+  checks::dequantize_blockwise_out_args(codes, scales, codebook, diagonal, bits, block_size, out);
   dequantize_checked(op, codes, scales, codebook, diagonal, bits, block_size, out);
   return out;
 }
@@ -344,8 +324,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& s
                                     const at::Tensor& codebook,
                                     const c10::optional<at::Tensor>& diagonal, int64_t bits,
                                     int64_t block_size, int64_t cols, at::ScalarType dtype) {
-  TORCH_CHECK(codes.defined() && codes.dim() == 2, "lowbit::dequantize_blockwise: codes must be 2-D");
-  TORCH_CHECK(cols >= 0, "lowbit::dequantize_blockwise: cols must be non-negative; got ", cols);
+  checks::dequantize_blockwise_args(codes, cols);
   at::Tensor out = at::empty({codes.size(0), cols}, codes.options().dtype(dtype));
   return dequantize_blockwise_out_cpu(codes, scales, codebook, diagonal, bits, block_size, out);
 }
@@ -357,16 +336,10 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& s
 std::tuple<at::Tensor, at::Tensor> quantize_scales_cpu(const at::Tensor& scales_arg,
                                                        const at::Tensor& scale_codebook) {
   constexpr const char* op = "lowbit::quantize_scales";
-  TORCH_CHECK(scales_arg.defined() && scales_arg.scalar_type() == at::kFloat, op,
-              ": scales must be a float32 tensor");
-  TORCH_CHECK(scale_codebook.defined() && scale_codebook.scalar_type() == at::kFloat &&
-                  scale_codebook.dim() == 1 && scale_codebook.numel() == 256,
-              op, ": scale_codebook must be 256 float32 values");
+  checks::quantize_scales_args(scales_arg, scale_codebook);
   const at::Tensor scales = scales_arg.contiguous();
   const at::Tensor table_t = scale_codebook.cpu().contiguous();
   const float* table = table_t.data_ptr<float>();
-  TORCH_CHECK(table[0] == 0.f && table[255] == 1.f, op,
-              ": scale_codebook must run from 0 to 1");
   const int64_t n = scales.numel();
   const int64_t groups = (n + kScaleGroupSize - 1) / kScaleGroupSize;
   at::Tensor codes = at::empty(scales.sizes(), scales.options().dtype(at::kByte));
@@ -375,8 +348,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_scales_cpu(const at::Tensor& scales_
   uint8_t* c = codes.data_ptr<uint8_t>();
   float* gm = group_max.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(s[i] >= 0.f && s[i] <= FLT_MAX, op,
-                ": scales must be finite and non-negative; entry ", i, " is ", s[i]);
+    if (!(s[i] >= 0.f && s[i] <= FLT_MAX)) checks::finite_nonnegative_scale(op, i, s[i]);
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t gi = begin; gi < end; ++gi) {
       const int64_t lo = gi * kScaleGroupSize, hi = std::min(n, lo + kScaleGroupSize);
@@ -398,18 +370,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_scales_cpu(const at::Tensor& scales_
 
 at::Tensor dequantize_scales_cpu(const at::Tensor& codes_arg, const at::Tensor& group_max_arg,
                                  const at::Tensor& scale_codebook) {
-  constexpr const char* op = "lowbit::dequantize_scales";
-  TORCH_CHECK(codes_arg.defined() && codes_arg.scalar_type() == at::kByte, op,
-              ": codes must be uint8");
+  checks::dequantize_scales_args(codes_arg, group_max_arg, scale_codebook);
   const int64_t n = codes_arg.numel();
-  const int64_t groups = (n + kScaleGroupSize - 1) / kScaleGroupSize;
-  TORCH_CHECK(group_max_arg.defined() && group_max_arg.scalar_type() == at::kFloat &&
-                  group_max_arg.dim() == 1 && group_max_arg.numel() == groups,
-              op, ": group_max must be float32 of shape [", groups, "] for ", n, " scales; got ",
-              group_max_arg.defined() ? group_max_arg.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(scale_codebook.defined() && scale_codebook.scalar_type() == at::kFloat &&
-                  scale_codebook.numel() == 256,
-              op, ": scale_codebook must be 256 float32 values");
   const at::Tensor codes = codes_arg.contiguous(), gm_t = group_max_arg.contiguous();
   const at::Tensor table_t = scale_codebook.cpu().contiguous();
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));

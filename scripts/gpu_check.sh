@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The checks of lowbit's CUDA path that a GPU session runs in one device call: configure
+# build-cuda against the machine's CUDA torch (TORCH_CUDA_ARCH_LIST 9.0: H100/H200), build,
+# run ctest (the CUDA-vs-CPU codec test first) and pytest as scripts/test.sh does, then
+# `lowbit bench codec --device cuda`. Logs go to $OUT (what the device tool brings back; it
+# takes at most 8 files), else ./gpu-logs. See docs/cuda.md.
+#
+#   here, once:  scripts/gpu_deps.sh        (GoogleTest, CLI11, nlohmann_json, zlib -> .gpu-deps/)
+#   there:       scripts/gpu_check.sh       with ".gpu-deps" in the call's carry
+#   one step:    scripts/gpu_check.sh build|test|bench   (the build dir stays on a warm machine)
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOGS="${OUT:-$ROOT/gpu-logs}"
+BUILD="${LOWBIT_CUDA_BUILD:-$ROOT/build-cuda}"
+DEPS="$ROOT/.gpu-deps"
+WHAT="${1:-all}"
+mkdir -p "$LOGS"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+failed=()
+
+# step NAME LOG COMMAND...: runs COMMAND with its output appended to LOG; a failure is
+# reported with the log's tail and remembered, and the next steps still run.
+step() {
+  local name=$1 log=$2
+  shift 2
+  echo "== $name ($(date +%T)): $*" | tee -a "$LOGS/summary.log"
+  echo "== $name: $*" >>"$log"
+  if "$@" >>"$log" 2>&1; then
+    echo "   ok ($(date +%T))" | tee -a "$LOGS/summary.log"
+  else
+    echo "   FAILED (exit $?), last lines of $(basename "$log"):" | tee -a "$LOGS/summary.log"
+    tail -n 40 "$log" | tee -a "$LOGS/summary.log"
+    failed+=("$name")
+  fi
+}
+
+environment() {
+  nvidia-smi
+  nvcc --version
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+                "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
+  cmake --version | head -1
+  c++ --version | head -1
+  command -v ninja && ninja --version
+}
+
+configure() {
+  # The python3 on PATH holds the CUDA torch; CMake's own Python search might find another.
+  local args=(-S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90
+              -DLOWBIT_BUILD_BENCHMARKS=OFF -DPython3_EXECUTABLE="$(command -v python3)")
+  command -v ninja >/dev/null && args+=(-G Ninja)
+  if [ -d "$DEPS/usr" ]; then  # staged by scripts/gpu_deps.sh
+    args+=(-DCMAKE_PREFIX_PATH="$DEPS/usr")
+    if [ ! -f /usr/include/zlib.h ]; then
+      args+=(-DZLIB_INCLUDE_DIR="$DEPS/usr/include" -DZLIB_LIBRARY="$DEPS/lib/x86_64-linux-gnu/libz.so.1")
+    fi
+  fi
+  cmake "${args[@]}"
+}
+
+# The CUDA build must really have the CUDA kernels (not only the compile check).
+has_cuda_kernels() {
+  grep -q "LibTorch has CUDA; building the CUDA codec kernels" "$LOGS/build.log"
+}
+
+python_tests() {
+  LOWBIT_LIBRARY="$BUILD/liblowbit.so" PYTHONPATH="$ROOT/python" \
+    python3 -m pytest -q -p no:cacheprovider "$ROOT/python/tests"
+}
+
+cd "$ROOT" || exit 1
+echo "gpu_check $WHAT: logs in $LOGS, build in $BUILD ($(date))" | tee -a "$LOGS/summary.log"
+step environment "$LOGS/env.log" environment
+if [ "$WHAT" = all ] || [ "$WHAT" = build ]; then
+  step configure "$LOGS/build.log" configure
+  step cuda-enabled "$LOGS/build.log" has_cuda_kernels
+  step build "$LOGS/build.log" cmake --build "$BUILD" -j "$(nproc)"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = test ]; then
+  step cuda-codec-test "$LOGS/ctest.log" ctest --test-dir "$BUILD" -R '^cuda_codec_test$' --output-on-failure
+  step ctest "$LOGS/ctest.log" ctest --test-dir "$BUILD" -E '^cuda_codec_test$' --output-on-failure --timeout 900
+  step pytest "$LOGS/pytest.log" python_tests
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+  step bench-codec "$LOGS/bench_codec.log" "$BUILD/lowbit" bench codec --device cuda \
+    --orders 1024 4096 8192 --repeats 20 --json "$LOGS/bench_codec.json"
+fi
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: FAILED: ${failed[*]}" | tee -a "$LOGS/summary.log"
+  exit 1
+fi
+echo "gpu_check: all passed" | tee -a "$LOGS/summary.log"
