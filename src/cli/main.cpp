@@ -4,8 +4,10 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "cli/launch.h"
 
 int main(int argc, char** argv) {
+  lowbit::cli::remember_command_line(argc, argv);
   CLI::App app{"lowbit: low-bit (4-bit) optimizer states for LibTorch"};
   app.require_subcommand(1);
   CLI::App* bench = app.add_subcommand("bench", "Measure speed and memory");

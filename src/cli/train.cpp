@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/launch.h"
 #include "cli/train_options.h"
 #include "train/result_json.h"
 
@@ -36,6 +37,11 @@ void print_summary(const train::TrainConfig& c, const train::TrainResult& r) {
                 static_cast<long long>(c.shampoo.stat_interval()), static_cast<long long>(c.shampoo.root_interval()));
   std::printf("  wall time            %.1f s (%lld steps, %d threads)\n", r.wall_s, static_cast<long long>(r.steps),
               at::get_num_threads());
+  if (r.world_size > 1)
+    std::printf("  data parallel        %d processes (Gloo, loopback); parameters bit-identical on every rank: %s\n"
+                "  communication        preconditioner state %s in %lld exchanges, gradients %s (rank 0)\n",
+                r.world_size, r.ranks_agree ? "yes" : "NO", megabytes(r.communication.state_bytes).c_str(),
+                static_cast<long long>(r.communication.exchanges), megabytes(r.communication.gradient_bytes).c_str());
 }
 
 }  // namespace
@@ -46,8 +52,31 @@ void add_train(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("train", "Train a model with one optimizer (no arguments: the README's main job)");
   const OptimizerOptionsFor options_for = add_train_options(*cmd, *config, /*with_optimizer=*/true);
   cmd->add_option("--json", *json_path, "Write the run's results (summary and history) to this JSON file");
-  cmd->callback([config, json_path, options_for] {
+  train::DistributedRun& dist = config->distributed;
+  cmd->add_option("--nproc", dist.world_size, "Data-parallel over N local processes (Gloo on loopback; Shampoo "
+                  "optimizers share the preconditioner work)")->check(CLI::Range(1, 64))->capture_default_str();
+  cmd->add_option("--dist-timeout", dist.timeout_s, "Seconds a rank waits for the others before failing")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  // Set by the launcher on the rank processes it starts.
+  CLI::Option* rank = cmd->add_option("--rank", dist.rank)->group("");
+  cmd->add_option("--port", dist.port)->group("");
+  cmd->callback([config, json_path, options_for, rank] {
     config->shampoo = options_for(config->optimizer);
+    const train::DistributedRun& dist = config->distributed;
+    if (dist.world_size > 1 && rank->count() == 0) {
+      config->validate();  // refuse bad options once, before starting any rank
+      std::printf("lowbit train: starting %d rank processes\n", dist.world_size);
+      std::fflush(stdout);
+      const int status = run_local_ranks(dist.world_size, dist.timeout_s);
+      if (status != 0) throw std::runtime_error("a rank process failed (see above)");
+      return;
+    }
+    TORCH_CHECK(dist.rank >= 0 && dist.rank < dist.world_size, "--rank must be in [0, ", dist.world_size, "); got ",
+                dist.rank);
+    if (dist.rank != 0) {
+      train::run_training(*config, std::cout);  // rank 0 reports for everyone
+      return;
+    }
     std::printf("lowbit train: %s on %s with %s, %lld epochs, batch %lld, lr %g (%s)\n", config->model.c_str(),
                 config->dataset.c_str(), config->optimizer.c_str(), static_cast<long long>(config->epochs),
                 static_cast<long long>(config->batch_size), config->shampoo.lr(), config->schedule.c_str());

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <ostream>
+#include <thread>
 #include <unistd.h>
 
 #include "data/dataset.h"
@@ -136,12 +137,24 @@ void TrainConfig::validate() const {
   TORCH_CHECK(!resume || !checkpoint_dir.empty(), "--resume needs --checkpoint DIR");
   TORCH_CHECK(stop_after_epoch >= 0, "--stop-after-epoch must be >= 0; got ", stop_after_epoch);
   shampoo.validate();
+  TORCH_CHECK(distributed.world_size == 1 || optimizer.rfind("shampoo", 0) == 0, "--nproc ",
+              distributed.world_size, " needs a Shampoo optimizer (shampoo, shampoo4, shampoo4-naive), which "
+              "averages gradients and shares its preconditioner work; got ", optimizer);
 }
 
-TrainResult run_training(const TrainConfig& config, std::ostream& log) {
+TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log) {
   config.validate();
+  const DataParallel parallel(config.distributed);
+  std::ostream silent(nullptr);
+  std::ostream& log = parallel.rank() == 0 ? all_ranks_log : silent;
   const auto wall_start = Clock::now();
-  if (config.threads > 0) at::set_num_threads(config.threads);
+  if (config.threads > 0) {
+    at::set_num_threads(config.threads);
+  } else if (config.distributed.world_size > 1) {
+    // Ranks share the machine's cores instead of each taking all of them.
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    at::set_num_threads(std::max(1, cores / config.distributed.world_size));
+  }
   at::manual_seed(config.seed);
 
   const data::DatasetSplit data = data::load_dataset(config.dataset, config.data_dir, log, config.max_train,
@@ -151,6 +164,7 @@ TrainResult run_training(const TrainConfig& config, std::ostream& log) {
   auto model = models::make_model(config.model, data.train.images.size(1), data.train.images.size(2),
                                   data.num_classes);
   auto optimizer = make_optimizer(config.optimizer, model->parameters(), config.shampoo);
+  parallel.attach(*optimizer, config.optimizer);
 
   const int64_t steps_per_epoch = (n + config.batch_size - 1) / config.batch_size;
   LrSchedule schedule;
@@ -175,7 +189,7 @@ TrainResult run_training(const TrainConfig& config, std::ostream& log) {
   result.history = progress.history;
 
   double step_seconds = 0, batch_seconds = 0;
-  const bool show_bar = config.progress && isatty(fileno(stderr));
+  const bool show_bar = config.progress && parallel.rank() == 0 && isatty(fileno(stderr));
   const int64_t last_epoch = config.stop_after_epoch > 0 ? std::min(config.epochs, config.stop_after_epoch) : config.epochs;
   for (int64_t epoch = progress.epoch + 1; epoch <= last_epoch; ++epoch) {
     const auto epoch_start = Clock::now();
@@ -185,12 +199,15 @@ TrainResult run_training(const TrainConfig& config, std::ostream& log) {
     data::Batch batch;
     for (int64_t b = 0; b < steps_per_epoch && batches.next(batch); ++b) {
       const auto batch_start = Clock::now();
-      const at::Tensor &x = batch.images, &y = batch.labels;
+      const Shard shard = parallel.shard(batch.images, batch.labels);
       const double lr = schedule.at(progress.step);
       for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
       optimizer->zero_grad();
-      const at::Tensor loss = torch::nn::functional::cross_entropy(model->forward(x), y);
-      loss.backward();
+      const at::Tensor logits = model->forward(shard.images);
+      // A rank whose shard of a short last batch is empty contributes zero gradients.
+      const at::Tensor loss = shard.labels.size(0) > 0 ? torch::nn::functional::cross_entropy(logits, shard.labels)
+                                                       : logits.sum() * 0;
+      (shard.loss_scale == 1.0 ? loss : loss * shard.loss_scale).backward();
       const auto step_start = Clock::now();
       optimizer->step();
       step_seconds += seconds_since(step_start);
@@ -208,7 +225,7 @@ TrainResult run_training(const TrainConfig& config, std::ostream& log) {
     EpochRecord record;
     record.epoch = epoch;
     record.train_loss = loss_sum / steps_per_epoch;
-    record.test_accuracy = evaluate(*model, data.test);
+    record.test_accuracy = parallel.rank() == 0 ? evaluate(*model, data.test) : 0.0;
     record.seconds = seconds_since(epoch_start);
     record.lr = schedule.at(progress.step - 1);
     record.steps = steps_per_epoch;
@@ -219,7 +236,7 @@ TrainResult run_training(const TrainConfig& config, std::ostream& log) {
                   static_cast<long long>(epoch), static_cast<long long>(config.epochs), record.train_loss,
                   record.test_accuracy, record.lr, record.seconds);
     log << line << std::flush;
-    if (!config.checkpoint_dir.empty()) save_checkpoint(config.checkpoint_dir, config, *model, *optimizer, progress);
+    if (!config.checkpoint_dir.empty() && parallel.rank() == 0) save_checkpoint(config.checkpoint_dir, config, *model, *optimizer, progress);
   }
 
   result.history = progress.history;
@@ -228,12 +245,17 @@ TrainResult run_training(const TrainConfig& config, std::ostream& log) {
     result.final_train_loss = result.history.back().train_loss;
   }
   result.state = optimizer_state_bytes(*optimizer);
-  if (const auto* shampoo = dynamic_cast<const Shampoo*>(optimizer.get())) result.root_updates = shampoo->root_updates();
+  if (const auto* shampoo = dynamic_cast<const Shampoo*>(optimizer.get())) {
+    result.root_updates = shampoo->root_updates();
+    result.communication = shampoo->communication();
+  }
+  result.world_size = parallel.world_size();
+  result.ranks_agree = parallel.parameters_agree(model->parameters());
   if (result.steps > 0) {
     result.step_ms_mean = 1000 * step_seconds / result.steps;
     result.batch_ms_mean = 1000 * batch_seconds / result.steps;
   }
-  if (!config.dump_preconditioner.empty()) dump_largest_statistic(*optimizer, config.dump_preconditioner);
+  if (!config.dump_preconditioner.empty() && parallel.rank() == 0) dump_largest_statistic(*optimizer, config.dump_preconditioner);
   result.wall_s = seconds_since(wall_start);
   return result;
 }

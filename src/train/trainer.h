@@ -8,6 +8,7 @@
 
 #include <lowbit/shampoo.h>
 
+#include "train/data_parallel.h"
 #include "train/lr_schedule.h"
 
 namespace lowbit::train {
@@ -32,6 +33,7 @@ struct TrainConfig {
   int64_t stop_after_epoch = 0;       // end the run early (the schedule still spans `epochs`); 0: no
   bool progress = true;               // progress bar on a terminal
   std::string dump_preconditioner;    // save the largest preconditioner statistic here
+  DistributedRun distributed;         // this process's place in `--nproc` data-parallel training
 
   void validate() const;
 };
@@ -53,9 +55,13 @@ struct TrainResult {
   double batch_ms_mean = 0;           // forward + backward + step
   double wall_s = 0;
   int64_t steps = 0, root_updates = 0, resumed_from_epoch = 0;
+  int world_size = 1;
+  CommunicationStats communication;   // this rank's optimizer traffic (distributed runs)
+  bool ranks_agree = true;            // every rank ended with bit-identical parameters
 };
 
-// Trains, printing one line per epoch (and a progress bar on a terminal) to `log`.
+// Trains, printing one line per epoch (and a progress bar on a terminal) to `log`. In a
+// distributed run every rank calls it; only rank 0 logs, evaluates and saves checkpoints.
 TrainResult run_training(const TrainConfig& config, std::ostream& log);
 
 }  // namespace lowbit::train
