@@ -137,15 +137,6 @@ at::Tensor& dequantize_blockwise_out_cuda(const at::Tensor& codes_arg, const at:
   return out;
 }
 
-at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& scales,
-                                     const at::Tensor& codebook,
-                                     const c10::optional<at::Tensor>& diagonal, int64_t bits,
-                                     int64_t block_size, int64_t cols, at::ScalarType dtype) {
-  checks::dequantize_blockwise_args(codes, cols);
-  at::Tensor out = at::empty({codes.size(0), cols}, codes.options().dtype(dtype));
-  return dequantize_blockwise_out_cuda(codes, scales, codebook, diagonal, bits, block_size, out);
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_scales_cuda(const at::Tensor& scales_arg,
                                                         const at::Tensor& scale_codebook) {
   constexpr const char* op = "lowbit::quantize_scales";
@@ -189,7 +180,6 @@ at::Tensor dequantize_scales_cuda(const at::Tensor& codes_arg, const at::Tensor&
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
   m.impl("block_absmax", &block_absmax_cuda);
   m.impl("quantize_blockwise", &quantize_blockwise_cuda);
-  m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
   m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_cuda);
   m.impl("quantize_scales", &quantize_scales_cuda);
   m.impl("dequantize_scales", &dequantize_scales_cuda);

@@ -320,15 +320,6 @@ at::Tensor& dequantize_blockwise_out_cpu(const at::Tensor& codes, const at::Tens
   return out;
 }
 
-at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& scales,
-                                    const at::Tensor& codebook,
-                                    const c10::optional<at::Tensor>& diagonal, int64_t bits,
-                                    int64_t block_size, int64_t cols, at::ScalarType dtype) {
-  checks::dequantize_blockwise_args(codes, cols);
-  at::Tensor out = at::empty({codes.size(0), cols}, codes.options().dtype(dtype));
-  return dequantize_blockwise_out_cpu(codes, scales, codebook, diagonal, bits, block_size, out);
-}
-
 // Double quantization of block scales: groups of kScaleGroupSize scales share their fp32
 // maximum M; each scale becomes the smallest code c with table[c] * M >= scale, so the
 // dequantized scale never undercuts the block's absmax (no clipping) and overshoots it
@@ -388,7 +379,6 @@ at::Tensor dequantize_scales_cpu(const at::Tensor& codes_arg, const at::Tensor& 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("block_absmax", &block_absmax_cpu);
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
-  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
   m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_cpu);
   m.impl("quantize_scales", &quantize_scales_cpu);
   m.impl("dequantize_scales", &dequantize_scales_cpu);

@@ -1,8 +1,14 @@
 // The codec as torch ops (torch.ops.lowbit.* from Python). Backends register kernels for
-// the tensor ops with TORCH_LIBRARY_IMPL: codec_cpu.cpp here, CUDA in src/cuda.
+// the tensor ops with TORCH_LIBRARY_IMPL: codec_cpu.cpp here, CUDA in src/cuda. The
+// functional dequantize_blockwise is defined once here, over each backend's .out kernel.
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
+
 #include <lowbit/codebook.h>
+
+#include "quant/codec_checks.h"
+#include "quant/codec_ops.h"
 
 namespace {
 
@@ -11,6 +17,15 @@ at::Tensor codebook_op(c10::string_view mapping, int64_t bits) {
   return lowbit::codebook(lowbit::parse_mapping(std::string_view(mapping.data(), mapping.size())),
                           static_cast<int>(bits))
       .clone();
+}
+
+// The functional dequantize of every backend: allocate, then the backend's .out kernel.
+at::Tensor dequantize_blockwise_op(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& codebook,
+                                   const c10::optional<at::Tensor>& diagonal, int64_t bits, int64_t block_size,
+                                   int64_t cols, at::ScalarType dtype) {
+  lowbit::checks::dequantize_blockwise_args(codes, cols);
+  at::Tensor out = at::empty({codes.size(0), cols}, codes.options().dtype(dtype));
+  return lowbit::ops::dequantize_blockwise_out(codes, scales, codebook, diagonal, bits, block_size, out);
 }
 
 }  // namespace
@@ -31,4 +46,8 @@ TORCH_LIBRARY(lowbit, m) {
       "int bits, int block_size, *, Tensor(a!) out) -> Tensor(a!)");
   m.def("quantize_scales(Tensor scales, Tensor scale_codebook) -> (Tensor codes, Tensor group_max)");
   m.def("dequantize_scales(Tensor codes, Tensor group_max, Tensor scale_codebook) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CompositeExplicitAutograd, m) {
+  m.impl("dequantize_blockwise", &dequantize_blockwise_op);
 }
