@@ -123,7 +123,8 @@ TEST(ShampooDistribute, OneRankGlooGroupEqualsTheUndistributedOptimizerBitForBit
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << i;
   EXPECT_EQ(distributed.root_updates(), 2);
   EXPECT_GT(distributed.communication().gradient_bytes, 0);
-  EXPECT_EQ(distributed.communication().state_bytes, 0);  // nothing to send to nobody
+  EXPECT_EQ(distributed.communication().state_bytes, 0);  // one rank has no one to send to
+  EXPECT_EQ(distributed.communication().exchanges, 0);
   expect_error([&] { distributed.distribute(c10::intrusive_ptr<c10d::ProcessGroup>(), d); },
                "must be called before the first step");
 }

@@ -21,6 +21,12 @@ int64_t packed_bytes(const precond::KroneckerFactor& factor) {
   return total;
 }
 
+int64_t packed_bytes(const std::vector<precond::KroneckerFactor*>& factors) {
+  int64_t total = 0;
+  for (const precond::KroneckerFactor* f : factors) total += packed_bytes(*f);
+  return total;
+}
+
 at::Tensor pack_factors(const std::vector<const precond::KroneckerFactor*>& factors) {
   std::vector<at::Tensor> pieces;
   for (const precond::KroneckerFactor* f : factors)
@@ -30,8 +36,7 @@ at::Tensor pack_factors(const std::vector<const precond::KroneckerFactor*>& fact
 }
 
 void unpack_factors(const at::Tensor& buffer, const std::vector<precond::KroneckerFactor*>& factors) {
-  int64_t expected = 0;
-  for (const precond::KroneckerFactor* f : factors) expected += packed_bytes(*f);
+  const int64_t expected = packed_bytes(factors);
   TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.dim() == 1 && buffer.numel() == expected,
               "unpack_factors: the buffer holds ", buffer.numel(), " bytes; these factors need ", expected);
   int64_t offset = 0;

@@ -13,6 +13,8 @@
 namespace lowbit::distributed {
 
 int64_t packed_bytes(const precond::KroneckerFactor& factor);
+// Bytes of the buffer pack_factors makes of these factors.
+int64_t packed_bytes(const std::vector<precond::KroneckerFactor*>& factors);
 // uint8 tensor on the factors' device holding their states one after the other.
 at::Tensor pack_factors(const std::vector<const precond::KroneckerFactor*>& factors);
 // Loads the states in `buffer` (as pack_factors wrote them) into `factors`; checks the

@@ -47,20 +47,16 @@ void sharded_shampoo_step(const std::vector<ParamStepRef>& params, Communicator&
   }
 
   // Every owner sends its updated factors, in their stored (quantized) form.
-  if (!due.empty()) comm.stats().exchanges += 1;
-  for (int root = 0; root < comm.world_size() && comm.world_size() > 1; ++root) {
+  const bool exchange = !due.empty() && comm.world_size() > 1;
+  if (exchange) comm.stats().exchanges += 1;
+  for (int root = 0; exchange && root < comm.world_size(); ++root) {
     std::vector<precond::KroneckerFactor*> sent;
     for (size_t d = 0; d < due.size(); ++d)
       if (owner[d] == root) sent.push_back(&params[due[d].param].state->preconditioner->factor(due[d].factor));
     if (sent.empty()) continue;
-    at::Tensor buffer;
-    if (root == comm.rank()) {
-      buffer = pack_factors({sent.begin(), sent.end()});
-    } else {
-      int64_t bytes = 0;
-      for (const precond::KroneckerFactor* f : sent) bytes += packed_bytes(*f);
-      buffer = at::empty({bytes}, params[due.front().param].param.options().dtype(at::kByte));
-    }
+    at::Tensor buffer = root == comm.rank()
+                            ? pack_factors({sent.begin(), sent.end()})
+                            : at::empty({packed_bytes(sent)}, params[due.front().param].param.options().dtype(at::kByte));
     comm.broadcast(buffer, root);
     if (root != comm.rank()) unpack_factors(buffer, sent);
   }
