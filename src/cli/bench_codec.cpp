@@ -12,7 +12,6 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -20,6 +19,7 @@
 #include <lowbit/quantized_matrix.h>
 
 #include "cli/commands.h"
+#include "cli/json_output.h"
 #include "cli/timing.h"
 
 namespace lowbit::cli {
@@ -111,9 +111,7 @@ void run(const BenchCodecArgs& args) {
     rows.push_back(std::move(r));
   }
   if (!args.json_path.empty()) {
-    std::ofstream out(args.json_path);
-    TORCH_CHECK(out, "--json: cannot write ", args.json_path);
-    out << nlohmann::json{{"benchmark", "codec"}, {"results", rows}}.dump(2) << "\n";
+    write_json(args.json_path, {{"benchmark", "codec"}, {"results", rows}});
     std::printf("\nwrote %s\n", args.json_path.c_str());
   }
 }

@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -19,6 +18,7 @@
 #include <lowbit/shampoo.h>
 
 #include "cli/commands.h"
+#include "cli/json_output.h"
 
 namespace lowbit::cli {
 namespace {
@@ -369,25 +369,21 @@ void run(const BenchStepArgs& args) {
   for (const std::string& g : goals) std::printf("  %s\n", g.c_str());
 
   if (!args.json_path.empty()) {
-    std::ofstream out(args.json_path);
-    TORCH_CHECK(out, "--json: cannot write ", args.json_path);
-    out << nlohmann::json{{"benchmark", "step"},
-                          {"graft", "adamw"},
-                          {"stat_interval", args.stat_interval},
-                          {"root_interval", args.root_interval},
-                          {"paper_stat_interval", kPaperStatInterval},
-                          {"paper_root_interval", kPaperRootInterval},
-                          {"max_preconditioner_dim", args.max_preconditioner_dim},
-                          {"repeats", args.repeats},
-                          {"seed", args.seed},
-                          {"threads", at::get_num_threads()},
-                          {"goals",
-                           {{"state_ratio_4bit", kGoalStateRatio},
-                            {"state_ratio_4bit_dq", kGoalStateRatioDoubleQ},
-                            {"time_ratio_4bit", kGoalTimeRatio}}},
-                          {"results", rows}}
-               .dump(2)
-        << "\n";
+    write_json(args.json_path, nlohmann::json{{"benchmark", "step"},
+                                              {"graft", "adamw"},
+                                              {"stat_interval", args.stat_interval},
+                                              {"root_interval", args.root_interval},
+                                              {"paper_stat_interval", kPaperStatInterval},
+                                              {"paper_root_interval", kPaperRootInterval},
+                                              {"max_preconditioner_dim", args.max_preconditioner_dim},
+                                              {"repeats", args.repeats},
+                                              {"seed", args.seed},
+                                              {"threads", at::get_num_threads()},
+                                              {"goals",
+                                               {{"state_ratio_4bit", kGoalStateRatio},
+                                                {"state_ratio_4bit_dq", kGoalStateRatioDoubleQ},
+                                                {"time_ratio_4bit", kGoalTimeRatio}}},
+                                              {"results", rows}});
     std::printf("\nwrote %s\n", args.json_path.c_str());
   }
 }

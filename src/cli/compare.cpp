@@ -7,12 +7,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
 
 #include "cli/commands.h"
+#include "cli/json_output.h"
 #include "cli/train_options.h"
 #include "train/optimizer_factory.h"
 #include "train/result_json.h"
@@ -83,10 +83,7 @@ void run(const CompareArgs& args, train::TrainConfig base, const OptimizerOption
     std::printf("%-16s %10.4f ± %.4f %12.2f %16.2f %12.2f %10.1f\n", row.name.c_str(), acc.mean, acc.sd,
                 row.state / 1e6, row.preconditioner / 1e6, step.mean, wall.mean);
   }
-  std::ofstream out(args.json_path);
-  TORCH_CHECK(out, "--json: cannot write ", args.json_path);
-  out << nlohmann::json{{"command", "compare"}, {"runs", runs}}.dump(2) << "\n";
-  out.close();
+  write_json(args.json_path, {{"command", "compare"}, {"runs", runs}});
   std::printf("\nresults: %s\n", args.json_path.c_str());
   if (!args.chart_path.empty()) {
     std::ostringstream cmd;

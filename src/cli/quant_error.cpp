@@ -4,7 +4,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +16,7 @@
 #include <filesystem>
 
 #include "cli/commands.h"
+#include "cli/json_output.h"
 
 namespace lowbit::cli {
 namespace {
@@ -85,16 +85,12 @@ void run(const QuantErrorArgs& args) {
                     {"angle_deg", r.angle_deg}});
   }
   if (!args.json_path.empty()) {
-    std::ofstream out(args.json_path);
-    TORCH_CHECK(out, "--json: cannot write ", args.json_path);
-    out << nlohmann::json{{"command", "quant-error"},
-                          {"order", o.order},
-                          {"block_size", o.block_size},
-                          {"epsilon", o.epsilon},
-                          {"seed", o.seed},
-                          {"rows", rows}}
-               .dump(2)
-        << "\n";
+    write_json(args.json_path, nlohmann::json{{"command", "quant-error"},
+                                              {"order", o.order},
+                                              {"block_size", o.block_size},
+                                              {"epsilon", o.epsilon},
+                                              {"seed", o.seed},
+                                              {"rows", rows}});
     std::printf("\nwrote %s\n", args.json_path.c_str());
   }
 }

@@ -4,11 +4,11 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/json_output.h"
 #include "cli/launch.h"
 #include "cli/train_options.h"
 #include "train/result_json.h"
@@ -84,9 +84,7 @@ void add_train(CLI::App& app) {
     const train::TrainResult result = train::run_training(*config, std::cout);
     print_summary(*config, result);
     if (!json_path->empty()) {
-      std::ofstream out(*json_path);
-      TORCH_CHECK(out, "--json: cannot write ", *json_path);
-      out << train::to_json(*config, result).dump(2) << "\n";
+      write_json(*json_path, train::to_json(*config, result));
       std::printf("  results              %s\n", json_path->c_str());
     }
   });
