@@ -119,24 +119,29 @@ def averaged_gradients(rank: int, world: int, init_file: str, out_dir: str, kind
 
 def failing_rank(rank: int, world: int, init_file: str, out_dir: str, how: str) -> None:
     """Rank 1 stops (exits, raises, or hangs) before step 3; the others must fail with a
-    clear error within the optimizer's timeout."""
+    clear error. A hanging rank stays alive until rank 0 has its error, so that error can
+    only have come from the optimizer's timeout."""
     _init(rank, world, init_file)
     params = make_params(0, SHAPES)
     opt = lowbit.Shampoo(params, **dict(OPTIONS, bits=4), process_group=dist.group.WORLD,
                          distributed_timeout=3.0)
     _steps(opt, params, 0, 2)
+    survivor_result = os.path.join(out_dir, "rank0.pt")
     if rank == 1:
         if how == "exit":
             os._exit(3)
         if how == "raise":
             raise RuntimeError("rank 1 fails on purpose")
-        time.sleep(10)  # "hang"
+        deadline = time.monotonic() + 120  # a safety net for a broken timeout, not a measurement
+        while not os.path.exists(survivor_result) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        torch.save({"hung_until_rank0_failed": os.path.exists(survivor_result)}, os.path.join(out_dir, "rank1.pt"))
         os._exit(0)
-    start = time.monotonic()
     try:
         _steps(opt, params, 2, 4)
         outcome = "no error"
     except RuntimeError as e:
         outcome = str(e)
-    torch.save({"error": outcome, "seconds": time.monotonic() - start}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"error": outcome}, survivor_result + ".tmp")
+    os.replace(survivor_result + ".tmp", survivor_result)  # whole, before rank 1 sees it
     os._exit(0)  # the group is broken; do not wait for it on the way out

@@ -117,7 +117,9 @@ def test_a_failing_rank_stops_the_others_with_a_clear_error(tmp_path, how):
     survivor = results[0]
     assert survivor is not None, "rank 0 hung"
     assert "lowbit distributed" in survivor["error"] and "rank 0 of 2" in survivor["error"], survivor["error"]
-    assert survivor["seconds"] < 20
+    if how == "hang":
+        # Rank 1 was alive (its sockets open) until rank 0 failed: the timeout did it.
+        assert results[1] == {"hung_until_rank0_failed": True}
 
 
 def test_four_bit_states_travel_in_about_a_seventh_of_the_bytes(tmp_path):
