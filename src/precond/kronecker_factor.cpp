@@ -11,6 +11,7 @@ std::string to_string(FactorKind kind) {
     case FactorKind::Dense: return "dense";
     case FactorKind::EigenQuantized: return "eigen-quantized";
     case FactorKind::NaiveQuantized: return "naive-quantized";
+    case FactorKind::CholeskyQuantized: return "cholesky-quantized";
   }
   return "unknown";
 }
@@ -31,7 +32,7 @@ void save_quantized(TensorMap& out, const std::string& prefix, const QuantizedMa
   for (const auto& [name, tensor] : q.state()) out[prefix + name] = tensor;
 }
 
-QuantizedMatrix load_quantized(const TensorMap& in, const std::string& prefix, int64_t order,
+QuantizedMatrix load_quantized(const TensorMap& in, const std::string& prefix, at::IntArrayRef shape,
                                const QuantOptions& expected) {
   std::map<std::string, at::Tensor> state;
   for (auto it = in.lower_bound(prefix); it != in.end() && it->first.rfind(prefix, 0) == 0; ++it)
@@ -44,8 +45,8 @@ QuantizedMatrix load_quantized(const TensorMap& in, const std::string& prefix, i
     TORCH_CHECK(false, "checkpoint entries under \"", prefix, "\": ", e.what_without_backtrace());
   }
   const QuantOptions& got = q.options();
-  TORCH_CHECK(q.rows() == order && q.cols() == order, "checkpoint entries under \"", prefix,
-              "\" hold a ", q.rows(), " x ", q.cols(), " matrix; this parameter needs ", order, " x ", order);
+  TORCH_CHECK(q.rows() == shape[0] && q.cols() == shape[1], "checkpoint entries under \"", prefix,
+              "\" hold a ", q.rows(), " x ", q.cols(), " matrix; this parameter needs ", shape[0], " x ", shape[1]);
   TORCH_CHECK(got.bits == expected.bits && got.mapping == expected.mapping &&
                   got.block_size == expected.block_size && got.keep_diagonal == expected.keep_diagonal &&
                   got.double_quant_scales == expected.double_quant_scales,
@@ -67,6 +68,7 @@ std::unique_ptr<KroneckerFactor> make_factor(FactorKind kind, int64_t order, con
     case FactorKind::Dense: return std::make_unique<DenseFactor>(order, device, config);
     case FactorKind::EigenQuantized: return std::make_unique<EigenQuantizedFactor>(order, device, config);
     case FactorKind::NaiveQuantized: return std::make_unique<NaiveQuantizedFactor>(order, device, config);
+    case FactorKind::CholeskyQuantized: return std::make_unique<CholeskyQuantizedFactor>(order, device, config);
   }
   TORCH_CHECK(false, "unknown factor kind");
 }

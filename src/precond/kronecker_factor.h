@@ -21,6 +21,7 @@ enum class FactorKind {
   Dense,           // fp32 statistic and fp32 inverse root
   EigenQuantized,  // 4-bit Shampoo: quantized eigenvectors + fp32 eigenvalues
   NaiveQuantized,  // the paper's baseline: statistic itself quantized (fp32 diagonal)
+  CholeskyQuantized,  // Li et al. 2024: Cholesky factor, fp32 diagonal, low-bit triangle (+ error feedback)
 };
 std::string to_string(FactorKind kind);
 
@@ -42,6 +43,11 @@ struct FactorConfig {
   int bjorck_root_steps = 4;  // t2
   EigenUpdate eigen_update = EigenUpdate::QrStep;
   linalg::EighSolver eigh = linalg::default_eigh_solver();
+  bool error_feedback = true;        // CholeskyQuantized: keep the error-feedback state
+  double error_feedback_decay = 0.0; // its b_e (0: classic error feedback, measured best)
+  // SOAP: the factor serves its eigenbasis (columns, fp32) instead of an inverse root;
+  // update_inverse_root then does nothing (the basis follows the statistics updates).
+  bool eigenbasis = false;
 };
 
 class KroneckerFactor {
@@ -81,7 +87,7 @@ at::Tensor read_entry(const TensorMap& in, const std::string& key, at::ScalarTyp
                       at::IntArrayRef shape);
 // Save / load a quantized matrix under `prefix` (one entry per tensor of its state()).
 void save_quantized(TensorMap& out, const std::string& prefix, const QuantizedMatrix& q);
-QuantizedMatrix load_quantized(const TensorMap& in, const std::string& prefix, int64_t order,
+QuantizedMatrix load_quantized(const TensorMap& in, const std::string& prefix, at::IntArrayRef shape,
                                const QuantOptions& expected);
 
 }  // namespace lowbit::precond

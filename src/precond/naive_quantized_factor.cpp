@@ -35,8 +35,8 @@ void NaiveQuantizedFactor::save(TensorMap& out, const std::string& prefix) const
 }
 
 void NaiveQuantizedFactor::load(const TensorMap& in, const std::string& prefix) {
-  QuantizedMatrix statistic = load_quantized(in, prefix + "statistic.", order_, quant_);
-  QuantizedMatrix root = load_quantized(in, prefix + "root.", order_, quant_);
+  QuantizedMatrix statistic = load_quantized(in, prefix + "statistic.", {order_, order_}, quant_);
+  QuantizedMatrix root = load_quantized(in, prefix + "root.", {order_, order_}, quant_);
   const at::Device device = statistic_.codes().device();
   statistic_ = statistic.to(device);
   root_ = root.to(device);
