@@ -9,6 +9,7 @@
 #include <lowbit/quantized_matrix.h>
 
 #include "linalg/matrix_functions.h"
+#include "precond/cholesky_storage.h"
 
 namespace lowbit::analysis {
 namespace {
@@ -42,6 +43,28 @@ QuantErrorRow measure(const at::Tensor& f, const at::Tensor& g, QuantErrorRow ro
   row.nre = normalized_relative_error(f, g);
   row.angle_deg = angle_error_deg(f, g);
   return row;
+}
+
+constexpr double kChainDecay = 0.95;   // the paper's beta
+constexpr double kErrorDecay = 0.0;    // ShampooOptions::error_feedback_decay's default
+
+// Cholesky-quantized Shampoo on A: the factor C of (A + epsilon lambda_max I) is stored
+// (fp32 diagonal, low-bit triangle) and g = (C~ C~^T)^(-1/4), the ridge being inside the
+// factor already. With updates > 1 the factor then goes through a chain of EMA updates
+// S = b C~ C~^T + (1 - b)(A + ridge I), C = chol(S), stored again each time: the exact chain
+// stays at A + ridge I, so what moves it is the compounded rounding.
+at::Tensor cholesky_root(const at::Tensor& a, double ridge, const QuantOptions& options, int updates,
+                         bool error_feedback) {
+  const at::Tensor target = a + at::eye(a.size(0), a.options()) * ridge;
+  precond::QuantizedCholesky stored =
+      precond::store_cholesky(at::linalg_cholesky(target), options, error_feedback, kErrorDecay, nullptr);
+  for (int k = 1; k < updates; ++k) {
+    const at::Tensor c = precond::reconstruct_factor(stored).to(at::kDouble);
+    const at::Tensor s = at::matmul(c, c.t()) * kChainDecay + target * (1 - kChainDecay);
+    stored = precond::store_cholesky(at::linalg_cholesky(s), options, error_feedback, kErrorDecay, &stored);
+  }
+  const at::Tensor c = precond::reconstruct_factor(stored).to(at::kDouble);
+  return linalg::inverse_root_from_eigen(exact_eigen(at::matmul(c, c.t())), kInverseRootPower, 0.0);
 }
 
 }  // namespace
@@ -136,6 +159,17 @@ std::vector<QuantErrorRow> quant_error_rows(const std::string& label, const at::
         row.rectified = rectify;
         const linalg::Eigen approx{values_fp32, rectify ? linalg::bjorck_orthonormalize(v, kRectificationSteps) : v};
         rows.push_back(measure(f, linalg::inverse_root_from_eigen(approx, kInverseRootPower, epsilon), row));
+      }
+
+      const double ridge = epsilon * exact.values.max().item<double>();
+      const at::Tensor a64 = a.to(at::kDouble);
+      for (const auto& [updates, error_feedback] :
+           {std::pair{1, false}, std::pair{kCholeskyChainUpdates, false}, std::pair{kCholeskyChainUpdates, true}}) {
+        QuantErrorRow row = base;
+        row.quantized = "cholesky";
+        row.updates = updates;
+        row.error_feedback = error_feedback;
+        rows.push_back(measure(f, cholesky_root(a64, ridge, options, updates, error_feedback), row));
       }
     }
   }

@@ -35,11 +35,19 @@ struct QuantErrorRow {
   std::string matrix;
   std::string mapping;    // "linear2" | "dynamic"
   int bits = 4;
-  std::string quantized;  // "matrix" (A itself, naive) | "eigenvectors"
+  std::string quantized;  // "matrix" (A itself, naive) | "eigenvectors" | "cholesky"
   bool rectified = false; // Björck (4 steps) applied to the dequantized eigenvectors
   double nre = 0;
   double angle_deg = 0;
+  // cholesky: how many stores the factor went through (1, or a chain of EMA updates towards
+  // A, where errors compound), and whether error feedback was on.
+  int updates = 1;
+  bool error_feedback = false;
 };
+
+// The chain length of the Cholesky rows with updates (stat_decay 0.95: about three time
+// constants, so an error that compounds has time to show).
+constexpr int kCholeskyChainUpdates = 60;
 
 struct QuantErrorOptions {
   int64_t order = 1200;
@@ -50,7 +58,8 @@ struct QuantErrorOptions {
 };
 
 // Rows for one SPD matrix: mappings {linear2, dynamic} x bits {8, 4, 3} x methods
-// {matrix, eigenvectors, eigenvectors + Björck}, in that nesting order.
+// {matrix, eigenvectors, eigenvectors + Björck, cholesky (one store), cholesky after
+// kCholeskyChainUpdates updates without and with error feedback}, in that nesting order.
 std::vector<QuantErrorRow> quant_error_rows(const std::string& label, const at::Tensor& a,
                                             int64_t block_size, double epsilon);
 // quant_error_rows of every synthetic matrix in options.matrices.

@@ -65,8 +65,8 @@ void run(const QuantErrorArgs& args) {
                 args.matrix_path.c_str(), static_cast<long long>(o.block_size));
   }
   std::printf("NRE = ||f - g||_F / ||f||_F ; AE = angle between f and g (degrees)\n\n");
-  std::printf("%-14s %-8s %4s %-12s %9s %8s %8s\n", "matrix", "mapping", "bits", "quantized", "rectified",
-              "NRE", "AE deg");
+  std::printf("%-14s %-8s %4s %-12s %9s %7s %3s %8s %8s\n", "matrix", "mapping", "bits", "quantized", "rectified",
+              "updates", "EF", "NRE", "AE deg");
   nlohmann::json rows = nlohmann::json::array();
   const std::vector<analysis::QuantErrorRow> table =
       args.matrix_path.empty() ? analysis::quant_error_table(o)
@@ -74,13 +74,17 @@ void run(const QuantErrorArgs& args) {
                                                             load_matrix(args.matrix_path),
                                                             o.block_size, o.epsilon);
   for (const analysis::QuantErrorRow& r : table) {
-    std::printf("%-14s %-8s %4d %-12s %9s %8.4f %8.3f\n", r.matrix.c_str(), r.mapping.c_str(), r.bits,
-                r.quantized.c_str(), r.rectified ? "yes" : "no", r.nre, r.angle_deg);
+    const bool cholesky = r.quantized == "cholesky";
+    std::printf("%-14s %-8s %4d %-12s %9s %7d %3s %8.4f %8.3f\n", r.matrix.c_str(), r.mapping.c_str(), r.bits,
+                r.quantized.c_str(), cholesky ? "-" : r.rectified ? "yes" : "no", r.updates,
+                cholesky ? (r.error_feedback ? "yes" : "no") : "-", r.nre, r.angle_deg);
     rows.push_back({{"matrix", r.matrix},
                     {"mapping", r.mapping},
                     {"bits", r.bits},
                     {"quantized", r.quantized},
                     {"rectified", r.rectified},
+                    {"updates", r.updates},
+                    {"error_feedback", r.error_feedback},
                     {"nre", r.nre},
                     {"angle_deg", r.angle_deg}});
   }
