@@ -131,6 +131,34 @@ void quantize_moment_into(const at::Tensor& value, const at::Tensor& table, cons
   scales.copy_(new_scales.view({-1}));
 }
 
+namespace {
+
+at::Tensor flat_fp32(const at::Tensor& t, int64_t numel) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.view({numel});
+  return t.reshape({numel}).to(at::kFloat);
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> read_moments(const Moments& s, const MomentLayout& l) {
+  if (!l.quantized()) return {flat_fp32(s.exp_avg, l.numel), flat_fp32(s.exp_avg_sq, l.numel)};
+  return {dequantize_moment(s.exp_avg_codes, s.exp_avg_scales, first_moment_table(l), l),
+          dequantize_moment(s.exp_avg_sq_codes, s.exp_avg_sq_scales, second_moment_table(l), l)};
+}
+
+void write_moments(const at::Tensor& m, const at::Tensor& v, Moments& s, const MomentLayout& l, int64_t step,
+                   const Encoding& e) {
+  if (!l.quantized()) {
+    for (auto [value, target] : {std::pair{&m, &s.exp_avg}, std::pair{&v, &s.exp_avg_sq}})
+      if (!value->is_alias_of(*target)) target->copy_(value->view(target->sizes()));
+    return;
+  }
+  quantize_moment_into(m, first_moment_table(l), l, s.exp_avg_codes, s.exp_avg_scales, e.stochastic,
+                       e.stochastic ? encoding_seed(e, step, 0) : 0);
+  quantize_moment_into(v, second_moment_table(l), l, s.exp_avg_sq_codes, s.exp_avg_sq_scales, e.stochastic,
+                       e.stochastic ? encoding_seed(e, step, 1) : 0);
+}
+
 void update_with_tables(at::Tensor& p, const at::Tensor& grad, Moments& s, const MomentLayout& l, int64_t step,
                         double lr, double beta1, double beta2, double eps, double weight_decay,
                         const at::Tensor& first_table, const at::Tensor& second_table, const Encoding& e) {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace lowbit::adamw {
 
@@ -69,6 +70,13 @@ struct Encoding {
 };
 // The codec seed of moment `moment` (0: m, 1: v) of a parameter at `step`.
 int64_t encoding_seed(const Encoding& e, int64_t step, int moment);
+
+// The moments as flat fp32 [numel] tensors: decoded from their codes, or (fp32 layout) the
+// state's own storage when that is fp32 and contiguous, else an fp32 copy. write_moments
+// stores them back: re-encoded (with the encoding's rounding at `step`), or copied.
+std::pair<at::Tensor, at::Tensor> read_moments(const Moments& moments, const MomentLayout& layout);
+void write_moments(const at::Tensor& m, const at::Tensor& v, Moments& moments, const MomentLayout& layout,
+                   int64_t step, const Encoding& encoding = {});
 
 // One AdamW step at `step` (1-based, already counted), the arithmetic of torch::optim::AdamW:
 //   p *= 1 - lr wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "optim/second_order/optimizer_support.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -23,9 +24,45 @@ void sgdm_update(torch::Tensor& p, torch::Tensor d, ShampooParamState& state, co
   p.add_(d, -o.lr());
 }
 
+int64_t first_order_bytes(const ShampooParamState& s) {
+  int64_t total = 0;
+  for (const torch::Tensor* t : {&s.momentum_buffer(), &s.exp_avg(), &s.exp_avg_sq(), &s.exp_avg_codes(),
+                                 &s.exp_avg_scales(), &s.exp_avg_sq_codes(), &s.exp_avg_sq_scales()})
+    total += support::bytes_of(*t);
+  return total;
+}
+
+adamw::MomentLayout graft_layout(const torch::Tensor& p, const ShampooOptions& o) {
+  return adamw::layout_for(p.numel(), o.graft_bits(), "dynamic", "auto", 0, o.min_quant_numel());
+}
+
+adamw::Moments graft_moments(ShampooParamState& s, const adamw::MomentLayout& layout, const torch::Tensor& p) {
+  const bool present = layout.quantized() ? s.exp_avg_codes().defined() : s.exp_avg().defined();
+  if (!present) {
+    const adamw::Moments fresh = adamw::make_moments(layout, p);
+    s.exp_avg(fresh.exp_avg).exp_avg_sq(fresh.exp_avg_sq);
+    s.exp_avg_codes(fresh.exp_avg_codes).exp_avg_scales(fresh.exp_avg_scales);
+    s.exp_avg_sq_codes(fresh.exp_avg_sq_codes).exp_avg_sq_scales(fresh.exp_avg_sq_scales);
+  }
+  adamw::Moments m;
+  m.exp_avg = s.exp_avg();
+  m.exp_avg_sq = s.exp_avg_sq();
+  m.exp_avg_codes = s.exp_avg_codes();
+  m.exp_avg_scales = s.exp_avg_scales();
+  m.exp_avg_sq_codes = s.exp_avg_sq_codes();
+  m.exp_avg_sq_scales = s.exp_avg_sq_scales();
+  return m;
+}
+
 void adamw_update(torch::Tensor& p, const torch::Tensor& d, ShampooParamState& state, const ShampooOptions& o) {
-  p.mul_(1 - o.lr() * o.weight_decay());  // decoupled weight decay
   const auto [beta1, beta2] = o.betas();
+  const adamw::MomentLayout layout = graft_layout(p, o);
+  if (layout.quantized()) {  // low-bit moments: lowbit::AdamW's rule
+    adamw::Moments moments = graft_moments(state, layout, p);
+    adamw::update(p, d, moments, layout, state.step(), o.lr(), beta1, beta2, o.eps(), o.weight_decay());
+    return;
+  }
+  p.mul_(1 - o.lr() * o.weight_decay());  // decoupled weight decay
   if (!state.exp_avg().defined()) {
     state.exp_avg(torch::zeros_like(p));
     state.exp_avg_sq(torch::zeros_like(p));

@@ -14,9 +14,27 @@ DenseFactor::DenseFactor(int64_t order, const at::TensorOptions& device, const F
 
 void DenseFactor::update_statistic(const at::Tensor& outer) {
   statistic_.mul_(config_.stat_decay).add_(outer, 1.0 - config_.stat_decay);
+  if (config_.eigenbasis) update_eigenbasis();
+}
+
+void DenseFactor::update_eigenbasis() {
+  // SOAP's refresh: one warm-started power-iteration + QR step (or a full eigh), as the
+  // 4-bit factor refreshes its eigenvectors, so 32- and 4-bit SOAP track alike.
+  std::optional<linalg::Eigen> e;
+  if (config_.eigen_update == EigenUpdate::QrStep) {
+    e = linalg::qr_subspace_step(statistic_, root_);
+  } else {
+    e = linalg::eigh_with_fallback(statistic_, config_.eigh);
+  }
+  if (!e || !e->vectors.isfinite().all().item<bool>()) {
+    ++failures_;
+    return;
+  }
+  root_ = e->vectors.to(at::kFloat).contiguous();
 }
 
 bool DenseFactor::update_inverse_root() {
+  if (config_.eigenbasis) return true;  // the basis follows the statistics
   std::optional<at::Tensor> root;
   if (config_.root_method == RootMethod::Eigen) {
     root = linalg::inverse_root_eigen(statistic_, config_.root_exponent, config_.epsilon, config_.eigh);

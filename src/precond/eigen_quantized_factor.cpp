@@ -24,7 +24,7 @@ EigenQuantizedFactor::EigenQuantizedFactor(int64_t order, const at::TensorOption
   // Initial state as in the paper: U = I, lambda = eps (so L = eps * I), inverse root = I.
   eigenvectors_t_ = QuantizedMatrix::quantize(identity, vector_quant_);
   eigenvalues_ = at::full({order}, config.epsilon, device.dtype(at::kFloat));
-  root_ = QuantizedMatrix::quantize(identity, root_quant_);
+  if (!config.eigenbasis) root_ = QuantizedMatrix::quantize(identity, root_quant_);
 }
 
 at::Tensor EigenQuantizedFactor::eigenvectors(int bjorck_steps) const {
@@ -53,6 +53,7 @@ void EigenQuantizedFactor::update_statistic(const at::Tensor& outer) {
 }
 
 bool EigenQuantizedFactor::update_inverse_root() {
+  if (config_.eigenbasis) return true;  // SOAP reads U itself
   const at::Tensor v = eigenvectors(config_.bjorck_root_steps);  // t2 in the paper
   const at::Tensor root = linalg::inverse_root_from_eigen({eigenvalues_, v}, config_.root_exponent,
                                                           config_.epsilon);
@@ -64,7 +65,9 @@ bool EigenQuantizedFactor::update_inverse_root() {
   return true;
 }
 
-at::Tensor EigenQuantizedFactor::inverse_root() const { return root_.dequantize(); }
+at::Tensor EigenQuantizedFactor::inverse_root() const {
+  return config_.eigenbasis ? eigenvectors(config_.bjorck_root_steps) : root_.dequantize();
+}
 
 at::Tensor EigenQuantizedFactor::statistic() const {
   const at::Tensor v = eigenvectors(0);
@@ -72,23 +75,24 @@ at::Tensor EigenQuantizedFactor::statistic() const {
 }
 
 int64_t EigenQuantizedFactor::state_bytes() const {
-  return eigenvectors_t_.nbytes() + eigenvalues_.numel() * 4 + root_.nbytes();
+  return eigenvectors_t_.nbytes() + eigenvalues_.numel() * 4 + (root_.defined() ? root_.nbytes() : 0);
 }
 
 void EigenQuantizedFactor::save(TensorMap& out, const std::string& prefix) const {
   save_quantized(out, prefix + "eigenvectors_t.", eigenvectors_t_);
   out[prefix + "eigenvalues"] = eigenvalues_;
-  save_quantized(out, prefix + "root.", root_);
+  if (root_.defined()) save_quantized(out, prefix + "root.", root_);
 }
 
 void EigenQuantizedFactor::load(const TensorMap& in, const std::string& prefix) {
-  QuantizedMatrix vectors = load_quantized(in, prefix + "eigenvectors_t.", order_, vector_quant_);
+  QuantizedMatrix vectors = load_quantized(in, prefix + "eigenvectors_t.", {order_, order_}, vector_quant_);
   const at::Tensor values = read_entry(in, prefix + "eigenvalues", at::kFloat, {order_});
-  QuantizedMatrix root = load_quantized(in, prefix + "root.", order_, root_quant_);
+  QuantizedMatrix root;
+  if (!config_.eigenbasis) root = load_quantized(in, prefix + "root.", {order_, order_}, root_quant_);
   const at::Device device = eigenvalues_.device();
   eigenvectors_t_ = vectors.to(device);
   eigenvalues_ = values.to(device).clone();
-  root_ = root.to(device);
+  if (root.defined()) root_ = root.to(device);
 }
 
 }  // namespace lowbit::precond

@@ -19,7 +19,10 @@ ParameterPreconditioner::ParameterPreconditioner(at::IntArrayRef shape, const at
                                                  const PreconditionerConfig& config)
     : partition_(partition_shape(shape, config.max_dim)), config_(config), device_(device) {
   auto make = [&](int64_t order) {
-    const FactorKind kind = order * order < config.min_quant_numel ? FactorKind::Dense : config.kind;
+    // A Cholesky factor of order 1 has no triangle to quantize: it stays Dense too.
+    const bool too_small = order * order < config.min_quant_numel ||
+                           (config.kind == FactorKind::CholeskyQuantized && order < 2);
+    const FactorKind kind = too_small ? FactorKind::Dense : config.kind;
     return make_factor(kind, order, device, config.factor);
   };
   for (const BlockSlice& s : partition_.blocks) blocks_.push_back({s, make(s.rows), make(s.cols)});
@@ -79,6 +82,32 @@ at::Tensor ParameterPreconditioner::precondition(const at::Tensor& grad) const {
     block_of(out, b.slice).copy_(ghat * scale);
   }
   return out.reshape(grad.sizes()).to(grad.scalar_type());
+}
+
+ParameterPreconditioner::Bases ParameterPreconditioner::eigenbases() const {
+  TORCH_CHECK(config_.factor.eigenbasis, "eigenbases() needs factors that keep an eigenbasis (SOAP)");
+  Bases out;
+  for (const Block& b : blocks_) out.emplace_back(b.left->inverse_root(), b.right->inverse_root());
+  return out;
+}
+
+at::Tensor ParameterPreconditioner::rotate(const at::Tensor& m, const Bases& bases, bool into) const {
+  TORCH_CHECK(bases.size() == blocks_.size(), "rotate: ", bases.size(), " bases for ", blocks_.size(), " blocks");
+  const at::Tensor g = as_matrix(m);
+  at::Tensor out = at::empty_like(g);
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const auto& [left, right] = bases[i];
+    const at::Tensor gb = block_of(g, blocks_[i].slice);
+    const at::Tensor r = into ? at::matmul(at::matmul(left.t(), gb), right) : at::matmul(at::matmul(left, gb), right.t());
+    block_of(out, blocks_[i].slice).copy_(r);
+  }
+  return out.reshape(m.sizes());
+}
+
+at::Tensor ParameterPreconditioner::rotate_second_moment(const at::Tensor& v, const Bases& bases) const {
+  Bases squared;
+  for (const auto& [left, right] : bases) squared.emplace_back(left * left, right * right);
+  return rotate(v, squared, true);
 }
 
 int64_t ParameterPreconditioner::state_bytes() const {

@@ -17,6 +17,8 @@ enum class Combine {
   Shampoo,  // L^(-1/4) G R^(-1/4) (factor roots with exponent 4)
   Caspr,    // CASPR (Duvvuri et al. 2024), roots L~ = L^(-1/2), R~ = R^(-1/2) (exponent 2):
             // J = L~ G + G R~, U = L~ J + J R~ = (L~ (+) R~)^2 applied to G
+  Soap,     // SOAP (Vyas et al. 2024): no root; Adam runs in the factors' eigenbases
+            // (factor.eigenbasis), through eigenbases() and rotate() instead of precondition()
 };
 
 struct PreconditionerConfig {
@@ -50,6 +52,16 @@ class ParameterPreconditioner {
   // rescaled to the Frobenius norm of its gradient block ("grafting by norm"). Same shape
   // and dtype as grad.
   at::Tensor precondition(const at::Tensor& grad) const;
+
+  // SOAP: the eigenbases (Q_L, Q_R) of every block, read once per step.
+  using Bases = std::vector<std::pair<at::Tensor, at::Tensor>>;
+  Bases eigenbases() const;
+  // m (the gradient's shape) taken block by block into the bases, Q_L^T M Q_R (`into`), or
+  // back out of them, Q_L M Q_R^T. fp32, shaped like m.
+  at::Tensor rotate(const at::Tensor& m, const Bases& bases, bool into) const;
+  // A second moment v (diagonal, in the parameter's coordinates) moved into the bases:
+  // (Q_L o Q_L)^T V (Q_R o Q_R) per block, the diagonal of Q^T diag(v) Q.
+  at::Tensor rotate_second_moment(const at::Tensor& v, const Bases& bases) const;
 
   int64_t state_bytes() const;
   int64_t failures() const;
