@@ -54,7 +54,7 @@ TEST(Trainer, ShortRunsLowerTheLossForEveryOptimizer) {
     std::ostringstream log;
     TrainConfig c = tiny(name);
     // 3e-3 (tiny's) for AdamW (fp32, 8- and 4-bit), Shampoo and CASPR; the others at their own default.
-    const bool shampoo_family = name.rfind("shampoo", 0) == 0 || name.rfind("caspr", 0) == 0;
+    const bool shampoo_family = is_shampoo_family(name);
     if (name.rfind("adamw", 0) != 0 && !shampoo_family) c.shampoo.lr(default_lr(name, "adamw"));
     if (name == "adahessian") c.warmup_epochs = 0.5;  // its tiny early Hessian diagonals need a warm-up
     // CASPR's L~^2 G term weighs gradient directions a stale statistic has not seen yet by

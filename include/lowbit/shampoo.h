@@ -41,6 +41,9 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   TORCH_ARG(double, weight_decay) = 0.0;             // coupled (sgdm) / decoupled (adamw)
   TORCH_ARG(int64_t, bits) = 4;                      // 32 (fp32 Shampoo), 8, 4, 3
   TORCH_ARG(std::string, quantize) = "eigenvectors"; // "eigenvectors" (4-bit Shampoo) | "matrix" (naive)
+                                                     // | "cholesky" (Li et al. 2024, docs/shampoo.md)
+  TORCH_ARG(bool, error_feedback) = true;            // cholesky: keep the error-feedback state
+  TORCH_ARG(double, error_feedback_decay) = 0.0;     // cholesky: its decay b_e (0: E = the last residual)
   TORCH_ARG(std::string, mapping) = "linear2";       // "linear2" | "dynamic" | "linear"
   TORCH_ARG(int64_t, quant_block_size) = 64;
   TORCH_ARG(bool, double_quant_scales) = false;      // 8-bit block scales (below 4.5 bits)
@@ -59,7 +62,12 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   // "shampoo": L^(-1/4) G R^(-1/4); "caspr" (Duvvuri et al. 2024): with L~ = L^(-1/2),
   // R~ = R^(-1/2), J = L~ G + G R~ and U = L~ J + J R~. Same factors and state layout; the
   // stored roots are L^(-1/4) for one and L^(-1/2) for the other, so a checkpoint must agree.
+  // "soap" (Vyas et al. 2024): AdamW run in the eigenbases of L and R (rotated moments, no
+  // root, no grafting); bits=4 keeps those eigenbases as 4-bit eigenvectors (4-bit SOAP).
   TORCH_ARG(std::string, preconditioner) = "shampoo";
+  // Bits of the AdamW moments (graft, or SOAP's Adam): 32, or 8 / 4 (lowbit::AdamW's block-wise
+  // storage; tensors under min_quant_numel stay fp32). With bits=4 every state is low-bit.
+  TORCH_ARG(int64_t, graft_bits) = 32;
 
  public:
   // Throws c10::Error naming the option, its value and what is allowed.
@@ -77,6 +85,11 @@ struct ShampooParamState : public torch::optim::OptimizerCloneableParamState<Sha
   TORCH_ARG(torch::Tensor, momentum_buffer);  // sgdm
   TORCH_ARG(torch::Tensor, exp_avg);          // adamw
   TORCH_ARG(torch::Tensor, exp_avg_sq);       // adamw
+  // adamw with graft_bits 8 / 4: the moments' codes and block scales (lowbit/adamw.h layout)
+  TORCH_ARG(torch::Tensor, exp_avg_codes);
+  TORCH_ARG(torch::Tensor, exp_avg_scales);
+  TORCH_ARG(torch::Tensor, exp_avg_sq_codes);
+  TORCH_ARG(torch::Tensor, exp_avg_sq_scales);
 
  public:
   std::shared_ptr<precond::ParameterPreconditioner> preconditioner;  // null for 1-D / scalars

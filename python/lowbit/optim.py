@@ -48,7 +48,10 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
     "eps": (1e-8, "number", "AdamW epsilon", "> 0"),
     "weight_decay": (0.0, "number", "weight decay (coupled L2 for SGDM, decoupled for AdamW)", ">= 0"),
     "bits": (4, "int", "bit width b (32 = 32-bit Shampoo)", "32, 8, 4, 3"),
-    "quantize": ("eigenvectors", "str", "QM: what is quantized (U or A)", '"eigenvectors", "matrix"'),
+    "quantize": ("eigenvectors", "str", "QM: what is quantized (U, A, or A's Cholesky factor)",
+                 '"eigenvectors", "matrix", "cholesky"'),
+    "error_feedback": (True, "bool", "cholesky: error feedback E of the Cholesky factors", "bool"),
+    "error_feedback_decay": (0.0, "number", "cholesky: decay b_e of the error state E", "[0, 1)"),
     "mapping": ("linear2", "str", "quantization mapping", '"linear2", "dynamic", "linear"'),
     "quant_block_size": (64, "int", "block size B", "power of two, 16..4096"),
     "double_quant_scales": (False, "bool", "8-bit block scales (future work in the paper)", "bool"),
@@ -63,13 +66,17 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
     "root_method": ("eigen", "str", "inverse root of 32-bit Shampoo", '"eigen", "newton"'),
     "eigen_update": ("qr", "str", "eigenbasis refresh of 4-bit Shampoo", '"qr", "eigh"'),
     "skip_nonfinite": (False, "bool", "(lowbit) skip steps with NaN/Inf gradients", "bool"),
-    "preconditioner": ("shampoo", "str", "Shampoo or CASPR (Duvvuri et al. 2024)", '"shampoo", "caspr"'),
+    "preconditioner": ("shampoo", "str", "Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)",
+                       '"shampoo", "caspr", "soap" (needs graft "adamw")'),
+    "graft_bits": (32, "int", "bits of the AdamW moments (graft, or SOAP's Adam)",
+                   '32, 8, 4 (8, 4: needs graft "adamw")'),
 }
 OPTION_DEFAULTS: Dict[str, Any] = {name: row[0] for name, row in OPTION_TABLE.items()}
 _NAMES: Tuple[str, ...] = tuple(OPTION_TABLE)
-# Options that decide the layout of the state (a checkpoint must agree on them).
+# Options that decide the layout of the state (a checkpoint must agree on them);
+# error_feedback only with quantize "cholesky" (see _layout_differences).
 _LAYOUT = ("graft", "bits", "quantize", "mapping", "quant_block_size", "double_quant_scales",
-           "min_quant_numel", "max_preconditioner_dim", "preconditioner")
+           "min_quant_numel", "max_preconditioner_dim", "preconditioner", "graft_bits", "error_feedback")
 
 _ShampooConfig = torch.classes.lowbit.ShampooConfig
 _ShampooParam = torch.classes.lowbit.ShampooParam
@@ -162,6 +169,14 @@ def _convert(who: str, name: str, kind: str, value: Any, where: str) -> Any:
     return (convert(value[0]), convert(value[1]))
 
 
+def _layout_differences(a: Mapping, b: Mapping) -> List[str]:
+    """The options of ``_LAYOUT`` on which the normalized options ``a`` and ``b`` differ, as
+    C++ ``structural_differences``: ``error_feedback`` only counts with quantize "cholesky"
+    (it decides whether the error state is kept; other factors ignore it)."""
+    return [n for n in _LAYOUT
+            if a[n] != b[n] and (n != "error_feedback" or a["quantize"] == "cholesky")]
+
+
 def _options_of(group: Dict[str, Any], defaults: Dict[str, Any]) -> Tuple[Any, ...]:
     return tuple(group.get(name, defaults.get(name, OPTION_DEFAULTS[name])) for name in _NAMES)
 
@@ -222,9 +237,11 @@ class ShampooState(Mapping):
 
     A read-only mapping from entry names to the tensors the C++ optimizer holds:
     ``step`` and ``root_updates`` (0-d int64), ``momentum_buffer`` (SGDM) or ``exp_avg`` /
-    ``exp_avg_sq`` (AdamW), and ``preconditioner.*`` (statistics, eigenvectors as codes
-    and scales, eigenvalues, inverse roots). ``optimizer.state_dict()`` holds the same
-    entries as plain tensors.
+    ``exp_avg_sq`` (AdamW; with ``graft_bits`` 8 or 4 and enough elements, uint8
+    ``exp_avg_codes`` / ``exp_avg_sq_codes`` and fp32 ``exp_avg_scales`` /
+    ``exp_avg_sq_scales`` instead), and ``preconditioner.*`` (statistics, eigenvectors as
+    codes and scales, eigenvalues, inverse roots, Cholesky factors and their error states).
+    ``optimizer.state_dict()`` holds the same entries as plain tensors.
     """
 
     __slots__ = ("_cpp",)
@@ -297,6 +314,32 @@ class Shampoo(Optimizer):
     ``J = L~ G + G R~``, ``U = L~ J + J R~`` (then grafted like Shampoo's). With ``bits=4``
     it is the paper's 4-bit CASPR.
 
+    ``quantize="cholesky"`` is Cholesky-quantized Shampoo (Li et al. 2024, arXiv 2412.10663):
+    each factor ``L = C C^T`` is stored as its Cholesky factor C, the diagonal in fp32 and the
+    strictly lower triangle at ``bits`` bits (inverse roots are kept as ``quantize="matrix"``
+    keeps them). With ``error_feedback`` (default) the quantization error is kept, itself
+    low-bit, and added back before the next quantization:
+    ``E_k = b_e E_(k-1) + (1 - b_e) (C_k + E_(k-1) - D(Q(C_k + E_(k-1))))`` with
+    ``b_e = error_feedback_decay`` (0: E is the last residual); ``error_feedback=False``
+    saves that state. ``error_feedback`` decides the state layout.
+
+    ``preconditioner="soap"`` is SOAP (Vyas et al. 2024): AdamW run in the eigenbases ``Q_L``,
+    ``Q_R`` of L and R. Each statistics update (every ``stat_interval`` steps) refreshes a
+    basis by one warm-started QR step (``Q <- qr(L Q).Q``; ``eigen_update="eigh"``: a full
+    eigendecomposition); once roots are due (``start_preconditioning_step``,
+    ``root_interval``) the bases are used: ``m`` is kept in the parameter's coordinates, ``v``
+    in the rotated ones (``G' = Q_L^T G Q_R``, ``v = b2 v + (1 - b2) G'^2``) and the update is
+    ``Q_L (Q_L^T m Q_R / (sqrt(v_hat) + eps)) Q_R^T``: no root, no grafting. It needs
+    ``graft="adamw"`` (whose ``betas``, ``eps``, ``weight_decay`` it uses); before the first
+    root update, and for parameters without a preconditioner, it is AdamW. Below 32 bits it
+    needs ``quantize="eigenvectors"``: with ``bits=4`` the bases are 4-bit eigenvectors
+    (4-bit SOAP).
+
+    ``graft_bits=8`` or ``4`` stores the AdamW moments (of the graft, or SOAP's) block-wise
+    as :class:`lowbit.AdamW` does (m: dynamic-tree map, v: a positive table; tensors with
+    fewer than ``min_quant_numel`` elements keep fp32 moments); it needs ``graft="adamw"`` and
+    decides the state layout. ``bits=4, graft_bits=4`` keeps every state low-bit.
+
     Args:
         params: parameters, ``(name, parameter)`` pairs, or dicts defining parameter
             groups (each group may override any option below).
@@ -314,7 +357,9 @@ class Shampoo(Optimizer):
     ``eps``                         AdamW epsilon                                            1e-8                > 0
     ``weight_decay``                weight decay (coupled L2 for SGDM, decoupled for AdamW)  0.0                 >= 0
     ``bits``                        bit width b (32 = 32-bit Shampoo)                        4                   32, 8, 4, 3
-    ``quantize``                    QM: what is quantized (U or A)                           ``"eigenvectors"``  ``"eigenvectors"``, ``"matrix"``
+    ``quantize``                    QM: what is quantized (U, A, or A's Cholesky factor)     ``"eigenvectors"``  ``"eigenvectors"``, ``"matrix"``, ``"cholesky"``
+    ``error_feedback``              cholesky: error feedback E of the Cholesky factors       True                bool
+    ``error_feedback_decay``        cholesky: decay b_e of the error state E                 0.0                 [0, 1)
     ``mapping``                     quantization mapping                                     ``"linear2"``       ``"linear2"``, ``"dynamic"``, ``"linear"``
     ``quant_block_size``            block size B                                             64                  power of two, 16..4096
     ``double_quant_scales``         8-bit block scales (paper: future work)                  False               bool
@@ -329,7 +374,8 @@ class Shampoo(Optimizer):
     ``root_method``                 inverse root of 32-bit Shampoo                           ``"eigen"``         ``"eigen"``, ``"newton"``
     ``eigen_update``                eigenbasis refresh of 4-bit Shampoo                      ``"qr"``            ``"qr"`` (paper), ``"eigh"``
     ``skip_nonfinite``              (lowbit) skip steps with NaN/Inf gradients               False               bool
-    ``preconditioner``              Shampoo or CASPR (Duvvuri et al. 2024)                   ``"shampoo"``       ``"shampoo"``, ``"caspr"``
+    ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
+    ``graft_bits``                  bits of the AdamW moments (graft, or SOAP's Adam)        32                  32, 8, 4 (8, 4: needs graft ``"adamw"``)
     ==============================  =======================================================  ==================  ==========================================
 
     Distributed (keyword arguments, not per-group options): with ``process_group`` (a
@@ -380,7 +426,9 @@ class Shampoo(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         bits: Literal[32, 8, 4, 3] = 4,
-        quantize: Literal["eigenvectors", "matrix"] = "eigenvectors",
+        quantize: Literal["eigenvectors", "matrix", "cholesky"] = "eigenvectors",
+        error_feedback: bool = True,
+        error_feedback_decay: float = 0.0,
         mapping: Literal["linear2", "dynamic", "linear"] = "linear2",
         quant_block_size: int = 64,
         double_quant_scales: bool = False,
@@ -395,20 +443,22 @@ class Shampoo(Optimizer):
         root_method: Literal["eigen", "newton"] = "eigen",
         eigen_update: Literal["qr", "eigh"] = "qr",
         skip_nonfinite: bool = False,
-        preconditioner: Literal["shampoo", "caspr"] = "shampoo",
+        preconditioner: Literal["shampoo", "caspr", "soap"] = "shampoo",
+        graft_bits: Literal[32, 8, 4] = 32,
         process_group: Optional[Any] = None,
         average_gradients: bool = False,
         distributed_timeout: float = 300.0,
     ) -> None:
         given = dict(
             lr=lr, graft=graft, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
-            weight_decay=weight_decay, bits=bits, quantize=quantize, mapping=mapping,
+            weight_decay=weight_decay, bits=bits, quantize=quantize, error_feedback=error_feedback,
+            error_feedback_decay=error_feedback_decay, mapping=mapping,
             quant_block_size=quant_block_size, double_quant_scales=double_quant_scales,
             min_quant_numel=min_quant_numel, max_preconditioner_dim=max_preconditioner_dim,
             stat_decay=stat_decay, epsilon=epsilon, stat_interval=stat_interval,
             root_interval=root_interval, start_preconditioning_step=start_preconditioning_step,
             rectify_steps=rectify_steps, root_method=root_method, eigen_update=eigen_update,
-            skip_nonfinite=skip_nonfinite, preconditioner=preconditioner,
+            skip_nonfinite=skip_nonfinite, preconditioner=preconditioner, graft_bits=graft_bits,
         )
         defaults, _ = _make_config(tuple(given[n] for n in _NAMES), " (defaults)")
         # Per group: (option values the config was built from, C++ config, normalized options).
@@ -440,7 +490,7 @@ class Shampoo(Optimizer):
         cached_values, config, cached = self._configs[index]
         if config is None or values != cached_values:
             options, config = _make_config(values, f" (param group {index})")
-            changed = [n for n in _LAYOUT if cached and cached[n] != options[n]]
+            changed = _layout_differences(cached, options) if cached else []
             if changed and any(isinstance(self.state.get(p), ShampooState) for p in group["params"]):
                 raise ValueError(f"lowbit.Shampoo: cannot change {', '.join(changed)} of param group {index} "
                                  "after its first step (they decide the layout of the state); make a new "
@@ -590,10 +640,11 @@ class Shampoo(Optimizer):
             if "param_names" in g and "param_names" not in sg:
                 sg["param_names"] = g["param_names"]
             sg.setdefault("preconditioner", "shampoo")  # state dicts from before CASPR
+            sg.setdefault("graft_bits", 32)  # ... and from before low-bit AdamW moments (fp32 ones)
             for name in _NAMES:
                 sg.setdefault(name, g[name])
             options, config = _make_config(_options_of(sg, self.defaults), f" (saved param group {gi})")
-            differ = [n for n in _LAYOUT if options[n] != g[n]]
+            differ = _layout_differences(options, g)
             if differ:
                 raise ValueError(who + f"the state dict's param group {gi} was saved with different "
                                  f"{', '.join(differ)} than this optimizer uses; nothing was loaded")

@@ -115,7 +115,7 @@ def test_a_shampoo_state_dict_does_not_load_into_caspr():
 
 
 def test_bad_preconditioner_is_refused_naming_the_option():
-    with pytest.raises(ValueError, match='preconditioner must be one of "shampoo", "caspr"; got "kfac"'):
+    with pytest.raises(ValueError, match='preconditioner must be one of "shampoo", "caspr", "soap"; got "kfac"'):
         lowbit.Shampoo(make_params(1), preconditioner="kfac")
     with pytest.raises(TypeError, match="preconditioner must be a str"):
         lowbit.Shampoo(make_params(1), preconditioner=2)

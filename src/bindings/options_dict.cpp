@@ -89,6 +89,9 @@ const std::map<std::string, Setter>& setters() {
       {"eigen_update", [](auto& o, auto& n, auto& v) { o.eigen_update(as_string(n, v)); }},
       {"skip_nonfinite", [](auto& o, auto& n, auto& v) { o.skip_nonfinite(as_bool(n, v)); }},
       {"preconditioner", [](auto& o, auto& n, auto& v) { o.preconditioner(as_string(n, v)); }},
+      {"error_feedback", [](auto& o, auto& n, auto& v) { o.error_feedback(as_bool(n, v)); }},
+      {"error_feedback_decay", [](auto& o, auto& n, auto& v) { o.error_feedback_decay(as_number(n, v)); }},
+      {"graft_bits", [](auto& o, auto& n, auto& v) { o.graft_bits(as_int(n, v)); }},
   };
   return table;
 }
@@ -137,6 +140,9 @@ c10::Dict<std::string, c10::IValue> options_to_dict(const ShampooOptions& o) {
   d.insert("eigen_update", o.eigen_update());
   d.insert("skip_nonfinite", o.skip_nonfinite());
   d.insert("preconditioner", o.preconditioner());
+  d.insert("error_feedback", o.error_feedback());
+  d.insert("error_feedback_decay", o.error_feedback_decay());
+  d.insert("graft_bits", o.graft_bits());
   return c10::impl::toTypedDict<std::string, c10::IValue>(std::move(d));
 }
 

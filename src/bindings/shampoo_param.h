@@ -59,6 +59,8 @@ class ShampooParam : public torch::CustomClassHolder {
     if (state_.momentum_buffer().defined()) d.insert("momentum_buffer", state_.momentum_buffer());
     if (state_.exp_avg().defined()) d.insert("exp_avg", state_.exp_avg());
     if (state_.exp_avg_sq().defined()) d.insert("exp_avg_sq", state_.exp_avg_sq());
+    for (const auto& [name, tensor] : low_bit_moments(state_))
+      if (tensor->defined()) d.insert(name, *tensor);
     if (state_.preconditioner) {
       precond::TensorMap entries;
       state_.preconditioner->save(entries);
@@ -77,10 +79,7 @@ class ShampooParam : public torch::CustomClassHolder {
   }
 
   std::tuple<int64_t, int64_t> state_bytes() const {
-    int64_t first_order = 0;
-    for (const at::Tensor* t : {&state_.momentum_buffer(), &state_.exp_avg(), &state_.exp_avg_sq()})
-      if (t->defined()) first_order += t->numel() * static_cast<int64_t>(t->element_size());
-    return {state_.preconditioner ? state_.preconditioner->state_bytes() : 0, first_order};
+    return {state_.preconditioner ? state_.preconditioner->state_bytes() : 0, first_order_bytes(state_)};
   }
   int64_t steps() const { return state_.step(); }
   int64_t root_updates() const { return state_.root_updates(); }
@@ -91,6 +90,13 @@ class ShampooParam : public torch::CustomClassHolder {
   c10::Dict<std::string, c10::IValue> options() const { return options_to_dict(options_); }
 
  private:
+  static std::vector<std::pair<const char*, const at::Tensor*>> low_bit_moments(const ShampooParamState& s) {
+    return {{"exp_avg_codes", &s.exp_avg_codes()},
+            {"exp_avg_scales", &s.exp_avg_scales()},
+            {"exp_avg_sq_codes", &s.exp_avg_sq_codes()},
+            {"exp_avg_sq_scales", &s.exp_avg_sq_scales()}};
+  }
+
   void check_param(const at::Tensor& p) const {
     TORCH_CHECK(p.sizes() == at::IntArrayRef(shape_), kWho, "the parameter has shape ", p.sizes(),
                 " but its state was made for shape ", at::IntArrayRef(shape_));
@@ -124,11 +130,20 @@ class ShampooParam : public torch::CustomClassHolder {
         staged.exp_avg(t);
       } else if (key == "exp_avg_sq") {
         staged.exp_avg_sq(t);
+      } else if (key == "exp_avg_codes") {
+        staged.exp_avg_codes(t);
+      } else if (key == "exp_avg_scales") {
+        staged.exp_avg_scales(t);
+      } else if (key == "exp_avg_sq_codes") {
+        staged.exp_avg_sq_codes(t);
+      } else if (key == "exp_avg_sq_scales") {
+        staged.exp_avg_sq_scales(t);
       } else if (key.rfind(kPreconditionerPrefix, 0) == 0) {
         staged.loaded_preconditioner[key.substr(std::string(kPreconditionerPrefix).size())] = t;
       } else {
         TORCH_CHECK(false, who, what, ": checkpoint entry \"", key, "\" is not part of a Shampoo state (expected step, "
-                    "root_updates, momentum_buffer, exp_avg, exp_avg_sq, preconditioner.*)");
+                    "root_updates, momentum_buffer, exp_avg, exp_avg_sq, exp_avg[_sq]_codes / _scales, "
+                    "preconditioner.*)");
       }
     }
     TORCH_CHECK(has_step && has_roots, who, "the checkpoint of ", what, " has no \"",

@@ -12,7 +12,9 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
     double lr = -1, momentum = 0.9, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
     bool nesterov = false, double_quant = false;
     int64_t bits = 4, block_size = 64, min_quant_numel = 4096, max_dim = 1200;
-    int64_t stat_interval = 10, root_interval = 50, start = 1, t1 = 1, t2 = 4;
+    int64_t stat_interval = 10, root_interval = 50, start = 1, t1 = 1, t2 = -1;  // t2 -1: 4, or 1 for soap4
+    int64_t graft_bits = 32;
+    double error_feedback_decay = 0.0;
     double stat_decay = 0.95, epsilon = -1;  // -1: 1e-6, or 1e-4 for CASPR
     std::string graft = "adamw", mapping = "linear2", root_method = "eigen", eigen_update = "qr";
   };
@@ -24,14 +26,15 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_option("--model", c.model, "mlp | cnn | resnet20 | vit")->capture_default_str();
   if (with_optimizer)
     cmd.add_option("--optimizer", c.optimizer,
-                   "sgdm | adamw | adamw8 | adamw4 | shampoo | shampoo4 | shampoo4-naive | caspr | caspr4 | sophia | "
+                   "sgdm | adamw | adamw8 | adamw4 | shampoo | shampoo4 | shampoo4-naive | shampoo4-cholesky | "
+                   "shampoo4-cholesky-noef | shampoo4-adamw4 | caspr | caspr4 | soap | soap4 | sophia | "
                    "sophia-h | adahessian | mfac | mfac8 | mfac4 | nag-gs")
         ->check(CLI::IsMember(train::kOptimizerNames))->capture_default_str();
   cmd.add_option("--epochs", c.epochs, "Epochs")->check(CLI::PositiveNumber)->capture_default_str();
   cmd.add_option("--batch-size", c.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd.add_option("--lr", raw->lr,
                  "Learning rate (default per optimizer: 0.05 for sgdm and sgdm grafting, 1e-3 for adamw (also adamw8/adamw4), Shampoo "
-                 "with adamw grafting and Sophia, 3e-3 for M-FAC, 0.05 for adahessian, 0.3 for nag-gs)");
+                 "with adamw grafting, SOAP and Sophia, 3e-3 for M-FAC, 0.05 for adahessian, 0.3 for nag-gs)");
   cmd.add_option("--schedule", c.schedule, "constant | cosine | multistep")
       ->check(CLI::IsMember({"constant", "cosine", "multistep"}))->capture_default_str();
   cmd.add_option("--warmup-epochs", c.warmup_epochs, "Linear warm-up length in epochs")->capture_default_str();
@@ -68,9 +71,14 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
                  "epsilon, relative to lambda_max (default 1e-6; 1e-4 for caspr/caspr4, whose L^-1/2 G term "
                  "weights unseen directions by 1/epsilon)");
   cmd.add_option("--rectify-t1", raw->t1, "Björck steps before a statistics update")->capture_default_str();
-  cmd.add_option("--rectify-t2", raw->t2, "Björck steps before a root update")->capture_default_str();
+  cmd.add_option("--rectify-t2", raw->t2,
+                 "Björck steps before a root update (default 4); soap4 reads its basis every step, with 1 by default");
   cmd.add_option("--root-method", raw->root_method, "eigen | newton (32-bit Shampoo)")->capture_default_str();
   cmd.add_option("--eigen-update", raw->eigen_update, "qr | eigh (4-bit Shampoo eigenbasis refresh)")->capture_default_str();
+  cmd.add_option("--graft-bits", raw->graft_bits, "Bits of the AdamW moments under Shampoo / SOAP: 32, 8 or 4 "
+                 "(shampoo4-adamw4: 4)")->check(CLI::IsMember({32, 8, 4}));
+  cmd.add_option("--error-feedback-decay", raw->error_feedback_decay,
+                 "shampoo4-cholesky: decay b_e of the error-feedback state")->capture_default_str();
   cmd.add_option("--hessian-interval", c.second_order.hessian_interval,
                  "Sophia / AdaHessian: steps between Hessian refreshes (default 10 / 1)");
   cmd.add_option("--rho", c.second_order.rho, "Sophia: scale of the Hessian in the clipped ratio (default 0.04)");
@@ -80,6 +88,7 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   return [raw](const std::string& optimizer) {
     const double lr = raw->lr > 0 ? raw->lr : train::default_lr(optimizer, raw->graft);
     const double epsilon = raw->epsilon > 0 ? raw->epsilon : optimizer.rfind("caspr", 0) == 0 ? 1e-4 : 1e-6;
+    const int64_t t2 = raw->t2 >= 0 ? raw->t2 : optimizer == "soap4" ? 1 : 4;
     return ShampooOptions(lr)
                     .graft(raw->graft).momentum(raw->momentum).nesterov(raw->nesterov)
                     .weight_decay(raw->weight_decay).betas({raw->beta1, raw->beta2}).eps(raw->eps)
@@ -87,8 +96,9 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
                     .double_quant_scales(raw->double_quant).min_quant_numel(raw->min_quant_numel)
                     .max_preconditioner_dim(raw->max_dim).stat_interval(raw->stat_interval)
                     .root_interval(raw->root_interval).start_preconditioning_step(raw->start)
-                    .stat_decay(raw->stat_decay).epsilon(epsilon).rectify_steps({raw->t1, raw->t2})
-                    .root_method(raw->root_method).eigen_update(raw->eigen_update);
+                    .stat_decay(raw->stat_decay).epsilon(epsilon).rectify_steps({raw->t1, t2})
+                    .root_method(raw->root_method).eigen_update(raw->eigen_update)
+                    .graft_bits(raw->graft_bits).error_feedback_decay(raw->error_feedback_decay);
   };
 }
 

@@ -112,8 +112,7 @@ StateBytes Shampoo::state_bytes() const {
   for (const auto& [key, base] : state()) {
     const auto& s = static_cast<const ShampooParamState&>(*base);
     if (s.preconditioner) bytes.preconditioner += s.preconditioner->state_bytes();
-    for (const torch::Tensor* t : {&s.momentum_buffer(), &s.exp_avg(), &s.exp_avg_sq()})
-      if (t->defined()) bytes.first_order += t->numel() * static_cast<int64_t>(t->element_size());
+    bytes.first_order += first_order_bytes(s);
   }
   return bytes;
 }

@@ -45,10 +45,30 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
               what, " has step ", s.step(), " and root_updates ", s.root_updates(),
               "; expected 0 <= root_updates <= step");
   s.momentum_buffer(checked_buffer(s.momentum_buffer(), p, "momentum_buffer", who, what));
-  s.exp_avg(checked_buffer(s.exp_avg(), p, "exp_avg", who, what));
-  s.exp_avg_sq(checked_buffer(s.exp_avg_sq(), p, "exp_avg_sq", who, what));
-  TORCH_CHECK(s.exp_avg().defined() == s.exp_avg_sq().defined(), who, "checkpoint of ", what,
-              " has only one of exp_avg and exp_avg_sq");
+  const adamw::MomentLayout layout = graft_layout(p, options);
+  const bool any_codes = s.exp_avg_codes().defined() || s.exp_avg_scales().defined() ||
+                         s.exp_avg_sq_codes().defined() || s.exp_avg_sq_scales().defined();
+  if (layout.quantized() && (any_codes || s.exp_avg().defined() || s.exp_avg_sq().defined())) {
+    // Low-bit moments (graft_bits): codes and scales as lowbit::AdamW keeps them.
+    auto on_device = [&](const torch::Tensor& t) { return t.defined() ? t.to(p.device()) : t; };
+    s.exp_avg_codes(on_device(s.exp_avg_codes())).exp_avg_scales(on_device(s.exp_avg_scales()));
+    s.exp_avg_sq_codes(on_device(s.exp_avg_sq_codes())).exp_avg_sq_scales(on_device(s.exp_avg_sq_scales()));
+    adamw::Moments m;
+    m.exp_avg = s.exp_avg();
+    m.exp_avg_sq = s.exp_avg_sq();
+    m.exp_avg_codes = s.exp_avg_codes();
+    m.exp_avg_scales = s.exp_avg_scales();
+    m.exp_avg_sq_codes = s.exp_avg_sq_codes();
+    m.exp_avg_sq_scales = s.exp_avg_sq_scales();
+    adamw::check_moments(m, layout, p, who + "checkpoint of " + what);
+  } else {
+    TORCH_CHECK(!any_codes, who, "checkpoint of ", what, " has low-bit AdamW moments, but this optimizer keeps ",
+                "them in fp32 (graft_bits=", options.graft_bits(), ", ", p.numel(), " elements)");
+    s.exp_avg(checked_buffer(s.exp_avg(), p, "exp_avg", who, what));
+    s.exp_avg_sq(checked_buffer(s.exp_avg_sq(), p, "exp_avg_sq", who, what));
+    TORCH_CHECK(s.exp_avg().defined() == s.exp_avg_sq().defined(), who, "checkpoint of ", what,
+                " has only one of exp_avg and exp_avg_sq");
+  }
   auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(p.sizes(), p.options(),
                                                                            preconditioner_config(options, eigh));
   if (preconditioner->active()) {
@@ -73,6 +93,10 @@ void ShampooParamState::serialize(torch::serialize::OutputArchive& archive) cons
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_codes);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_scales);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq_codes);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq_scales);
   if (preconditioner) {
     precond::TensorMap entries;
     preconditioner->save(entries);
@@ -86,6 +110,10 @@ void ShampooParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_codes);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_scales);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq_codes);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq_scales);
   loaded_preconditioner.clear();
   for (const std::string& key : archive.keys()) {
     if (key.rfind(kPreconditionerPrefix, 0) != 0) continue;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "optim/adamw_rule.h"
 #include "precond/parameter_preconditioner.h"
 
 namespace lowbit {
@@ -65,5 +66,17 @@ void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParam
 // The first-order rules applied to the (grafted) direction d; they update p in place.
 void sgdm_update(torch::Tensor& p, torch::Tensor d, ShampooParamState& state, const ShampooOptions& o);
 void adamw_update(torch::Tensor& p, const torch::Tensor& d, ShampooParamState& state, const ShampooOptions& o);
+// SOAP (preconditioner "soap"): AdamW with m in the parameter's coordinates and v in the
+// eigenbases of its preconditioner, once a basis is in use (plain AdamW before, and for
+// parameters without a preconditioner).
+void soap_update(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& state, const ShampooOptions& o);
+
+// The AdamW moments' layout for p (graft_bits, min_quant_numel), and the state's moments
+// as handles (created as zeros on first use; updates write through).
+// Bytes of the first-order state (momentum, AdamW moments in fp32 or low-bit).
+int64_t first_order_bytes(const ShampooParamState& state);
+
+adamw::MomentLayout graft_layout(const torch::Tensor& p, const ShampooOptions& o);
+adamw::Moments graft_moments(ShampooParamState& state, const adamw::MomentLayout& layout, const torch::Tensor& p);
 
 }  // namespace lowbit

@@ -40,7 +40,9 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
   TORCH_CHECK(o.weight_decay() >= 0, p, "weight_decay must be >= 0; got ", o.weight_decay());
   TORCH_CHECK(o.bits() == 32 || o.bits() == 8 || o.bits() == 4 || o.bits() == 3,
               p, "bits must be 32, 8, 4 or 3; got ", o.bits());
-  check_one_of(p, "quantize", o.quantize(), {"eigenvectors", "matrix"});
+  check_one_of(p, "quantize", o.quantize(), {"eigenvectors", "matrix", "cholesky"});
+  TORCH_CHECK(o.error_feedback_decay() >= 0 && o.error_feedback_decay() < 1, p,
+              "error_feedback_decay must be in [0, 1); got ", o.error_feedback_decay());
   check_one_of(p, "mapping", o.mapping(), {"linear2", "dynamic", "linear"});
   check_block_size(o.quant_block_size(), (p + "quant_block_size").c_str());
   TORCH_CHECK(o.min_quant_numel() >= 0, p, "min_quant_numel must be >= 0; got ", o.min_quant_numel());
@@ -58,7 +60,17 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
               p, "rectify_steps must be two counts in [0, 100]; got (", t1, ", ", t2, ")");
   check_one_of(p, "root_method", o.root_method(), {"eigen", "newton"});
   check_one_of(p, "eigen_update", o.eigen_update(), {"qr", "eigh"});
-  check_one_of(p, "preconditioner", o.preconditioner(), {"shampoo", "caspr"});
+  check_one_of(p, "preconditioner", o.preconditioner(), {"shampoo", "caspr", "soap"});
+  if (o.preconditioner() == "soap") {
+    TORCH_CHECK(o.graft() == "adamw", p, "preconditioner \"soap\" runs AdamW in the eigenbasis and needs "
+                "graft \"adamw\"; got \"", o.graft(), "\"");
+    TORCH_CHECK(o.bits() == 32 || o.quantize() == "eigenvectors", p, "preconditioner \"soap\" keeps "
+                "eigenvectors: with bits=", o.bits(), " it needs quantize \"eigenvectors\"; got \"", o.quantize(), "\"");
+  }
+  TORCH_CHECK(o.graft_bits() == 32 || o.graft_bits() == 8 || o.graft_bits() == 4, p,
+              "graft_bits must be 32, 8 or 4; got ", o.graft_bits());
+  TORCH_CHECK(o.graft_bits() == 32 || o.graft() == "adamw", p, "graft_bits=", o.graft_bits(),
+              " quantizes AdamW moments and needs graft \"adamw\"; got \"", o.graft(), "\"");
 }
 
 // Options that decide the layout of the saved state: a checkpoint must agree on these.
@@ -78,6 +90,9 @@ std::vector<std::string> structural_differences(const ShampooOptions& a, const S
   // Same tensors either way, but the saved roots are L^(-1/4) (Shampoo) or L^(-1/2) (CASPR):
   // read with the other rule they would give a wrong direction until the next refresh.
   note(a.preconditioner() == b.preconditioner(), "preconditioner");
+  note(a.graft_bits() == b.graft_bits(), "graft_bits");
+  // With quantize "cholesky" the error state is saved or not.
+  note(a.error_feedback() == b.error_feedback() || a.quantize() != "cholesky", "error_feedback");
   return out;
 }
 
@@ -91,6 +106,7 @@ std::vector<std::string> preconditioner_differences(const ShampooOptions& a, con
   note(a.root_method() == b.root_method(), "root_method");
   note(a.rectify_steps() == b.rectify_steps(), "rectify_steps");
   note(a.eigen_update() == b.eigen_update(), "eigen_update");
+  note(a.error_feedback_decay() == b.error_feedback_decay(), "error_feedback_decay");
   return out;
 }
 
@@ -99,9 +115,12 @@ precond::PreconditionerConfig preconditioner_config(const ShampooOptions& o, con
   c.factor.stat_decay = o.stat_decay();
   c.factor.epsilon = o.epsilon();
   // Shampoo: L^(-1/4) G R^(-1/4). CASPR: L^(-1/2) and R^(-1/2) combined as a Kronecker sum.
-  const bool caspr = o.preconditioner() == "caspr";
+  const bool caspr = o.preconditioner() == "caspr", soap = o.preconditioner() == "soap";
   c.factor.root_exponent = caspr ? 2 : 4;
-  c.combine = caspr ? precond::Combine::Caspr : precond::Combine::Shampoo;
+  c.combine = caspr ? precond::Combine::Caspr : soap ? precond::Combine::Soap : precond::Combine::Shampoo;
+  c.factor.eigenbasis = soap;
+  c.factor.error_feedback = o.error_feedback();
+  c.factor.error_feedback_decay = o.error_feedback_decay();
   c.factor.root_method = o.root_method() == "newton" ? precond::RootMethod::Newton : precond::RootMethod::Eigen;
   if (o.bits() != 32) c.factor.quant.bits = static_cast<int>(o.bits());
   c.factor.quant.mapping = parse_mapping(o.mapping());
@@ -111,9 +130,10 @@ precond::PreconditionerConfig preconditioner_config(const ShampooOptions& o, con
   c.factor.bjorck_root_steps = static_cast<int>(std::get<1>(o.rectify_steps()));
   c.factor.eigen_update = o.eigen_update() == "eigh" ? precond::EigenUpdate::Eigh : precond::EigenUpdate::QrStep;
   if (eigh) c.factor.eigh = eigh;
-  c.kind = o.bits() == 32             ? precond::FactorKind::Dense
-           : o.quantize() == "matrix" ? precond::FactorKind::NaiveQuantized
-                                      : precond::FactorKind::EigenQuantized;
+  c.kind = o.bits() == 32               ? precond::FactorKind::Dense
+           : o.quantize() == "matrix"   ? precond::FactorKind::NaiveQuantized
+           : o.quantize() == "cholesky" ? precond::FactorKind::CholeskyQuantized
+                                        : precond::FactorKind::EigenQuantized;
   c.min_quant_numel = o.min_quant_numel();
   c.max_dim = o.max_preconditioner_dim();
   return c;
@@ -144,6 +164,9 @@ void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eigen_update);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skip_nonfinite);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(preconditioner);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(error_feedback);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(error_feedback_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(graft_bits);
 }
 
 void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -170,9 +193,12 @@ void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, root_method);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, eigen_update);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, skip_nonfinite);
-  // Checkpoints written before CASPR have no entry: they are Shampoo.
-  c10::IValue preconditioner;
-  preconditioner_ = archive.try_read("preconditioner", preconditioner) ? preconditioner.toStringRef() : "shampoo";
+  // Options added later are absent from older checkpoints: those used the defaults.
+  c10::IValue value;
+  preconditioner_ = archive.try_read("preconditioner", value) ? value.toStringRef() : "shampoo";
+  error_feedback_ = archive.try_read("error_feedback", value) ? value.toBool() : true;
+  error_feedback_decay_ = archive.try_read("error_feedback_decay", value) ? value.toDouble() : 0.0;
+  graft_bits_ = archive.try_read("graft_bits", value) ? value.toInt() : 32;
 }
 
 bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
@@ -183,7 +209,7 @@ bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
          a.root_interval() == b.root_interval() &&
          a.start_preconditioning_step() == b.start_preconditioning_step() &&
          a.rectify_steps() == b.rectify_steps() && a.root_method() == b.root_method() && a.eigen_update() == b.eigen_update() &&
-         a.skip_nonfinite() == b.skip_nonfinite();
+         a.skip_nonfinite() == b.skip_nonfinite() && a.error_feedback_decay() == b.error_feedback_decay();
 }
 
 double ShampooOptions::get_lr() const { return lr(); }

@@ -33,6 +33,10 @@ ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
 
 void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,
                        const ShampooOptions& o) {
+  if (o.preconditioner() == "soap") {
+    soap_update(p, grad, s, o);
+    return;
+  }
   torch::Tensor direction = grad;
   const bool started = s.step() >= o.start_preconditioning_step();
   if (s.preconditioner && started && s.root_updates() > 0) direction = s.preconditioner->precondition(grad);

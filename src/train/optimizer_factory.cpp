@@ -3,6 +3,8 @@
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
 
+#include <algorithm>
+
 #include <lowbit/adahessian.h>
 #include <lowbit/adamw.h>
 #include <lowbit/mfac.h>
@@ -11,9 +13,20 @@
 
 namespace lowbit::train {
 
-const std::vector<std::string> kOptimizerNames = {"sgdm",     "adamw", "adamw8", "adamw4", "shampoo", "shampoo4",
-                                                  "shampoo4-naive", "caspr", "caspr4", "sophia", "sophia-h", "adahessian", "mfac",
-                                                  "mfac8",    "mfac4",    "nag-gs"};
+const std::vector<std::string> kShampooFamily = {"shampoo", "shampoo4", "shampoo4-naive", "shampoo4-cholesky",
+                                                 "shampoo4-cholesky-noef", "shampoo4-adamw4", "caspr", "caspr4",
+                                                 "soap", "soap4"};
+
+const std::vector<std::string> kOptimizerNames = [] {
+  std::vector<std::string> names{"sgdm", "adamw", "adamw8", "adamw4"};
+  names.insert(names.end(), kShampooFamily.begin(), kShampooFamily.end());
+  for (const char* n : {"sophia", "sophia-h", "adahessian", "mfac", "mfac8", "mfac4", "nag-gs"}) names.emplace_back(n);
+  return names;
+}();
+
+bool is_shampoo_family(const std::string& name) {
+  return std::find(kShampooFamily.begin(), kShampooFamily.end(), name) != kShampooFamily.end();
+}
 
 namespace {
 
@@ -66,7 +79,7 @@ std::unique_ptr<torch::optim::Optimizer> make_second_order(const std::string& na
 double default_lr(const std::string& name, const std::string& graft) {
   if (name == "sgdm") return 0.05;
   if (name == "adamw" || name == "adamw8" || name == "adamw4") return 1e-3;
-  if (name.rfind("shampoo", 0) == 0 || name.rfind("caspr", 0) == 0) return graft == "sgdm" ? 0.05 : 1e-3;
+  if (is_shampoo_family(name)) return graft == "sgdm" ? 0.05 : 1e-3;
   if (name == "sophia" || name == "sophia-h") return 1e-3;
   if (name == "adahessian") return 0.05;  // with a warm-up: early Hessian diagonals are tiny
   if (name.rfind("mfac", 0) == 0) return 3e-3;
@@ -98,9 +111,18 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
     if (name == "caspr") options.bits(32);
     else if (options.bits() == 32) options.bits(4);
     if (name == "caspr4") options.quantize("eigenvectors");
-  } else if (name == "shampoo4" || name == "shampoo4-naive") {
+  } else if (name == "soap" || name == "soap4") {  // AdamW in the eigenbases of L and R
+    options.preconditioner("soap").graft("adamw");
+    if (name == "soap") options.bits(32);
+    else if (options.bits() == 32) options.bits(4);
+    if (name == "soap4") options.quantize("eigenvectors");
+  } else if (name == "shampoo4" || name == "shampoo4-naive" || name == "shampoo4-adamw4") {
     if (options.bits() == 32) options.bits(4);
-    options.quantize(name == "shampoo4" ? "eigenvectors" : "matrix");
+    options.quantize(name == "shampoo4-naive" ? "matrix" : "eigenvectors");
+    if (name == "shampoo4-adamw4") options.graft("adamw").graft_bits(4);  // every state low-bit
+  } else if (name == "shampoo4-cholesky" || name == "shampoo4-cholesky-noef") {
+    if (options.bits() == 32) options.bits(4);
+    options.quantize("cholesky").error_feedback(name == "shampoo4-cholesky");
   } else {
     TORCH_CHECK(false, "--optimizer must be one of ", known_names(), "; got \"", name, "\"");
   }

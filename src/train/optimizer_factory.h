@@ -17,11 +17,17 @@ namespace lowbit::train {
 // `shampoo`); "shampoo" (32-bit),
 // "shampoo4" and "shampoo4-naive" are lowbit::Shampoo with `shampoo` as the base options
 // (its bits/quantize are overridden by the name); "caspr" (32-bit) and "caspr4" (4-bit
-// eigenvectors) are the same with preconditioner "caspr"; "sophia" (Gauss-Newton-Bartlett),
+// eigenvectors) are the same with preconditioner "caspr"; "soap" / "soap4" with preconditioner
+// "soap" (AdamW in the eigenbases, 4-bit eigenvectors for soap4); "shampoo4-cholesky" and
+// "shampoo4-cholesky-noef" quantize the Cholesky factor (with / without error feedback);
+// "shampoo4-adamw4" is shampoo4 with 4-bit AdamW moments as its graft; "sophia" (Gauss-Newton-Bartlett),
 // "sophia-h" (Hutchinson), "adahessian", "mfac" (fp32 window), "mfac8", "mfac4" and
 // "nag-gs" are lowbit's other second-order optimizers. lr, momentum, betas, eps and weight
 // decay come from `shampoo` for every optimizer that has them.
 extern const std::vector<std::string> kOptimizerNames;
+// The names built on lowbit::Shampoo (they take the Shampoo options and --nproc).
+extern const std::vector<std::string> kShampooFamily;
+bool is_shampoo_family(const std::string& name);
 
 // The options of the non-Shampoo second-order optimizers; a negative value keeps the
 // optimizer's own default (which differ: Sophia refreshes its Hessian every 10 steps,

@@ -198,10 +198,12 @@ void TrainConfig::validate() const {
   TORCH_CHECK(!resume || !checkpoint_dir.empty(), "--resume needs --checkpoint DIR");
   TORCH_CHECK(stop_after_epoch >= 0, "--stop-after-epoch must be >= 0; got ", stop_after_epoch);
   shampoo.validate();
-  TORCH_CHECK(distributed.world_size == 1 || (optimizer.rfind("shampoo", 0) == 0 || optimizer.rfind("caspr", 0) == 0),
-              "--nproc ",
-              distributed.world_size, " needs a Shampoo optimizer (shampoo, shampoo4, shampoo4-naive, caspr, caspr4), which "
-              "averages gradients and shares its preconditioner work; got ", optimizer);
+  TORCH_CHECK(distributed.world_size == 1 || is_shampoo_family(optimizer), "--nproc ", distributed.world_size,
+              " needs an optimizer built on Shampoo (", [] {
+                std::string list;
+                for (const std::string& n : kShampooFamily) list += (list.empty() ? "" : ", ") + n;
+                return list;
+              }(), "), which averages gradients and shares its preconditioner work; got ", optimizer);
 }
 
 TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log) {
