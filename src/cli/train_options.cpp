@@ -24,6 +24,13 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_option("--max-train", c.max_train, "Use only the first N training examples");
   cmd.add_option("--max-test", c.max_test, "Use only the first N test examples");
   cmd.add_option("--model", c.model, "mlp | cnn | resnet20 | vit")->capture_default_str();
+  cmd.add_option_function<std::string>(
+         "--arith", [&c](const std::string& name) { c.arithmetic.mode = arith::parse_mode(name); },
+         "Arithmetic of the linear and conv layers: fp32 | luq4 (4-bit forward, LUQ 4-bit gradients) | rmm "
+         "(randomized matmul for linear weight gradients)")
+      ->check(CLI::IsMember({"fp32", "luq4", "rmm"}))->default_str("fp32");
+  cmd.add_option("--rmm-keep", c.arithmetic.rmm_keep, "rmm: sketch size as a fraction of the batch")
+      ->check(CLI::Range(1e-6, 1.0))->capture_default_str();
   if (with_optimizer)
     cmd.add_option("--optimizer", c.optimizer,
                    "sgdm | adamw | adamw8 | adamw4 | shampoo | shampoo4 | shampoo4-naive | shampoo4-cholesky | "

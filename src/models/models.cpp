@@ -25,9 +25,9 @@ struct Mlp : Classifier {
     fc3 = register_module("fc3", torch::nn::Linear(256, num_classes));
   }
   at::Tensor forward(at::Tensor x) override {
-    x = at::relu(fc1->forward(x.flatten(1)));
-    x = at::relu(fc2->forward(x));
-    return fc3->forward(x);
+    x = at::relu(compute->linear(fc1, x.flatten(1)));
+    x = at::relu(compute->linear(fc2, x));
+    return compute->linear(fc3, x);
   }
 };
 
@@ -47,10 +47,10 @@ struct Cnn : Classifier {
     fc2 = register_module("fc2", torch::nn::Linear(128, num_classes));
   }
   at::Tensor forward(at::Tensor x) override {
-    x = at::max_pool2d(at::relu(bn1->forward(conv1->forward(x))), {2, 2});
-    x = at::max_pool2d(at::relu(bn2->forward(conv2->forward(x))), {2, 2});
-    x = at::relu(fc1->forward(x.flatten(1)));
-    return fc2->forward(x);
+    x = at::max_pool2d(at::relu(bn1->forward(compute->conv(conv1, x))), {2, 2});
+    x = at::max_pool2d(at::relu(bn2->forward(compute->conv(conv2, x))), {2, 2});
+    x = at::relu(compute->linear(fc1, x.flatten(1)));
+    return compute->linear(fc2, x);
   }
 };
 

@@ -10,11 +10,20 @@
 #include <string>
 #include <vector>
 
+#include "models/layer_arithmetic.h"
+
 namespace lowbit::models {
 
 // Maps images [batch, in_channels, image_size, image_size] to logits [batch, num_classes].
 struct Classifier : torch::nn::Module {
   virtual at::Tensor forward(at::Tensor x) = 0;
+  // The arithmetic of its linear and convolution layers (lowbit/arith.h; fp32 by default).
+  // Throws for a model whose layers do not support it (vit: fp32 only).
+  virtual void set_arithmetic(const arith::ArithOptions& options) { compute->set(options); }
+  const arith::ArithOptions& arithmetic() const { return compute->options; }
+
+ protected:
+  std::shared_ptr<LayerArithmetic> compute = std::make_shared<LayerArithmetic>();
 };
 
 // "mlp":      flatten, two hidden layers of 256 with ReLU.

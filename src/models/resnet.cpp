@@ -24,7 +24,9 @@ torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t kernel, int64_t stride) 
 struct BasicBlock : torch::nn::Module {
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, shortcut_conv{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, shortcut_bn{nullptr};
-  BasicBlock(int64_t in, int64_t out, int64_t stride) {
+  std::shared_ptr<LayerArithmetic> compute;  // the model's: set_arithmetic reaches the block
+  BasicBlock(int64_t in, int64_t out, int64_t stride, std::shared_ptr<LayerArithmetic> arithmetic)
+      : compute(std::move(arithmetic)) {
     conv1 = register_module("conv1", conv(in, out, 3, stride));
     bn1 = register_module("bn1", torch::nn::BatchNorm2d(out));
     conv2 = register_module("conv2", conv(out, out, 3, 1));
@@ -35,9 +37,9 @@ struct BasicBlock : torch::nn::Module {
     }
   }
   at::Tensor forward(const at::Tensor& x) {
-    at::Tensor y = at::relu(bn1->forward(conv1->forward(x)));
-    y = bn2->forward(conv2->forward(y));
-    const at::Tensor identity = shortcut_conv ? shortcut_bn->forward(shortcut_conv->forward(x)) : x;
+    at::Tensor y = at::relu(bn1->forward(compute->conv(conv1, x)));
+    y = bn2->forward(compute->conv(conv2, y));
+    const at::Tensor identity = shortcut_conv ? shortcut_bn->forward(compute->conv(shortcut_conv, x)) : x;
     return at::relu(y + identity);
   }
 };
@@ -57,16 +59,16 @@ struct ResNet20 : Classifier {
         const int64_t stride = (stage > 0 && b == 0) ? 2 : 1;
         blocks.push_back(register_module(
             "stage" + std::to_string(stage + 1) + "_block" + std::to_string(b + 1),
-            std::make_shared<BasicBlock>(channels, out, stride)));
+            std::make_shared<BasicBlock>(channels, out, stride, compute)));
         channels = out;
       }
     }
     fc = register_module("fc", torch::nn::Linear(channels, num_classes));
   }
   at::Tensor forward(at::Tensor x) override {
-    x = at::relu(stem_bn->forward(stem->forward(x)));
+    x = at::relu(stem_bn->forward(compute->conv(stem, x)));
     for (const auto& block : blocks) x = block->forward(x);
-    return fc->forward(at::adaptive_avg_pool2d(x, {1, 1}).flatten(1));
+    return compute->linear(fc, at::adaptive_avg_pool2d(x, {1, 1}).flatten(1));
   }
 };
 

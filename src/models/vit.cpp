@@ -51,6 +51,11 @@ struct TransformerLayer : torch::nn::Module {
 };
 
 struct Vit : Classifier {
+  void set_arithmetic(const arith::ArithOptions& options) override {
+    TORCH_CHECK(options.mode == arith::Mode::Fp32, "vit: low-bit arithmetic (\"", arith::to_string(options.mode),
+                "\") is implemented for mlp, cnn and resnet20; vit trains in fp32");
+    Classifier::set_arithmetic(options);
+  }
   int64_t patch;
   torch::nn::Conv2d patch_embed{nullptr};
   at::Tensor cls_token, pos_embed;

@@ -227,6 +227,9 @@ TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log)
   TORCH_CHECK(n > 0, "the training set is empty");
   auto model = models::make_model(config.model, data.train.images.size(1), data.train.images.size(2),
                                   data.num_classes);
+  arith::ArithOptions arithmetic = config.arithmetic;
+  arithmetic.seed = config.seed;
+  model->set_arithmetic(arithmetic);
   auto optimizer = make_optimizer(config.optimizer, model->parameters(), config.shampoo, config.second_order);
   parallel.attach(*optimizer, config.optimizer);
 
@@ -266,8 +269,12 @@ TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log)
       const Shard shard = parallel.shard(batch.images, batch.labels);
       const double lr = schedule.at(progress.step);
       for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
+      arith::reset_saved_bytes();
       const at::Tensor loss = train_step(*model, *optimizer, config.optimizer, shard,
                                         epoch_seed(config.seed, progress.step), step_seconds);
+      const arith::SavedBytes kept = arith::saved_bytes();
+      result.activation_bytes_kept = std::max(result.activation_bytes_kept, kept.kept);
+      result.activation_bytes_fp32 = std::max(result.activation_bytes_fp32, kept.fp32);
       batch_seconds += seconds_since(batch_start);
       const double value = loss.item<double>();
       TORCH_CHECK(std::isfinite(value), "training diverged: the loss is ", value, " at step ", progress.step + 1,

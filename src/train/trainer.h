@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include <lowbit/arith.h>
 #include <lowbit/shampoo.h>
 
 #include "train/data_parallel.h"
@@ -22,6 +23,7 @@ struct TrainConfig {
   std::string optimizer = "shampoo4";
   ShampooOptions shampoo;             // lr, momentum, betas, weight decay and Shampoo's options
   SecondOrderSettings second_order;   // Sophia, AdaHessian, M-FAC and NAG-GS knobs
+  arith::ArithOptions arithmetic;     // the layers' arithmetic (fp32, luq4, rmm); its seed comes from `seed`
   int64_t epochs = 2;
   int64_t batch_size = 128;
   std::string schedule = "cosine";    // constant | cosine | multistep
@@ -55,6 +57,9 @@ struct TrainResult {
   StateBytes state;
   double step_ms_mean = 0;            // optimizer.step() alone
   double batch_ms_mean = 0;           // forward + backward + step
+  // Activations the linear and conv layers kept for backward in the largest batch, and what
+  // fp32 layers would have kept (lowbit/arith.h).
+  int64_t activation_bytes_kept = 0, activation_bytes_fp32 = 0;
   double wall_s = 0;
   int64_t steps = 0, root_updates = 0, resumed_from_epoch = 0;
   int world_size = 1;

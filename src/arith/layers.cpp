@@ -1,0 +1,168 @@
+// The linear and convolution layers under LUQ-4 and RMM as autograd functions (see
+// lowbit/arith.h). Each records what it keeps for backward in a per-thread counter.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <lowbit/arith.h>
+
+#include <cmath>
+
+namespace lowbit::arith {
+namespace {
+
+thread_local SavedBytes saved;
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+constexpr int kGradientBits = 4;
+
+// The 4-bit forward value of a weight (straight-through: its gradient goes to the fp32 weight).
+at::Tensor quantized_weight(const at::Tensor& w) { return uniform_dequantize(uniform_quantize(w), w.sizes()).to(w.device()); }
+
+void keep_codes(AutogradContext* ctx, const UniformCodes& c, const at::Tensor& x) {
+  ctx->saved_data["x_codes"] = c.packed;
+  ctx->saved_data["x_scale"] = c.scale;
+  ctx->saved_data["x_offset"] = c.offset;
+  ctx->saved_data["x_shape"] = x.sizes().vec();
+  saved.kept += c.bytes();
+  saved.fp32 += x.numel() * 4;
+}
+
+at::Tensor kept_input(AutogradContext* ctx) {
+  UniformCodes c;
+  c.packed = ctx->saved_data["x_codes"].toTensor();
+  c.scale = ctx->saved_data["x_scale"].toDouble();
+  c.offset = ctx->saved_data["x_offset"].toInt();
+  const std::vector<int64_t> shape = ctx->saved_data["x_shape"].toIntVector();
+  c.numel = 1;
+  for (const int64_t d : shape) c.numel *= d;
+  return uniform_dequantize(c, shape);
+}
+
+// The bias is added outside the autograd functions (its gradient, the summed dL/dy, is exact;
+// and LibTorch's custom functions take no undefined tensor arguments).
+at::Tensor with_bias(const at::Tensor& y, const at::Tensor& bias, int64_t channel_dim) {
+  if (!bias.defined()) return y;
+  std::vector<int64_t> shape(static_cast<size_t>(y.dim()), 1);
+  shape[static_cast<size_t>(channel_dim)] = bias.numel();
+  return y + bias.view(shape);
+}
+
+struct LuqLinear : torch::autograd::Function<LuqLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, at::Generator generator) {
+    const UniformCodes codes = uniform_quantize(x);
+    keep_codes(ctx, codes, x);
+    ctx->save_for_backward({w});
+    ctx->saved_data["generator"] = generator;
+    return at::linear(uniform_dequantize(codes, x.sizes()).to(x.device()), quantized_weight(w));
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const at::Tensor w = ctx->get_saved_variables()[0];
+    const at::Tensor gy = grads[0];
+    const at::Tensor gq = luq_quantize(gy, kGradientBits, ctx->saved_data["generator"].toGenerator());
+    const at::Tensor x = kept_input(ctx).to(gy.device());
+    const at::Tensor g2 = gq.reshape({-1, gq.size(-1)}), x2 = x.reshape({-1, x.size(-1)});
+    const at::Tensor dx = at::matmul(gq, quantized_weight(w));
+    const at::Tensor dw = at::matmul(g2.t(), x2);
+    return {dx, dw, at::Tensor()};
+  }
+};
+
+struct LuqConv2d : torch::autograd::Function<LuqConv2d> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, at::Generator generator) {
+    const UniformCodes codes = uniform_quantize(x);
+    keep_codes(ctx, codes, x);
+    ctx->save_for_backward({w});
+    ctx->saved_data["generator"] = generator;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    return at::conv2d(uniform_dequantize(codes, x.sizes()).to(x.device()), quantized_weight(w), {}, stride, padding);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const at::Tensor w = ctx->get_saved_variables()[0];
+    const at::Tensor gy = grads[0];
+    const at::Tensor gq = luq_quantize(gy, kGradientBits, ctx->saved_data["generator"].toGenerator());
+    const at::Tensor x = kept_input(ctx).to(gy.device());
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    auto [dx, dw, unused] = at::convolution_backward(gq, x, quantized_weight(w), c10::nullopt, stride, padding, {1, 1},
+                                                     false, {0, 0}, 1, {true, true, false});
+    return {dx, dw, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The Gaussian sketch S (rows x k, entries N(0, 1/k)) of a seed: drawn on the CPU so forward
+// and backward (and every device) see the same one.
+at::Tensor sketch(int64_t rows, int64_t k, int64_t seed, const at::Device& device) {
+  at::Generator gen = at::detail::createCPUGenerator(static_cast<uint64_t>(seed));
+  return (at::randn({rows, k}, gen, at::kFloat) / std::sqrt(static_cast<double>(k))).to(device);
+}
+
+struct SketchedLinear : torch::autograd::Function<SketchedLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double keep,
+                            at::Generator generator) {
+    const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    const int64_t rows = x2.size(0);
+    const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(keep * static_cast<double>(rows))));
+    const int64_t seed = at::randint(0, int64_t{1} << 62, {1}, generator, at::kLong).item<int64_t>();
+    const at::Tensor kept = at::matmul(sketch(rows, k, seed, x.device()).t(), x2.to(at::kFloat));  // S^T X
+    ctx->saved_data["sketch_x"] = kept;
+    ctx->saved_data["seed"] = seed;
+    ctx->save_for_backward({w});
+    saved.kept += kept.numel() * 4 + 8;
+    saved.fp32 += x.numel() * 4;
+    return at::linear(x, w);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const at::Tensor w = ctx->get_saved_variables()[0];
+    const at::Tensor gy = grads[0];
+    const at::Tensor g2 = gy.reshape({-1, gy.size(-1)});
+    const at::Tensor kept = ctx->saved_data["sketch_x"].toTensor();
+    const at::Tensor s = sketch(g2.size(0), kept.size(0), ctx->saved_data["seed"].toInt(), gy.device());
+    const at::Tensor dx = at::matmul(gy, w);                      // exact
+    const at::Tensor dw = at::matmul(at::matmul(s.t(), g2).t(), kept);  // (S^T dY)^T (S^T X)
+    return {dx, dw.to(w.scalar_type()), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+SavedBytes saved_bytes() { return saved; }
+void reset_saved_bytes() { saved = {}; }
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const ArithOptions& o,
+                  at::Generator generator) {
+  if (!at::GradMode::is_enabled()) {  // evaluation: the forward arithmetic, nothing kept
+    if (o.mode == Mode::Luq4)
+      return at::linear(uniform_dequantize(uniform_quantize(x), x.sizes()).to(x.device()), quantized_weight(weight), bias);
+    return at::linear(x, weight, bias);
+  }
+  switch (o.mode) {
+    case Mode::Luq4: return with_bias(LuqLinear::apply(x, weight, generator), bias, x.dim() - 1);
+    case Mode::Rmm:
+      TORCH_CHECK(o.rmm_keep > 0 && o.rmm_keep <= 1, "rmm_keep must be in (0, 1]; got ", o.rmm_keep);
+      return with_bias(SketchedLinear::apply(x, weight, o.rmm_keep, generator), bias, x.dim() - 1);
+    case Mode::Fp32: break;
+  }
+  saved.kept += x.numel() * 4;
+  saved.fp32 += x.numel() * 4;
+  return at::linear(x, weight, bias);
+}
+
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::IntArrayRef stride,
+                  at::IntArrayRef padding, const ArithOptions& o, at::Generator generator) {
+  if (!at::GradMode::is_enabled()) {
+    if (o.mode == Mode::Luq4)
+      return at::conv2d(uniform_dequantize(uniform_quantize(x), x.sizes()).to(x.device()), quantized_weight(weight), bias,
+                        stride, padding);
+    return at::conv2d(x, weight, bias, stride, padding);
+  }
+  if (o.mode == Mode::Luq4) return with_bias(LuqConv2d::apply(x, weight, stride.vec(), padding.vec(), generator), bias, 1);
+  saved.kept += x.numel() * 4;  // fp32 and rmm (which sketches linear layers only)
+  saved.fp32 += x.numel() * 4;
+  return at::conv2d(x, weight, bias, stride, padding);
+}
+
+}  // namespace lowbit::arith

@@ -1,0 +1,79 @@
+// The two quantizers of 4-bit training: LUQ for neural gradients (stochastic, unbiased) and
+// the uniform grid of the forward pass (deterministic, packed for what backward keeps).
+#include <ATen/ATen.h>
+
+#include <lowbit/arith.h>
+
+#include <cmath>
+
+namespace lowbit::arith {
+
+at::Tensor luq_quantize(const at::Tensor& x, int bits, at::Generator generator) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "luq_quantize: bits must be in [2, 8]; got ", bits);
+  if (x.numel() == 0) return at::zeros_like(x);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "luq_quantize: expected a floating tensor; got ", x.scalar_type());
+  const at::Tensor xd = x.to(at::kDouble);
+  const at::Tensor a = xd.abs();
+  const double max = a.max().item<double>();
+  TORCH_CHECK(std::isfinite(max), "luq_quantize: the tensor holds NaN or Inf");
+  if (max == 0) return at::zeros_like(x);
+  const int top = (1 << (bits - 1)) - 2;  // the largest level is alpha 2^top = max
+  const double alpha = max / std::ldexp(1.0, top);
+  const at::Tensor u = at::rand(x.sizes(), generator, xd.options().device(at::kCPU)).to(x.device());
+  // Above alpha: between lower = alpha 2^e and 2 lower, up with probability (a - lower) / lower.
+  at::Tensor e = at::floor(at::log2(a.clamp_min(alpha) / alpha)).clamp(0, top);
+  at::Tensor lower = at::ldexp(at::full_like(a, alpha), e);
+  // log2 of a value just below a power of two can round up: step back where lower > a.
+  lower = at::where(lower > a, lower / 2, lower).clamp_min(alpha);
+  const at::Tensor upper = at::where(lower * 2 > max * (1 + 1e-12), lower, lower * 2);
+  const at::Tensor p_up = ((a - lower) / lower).clamp(0, 1);
+  const at::Tensor above = at::where(u < p_up, upper, lower);
+  // Below alpha: alpha with probability a / alpha, else 0 (unbiased underflow).
+  const at::Tensor below = at::where(u < a / alpha, at::full_like(a, alpha), at::zeros_like(a));
+  return (at::sign(xd) * at::where(a < alpha, below, above)).to(x.scalar_type());
+}
+
+int64_t UniformCodes::bytes() const { return packed.numel() + 8; }
+
+UniformCodes uniform_quantize(const at::Tensor& x, int bits) {
+  TORCH_CHECK(bits == 4, "uniform_quantize: only 4 bits are packed; got ", bits);
+  const at::Tensor xf = x.detach().to(at::kFloat).reshape({-1});
+  UniformCodes c;
+  c.numel = xf.numel();
+  TORCH_CHECK(xf.numel() == 0 || xf.isfinite().all().item<bool>(),
+              "uniform_quantize: the tensor holds NaN or Inf (a diverged forward pass?)");
+  const bool non_negative = xf.numel() == 0 || xf.min().item<float>() >= 0;
+  const int64_t levels = non_negative ? (1 << bits) - 1 : (1 << (bits - 1)) - 1;
+  c.offset = non_negative ? 0 : levels;
+  const double absmax = xf.numel() == 0 ? 0 : xf.abs().max().item<double>();
+  c.scale = absmax > 0 ? absmax / static_cast<double>(levels) : 1.0;
+  at::Tensor codes = (xf / c.scale).round().clamp(-c.offset, levels).add(c.offset).to(at::kByte);
+  if (codes.numel() % 2 != 0) codes = at::cat({codes, at::zeros({1}, codes.options())});
+  const at::Tensor pairs = codes.view({-1, 2});
+  c.packed = (pairs.select(1, 0) | pairs.select(1, 1).__lshift__(4)).contiguous();
+  return c;
+}
+
+at::Tensor uniform_dequantize(const UniformCodes& c, at::IntArrayRef shape) {
+  const at::Tensor low = c.packed.bitwise_and(0x0F), high = c.packed.__rshift__(4);
+  const at::Tensor codes = at::stack({low, high}, 1).reshape({-1}).narrow(0, 0, c.numel);
+  return ((codes.to(at::kFloat) - static_cast<float>(c.offset)) * static_cast<float>(c.scale)).reshape(shape);
+}
+
+Mode parse_mode(const std::string& name) {
+  if (name == "fp32") return Mode::Fp32;
+  if (name == "luq4") return Mode::Luq4;
+  if (name == "rmm") return Mode::Rmm;
+  TORCH_CHECK(false, "arithmetic must be one of \"fp32\", \"luq4\", \"rmm\"; got \"", name, "\"");
+}
+
+std::string to_string(Mode mode) {
+  switch (mode) {
+    case Mode::Fp32: return "fp32";
+    case Mode::Luq4: return "luq4";
+    case Mode::Rmm: return "rmm";
+  }
+  return "unknown";
+}
+
+}  // namespace lowbit::arith

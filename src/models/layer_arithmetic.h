@@ -1,0 +1,23 @@
+// How a model's linear and convolution layers compute (lowbit/arith.h): fp32, LUQ-4 or RMM.
+// One object per model, shared with its blocks, so set_arithmetic reaches every layer.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+
+#include <lowbit/arith.h>
+
+namespace lowbit::models {
+
+struct LayerArithmetic {
+  arith::ArithOptions options;
+  at::Generator generator;  // LUQ rounding and RMM sketches; seeded by set()
+
+  LayerArithmetic();
+  void set(const arith::ArithOptions& o);
+  at::Tensor linear(const torch::nn::Linear& layer, const at::Tensor& x);
+  at::Tensor conv(const torch::nn::Conv2d& layer, const at::Tensor& x);
+};
+
+}  // namespace lowbit::models
