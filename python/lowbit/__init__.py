@@ -9,6 +9,9 @@ library on LibTorch.
   :func:`lowbit.hessian_vector_product` / :func:`lowbit.hutchinson_diagonal` for curvature.
 - :class:`lowbit.AdamW`: AdamW with 8- or 4-bit block-wise quantized moments (``bits=``).
 - :func:`lowbit.quantize` / :func:`lowbit.dequantize`: the block-wise low-bit codec.
+- :func:`lowbit.convert`: low-bit training arithmetic for a model's linear and conv layers
+  (``"luq4"``: :class:`lowbit.Luq4Linear` / :class:`lowbit.Luq4Conv2d`; ``"rmm"``:
+  :class:`lowbit.SketchedLinear`); :func:`lowbit.luq_quantize`, :func:`lowbit.kept_bytes`.
 - ``torch.ops.lowbit.*``: the codec ops; ``torch.classes.lowbit.*``: the C++ state classes.
 
 Importing lowbit loads liblowbit: the path in ``LOWBIT_LIBRARY``, else the copy installed
@@ -20,6 +23,7 @@ from ._library import load as _load
 library_path: str = _load()
 
 from .adamw import AdamW  # noqa: E402
+from .arith import Luq4Conv2d, Luq4Linear, SketchedLinear, convert, kept_bytes, luq_quantize  # noqa: E402
 from .codec import QuantizedTensor, codebook, dequantize, quantize  # noqa: E402
 from .optim import OPTION_DEFAULTS, OPTION_TABLE, Shampoo, ShampooState, StateBytes  # noqa: E402
 from .second_order import (  # noqa: E402
@@ -50,5 +54,11 @@ __all__ = [
     "quantize",
     "dequantize",
     "codebook",
+    "luq_quantize",
+    "Luq4Linear",
+    "Luq4Conv2d",
+    "SketchedLinear",
+    "convert",
+    "kept_bytes",
     "library_path",
 ]

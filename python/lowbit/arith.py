@@ -1,0 +1,476 @@
+"""Low-bit training arithmetic (docs/arith.md) from Python: the layers of ``lowbit/arith.h``
+as ``torch.nn`` modules, built on the C++ quantizers.
+
+- :func:`luq_quantize`: LUQ, logarithmic unbiased (stochastic) quantization of a gradient.
+- :class:`Luq4Linear`, :class:`Luq4Conv2d` (``"luq4"``): forward with x and W on a 4-bit
+  uniform grid (fp32 accumulation), backward with the neural gradient through LUQ-4; what is
+  kept for backward is x's packed 4-bit codes.
+- :class:`SketchedLinear` (``"rmm"``): exact forward and input gradient; the weight gradient
+  from a Gaussian sketch S^T X of the input (randomized matrix multiplication).
+- :func:`convert`: swaps the ``nn.Linear`` / ``nn.Conv2d`` layers of a model in place,
+  keeping their ``Parameter`` objects; :func:`kept_bytes` / :func:`fp32_bytes`: the bytes the
+  layers kept for backward in their last recorded forward, and what fp32 would have kept.
+
+The work is done by ``torch.ops.lowbit.luq_quantize``, ``uniform_quantize4`` and
+``uniform_dequantize4``; the autograd functions here follow the C++ ones of
+``src/arith/layers.cpp``. The randomness of a layer (LUQ's rounding, RMM's sketches) comes
+from a CPU ``torch.Generator`` of the layer, seeded at construction (``seed=``) or by
+:func:`convert`, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Literal, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._library import load as _load_library
+
+_load_library()
+
+__all__ = [
+    "ARITHMETICS",
+    "luq_quantize",
+    "Luq4Linear",
+    "Luq4Conv2d",
+    "SketchedLinear",
+    "convert",
+    "kept_bytes",
+    "fp32_bytes",
+]
+
+ArithName = Literal["fp32", "luq4", "rmm"]
+ARITHMETICS: Tuple[str, ...] = ("fp32", "luq4", "rmm")
+
+_GRADIENT_BITS = 4  # LUQ-4: 1 sign bit, 3 exponent bits
+_SEED_BOUND = 1 << 62
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_int(where: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"lowbit.{where}: {name} must be int; got {value!r}")
+
+
+def _check_seed(where: str, seed: object) -> int:
+    _check_int(where, "seed", seed)
+    if seed < 0:  # type: ignore[operator]
+        raise ValueError(f"lowbit.{where}: seed must be >= 0; got {seed}")
+    return int(seed)  # type: ignore[arg-type]
+
+
+def _check_keep(where: str, keep: object) -> float:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"lowbit.{where}: keep must be a float in (0, 1]; got {keep!r}")
+    if not (0 < keep <= 1):
+        raise ValueError(f"lowbit.{where}: keep must be in (0, 1]; got {keep}")
+    return float(keep)
+
+
+# ----------------------------------------------------------------------------------------
+# Quantizers
+
+
+def luq_quantize(x: torch.Tensor, bits: int = 4, seed: int = 0) -> torch.Tensor:
+    """LUQ (Chmiel et al., arXiv 2112.10769) of a floating tensor at ``bits`` bits (1 sign
+    bit, ``bits - 1`` exponent bits): every element becomes 0 or ``sign(x) alpha 2^j``,
+    ``j = 0 .. 2^(bits-1) - 2``, ``alpha = max|x| / 2^(2^(bits-1) - 2)``, rounding
+    stochastically between its two neighbouring levels (between 0 and alpha below alpha)
+    with the probabilities that make ``E[luq_quantize(x)] = x``. The rounding is a pure
+    function of ``seed`` (>= 0). Same shape, dtype and device as ``x``.
+
+    Bad arguments raise ``TypeError`` / ``ValueError`` naming them; NaN or Inf in ``x``
+    raise ``ValueError``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"lowbit.luq_quantize: expected a tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"lowbit.luq_quantize: expected a floating tensor; got {x.dtype}")
+    _check_int("luq_quantize", "bits", bits)
+    if not 2 <= bits <= 8:
+        raise ValueError(f"lowbit.luq_quantize: bits must be in [2, 8]; got {bits}")
+    seed = _check_seed("luq_quantize", seed)
+    if x.numel() == 0:  # (the C++ quantizer takes the max of the tensor)
+        return torch.zeros_like(x)
+    try:
+        return torch.ops.lowbit.luq_quantize(x.detach(), bits, seed)
+    except RuntimeError as e:
+        raise ValueError(str(e).split("\n", 1)[0]) from None
+
+
+def _quantize4(x: torch.Tensor) -> Tuple[torch.Tensor, float, int]:
+    """x on the forward's 4-bit grid: (packed codes, scale, offset)."""
+    return torch.ops.lowbit.uniform_quantize4(x.detach())
+
+
+def _dequantize4(packed: torch.Tensor, scale: float, offset: int, shape: Sequence[int],
+                 device: torch.device) -> torch.Tensor:
+    return torch.ops.lowbit.uniform_dequantize4(packed, scale, offset, list(shape)).to(device)
+
+
+def _grid4(x: torch.Tensor) -> torch.Tensor:
+    """The 4-bit forward value of x (float32, x's shape and device)."""
+    packed, scale, offset = _quantize4(x)
+    return _dequantize4(packed, scale, offset, x.shape, x.device)
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, _SEED_BOUND, (1,), generator=generator).item())
+
+
+def _sketch(rows: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The Gaussian sketch S (rows x k, entries N(0, 1/k)) of a seed, drawn on the CPU so
+    forward and backward (and every device) see the same one."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, k, generator=g, dtype=torch.float32) / math.sqrt(k)).to(device)
+
+
+def _sketch_size(keep: float, rows: int) -> int:
+    return max(1, int(math.ceil(keep * rows)))
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd functions (src/arith/layers.cpp)
+
+
+class _LuqLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                generator: torch.Generator) -> torch.Tensor:
+        packed, scale, offset = _quantize4(x)
+        xq = _dequantize4(packed, scale, offset, x.shape, x.device)
+        ctx.save_for_backward(packed, weight)
+        ctx.x_scale, ctx.x_offset, ctx.x_shape, ctx.x_dtype = scale, offset, tuple(x.shape), x.dtype
+        ctx.generator = generator
+        ctx.has_bias = bias is not None
+        out = F.linear(xq, _grid4(weight), None if bias is None else bias.float())
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        packed, weight = ctx.saved_tensors
+        gy = grad_output
+        gq = luq_quantize(gy.float(), _GRADIENT_BITS, _draw_seed(ctx.generator))
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.matmul(gq, _grid4(weight)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            x = _dequantize4(packed, ctx.x_scale, ctx.x_offset, ctx.x_shape, gy.device)
+            dw = torch.matmul(gq.reshape(-1, gq.shape[-1]).t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return dx, dw, db, None
+
+
+class _LuqConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Tuple[int, int], padding: Tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+        packed, scale, offset = _quantize4(x)
+        xq = _dequantize4(packed, scale, offset, x.shape, x.device)
+        ctx.save_for_backward(packed, weight)
+        ctx.x_scale, ctx.x_offset, ctx.x_shape, ctx.x_dtype = scale, offset, tuple(x.shape), x.dtype
+        ctx.stride, ctx.padding = list(stride), list(padding)
+        ctx.generator = generator
+        ctx.has_bias = bias is not None
+        out = F.conv2d(xq, _grid4(weight), None if bias is None else bias.float(), stride, padding)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        packed, weight = ctx.saved_tensors
+        gy = grad_output
+        gq = luq_quantize(gy.float(), _GRADIENT_BITS, _draw_seed(ctx.generator))
+        dx = dw = db = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            x = _dequantize4(packed, ctx.x_scale, ctx.x_offset, ctx.x_shape, gy.device)
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                gq, x, _grid4(weight), None, ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1,
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            dx = None if dx is None else dx.to(ctx.x_dtype)
+            dw = None if dw is None else dw.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.sum((0, 2, 3))
+        return dx, dw, db, None, None, None
+
+
+class _SketchedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], k: int,
+                seed: int) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        kept = torch.matmul(_sketch(x2.shape[0], k, seed, x.device).t(), x2.float())  # S^T X
+        ctx.save_for_backward(kept, weight)
+        ctx.seed = seed
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        kept, weight = ctx.saved_tensors
+        gy = grad_output
+        g2 = gy.reshape(-1, gy.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.matmul(gy, weight)  # exact
+        if ctx.needs_input_grad[1]:
+            s = _sketch(g2.shape[0], kept.shape[0], ctx.seed, gy.device)
+            dw = torch.matmul(torch.matmul(s.t(), g2.float()).t(), kept).to(weight.dtype)  # (S^T dY)^T (S^T X)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dx, dw, db, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Layers
+
+
+class _ArithLayer:
+    """What the arithmetic layers share: a seeded CPU generator and the byte counters."""
+
+    seed: int
+    generator: torch.Generator
+    kept_bytes: int
+    fp32_bytes: int
+
+    def _init_arith(self, seed: int) -> None:
+        self.seed = _check_seed(type(self).__name__, seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.kept_bytes = 0  # bytes kept for backward in the last forward that recorded it
+        self.fp32_bytes = 0  # what an fp32 layer would have kept (the input, numel * 4)
+
+    def reset_generator(self, seed: Optional[int] = None) -> None:
+        """Reseeds the layer's generator (with its ``seed``, or a new one)."""
+        if seed is not None:
+            self.seed = _check_seed(type(self).__name__, seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @staticmethod
+    def _records(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+        """True where the forward is recorded for backward (grad mode on and some input
+        requiring a gradient); otherwise the layer keeps nothing."""
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in params))
+
+
+class Luq4Linear(_ArithLayer, nn.Linear):
+    """``nn.Linear`` under LUQ-4 (docs/arith.md): forward ``F.linear`` of x and W on the
+    4-bit uniform grid (fp32 accumulation); backward with the output gradient through
+    :func:`luq_quantize` (4 bits), dX = g_q W_q, dW = g_q^T x_q (straight through to the
+    fp32 weight), the bias gradient exact. Kept for backward: x's packed 4-bit codes
+    (``kept_bytes`` = ceil(numel / 2) + 8). Without grad mode: the 4-bit forward only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 seed: int = 0) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_arith(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._records(x, self.weight, self.bias):
+            out = F.linear(_grid4(x), _grid4(self.weight), None if self.bias is None else self.bias.float())
+            return out.to(x.dtype)
+        self.kept_bytes = (x.numel() + 1) // 2 + 8
+        self.fp32_bytes = x.numel() * 4
+        return _LuqLinearFunction.apply(x, self.weight, self.bias, self.generator)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", arith=luq4, seed={self.seed}"
+
+
+def _check_conv_options(name: str, dilation: Any, groups: int, padding_mode: str, padding: Any,
+                        kernel_size: Sequence[int]) -> Tuple[int, int]:
+    """The layer options LUQ-4 convolutions support; returns the numeric padding."""
+    if groups != 1:
+        raise ValueError(f"lowbit.{name}: groups={groups} is not supported (only groups=1)")
+    if tuple(dilation) != (1, 1):
+        raise ValueError(f"lowbit.{name}: dilation={tuple(dilation)} is not supported (only dilation=1)")
+    if padding_mode != "zeros":
+        raise ValueError(f"lowbit.{name}: padding_mode={padding_mode!r} is not supported (only 'zeros')")
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if any(k % 2 == 0 for k in kernel_size):  # 'same' with an even kernel pads asymmetrically
+            raise ValueError(f"lowbit.{name}: padding='same' with the even kernel_size {tuple(kernel_size)} is not "
+                             "supported")
+        return (kernel_size[0] // 2, kernel_size[1] // 2)
+    return (int(padding[0]), int(padding[1]))
+
+
+class Luq4Conv2d(_ArithLayer, nn.Conv2d):
+    """``nn.Conv2d`` under LUQ-4 (as :class:`Luq4Linear`): forward ``F.conv2d`` of x and W on
+    the 4-bit grid; backward from the LUQ-4 output gradient (``convolution_backward``); bias
+    gradient exact. Only ``groups=1``, ``dilation=1`` and ``padding_mode='zeros'``; other
+    options raise ``ValueError`` naming them. Kept for backward: x's packed 4-bit codes."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 seed: int = 0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self._padding2 = _check_conv_options(type(self).__name__, self.dilation, self.groups, self.padding_mode,
+                                             self.padding, self.kernel_size)
+        self._init_arith(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if not self._records(x, self.weight, self.bias):
+            out = F.conv2d(_grid4(x), _grid4(self.weight), None if self.bias is None else self.bias.float(),
+                           self.stride, self._padding2).to(x.dtype)
+        else:
+            self.kept_bytes = (x.numel() + 1) // 2 + 8
+            self.fp32_bytes = x.numel() * 4
+            out = _LuqConv2dFunction.apply(x, self.weight, self.bias, tuple(self.stride), self._padding2,
+                                           self.generator)
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", arith=luq4, seed={self.seed}"
+
+
+class SketchedLinear(_ArithLayer, nn.Linear):
+    """``nn.Linear`` with a randomized weight gradient (RMM, docs/arith.md): forward exact;
+    kept for backward S^T X (k x in_features, fp32) with S a rows x k Gaussian sketch,
+    entries N(0, 1/k), k = ceil(keep * rows) (rows: the input's leading dimensions
+    flattened), regenerated in backward from a seed drawn from the layer's generator.
+    dX = dY W exact; dW = (S^T dY)^T (S^T X), unbiased; bias gradient exact.
+    ``kept_bytes`` = k * in_features * 4 + 8. Without grad mode: plain ``F.linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 keep: float = 0.25, seed: int = 0) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.keep = _check_keep(type(self).__name__, keep)
+        self._init_arith(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._records(x, self.weight, self.bias):
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        k = _sketch_size(self.keep, rows)
+        self.kept_bytes = k * self.in_features * 4 + 8
+        self.fp32_bytes = x.numel() * 4
+        return _SketchedLinearFunction.apply(x, self.weight, self.bias, k, _draw_seed(self.generator))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", arith=rmm, keep={self.keep}, seed={self.seed}"
+
+
+# ----------------------------------------------------------------------------------------
+# Whole models
+
+_LINEARS = (nn.Linear, Luq4Linear, SketchedLinear)
+_CONVS = (nn.Conv2d, Luq4Conv2d)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+               "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Gives ``new`` (built on the meta device) the Parameter objects, buffers, training
+    flag and hooks of ``old``."""
+    for name, param in old.named_parameters(recurse=False):
+        setattr(new, name, param)
+    for name, param in list(new.named_parameters(recurse=False)):
+        if name not in dict(old.named_parameters(recurse=False)):
+            setattr(new, name, None)
+    for name, buffer in old.named_buffers(recurse=False):
+        new.register_buffer(name, buffer)
+    new.train(old.training)
+    for attr in _HOOK_DICTS:  # shared, not copied: the handles of old hooks keep working
+        if attr in old.__dict__ and attr in new.__dict__:
+            object.__setattr__(new, attr, old.__dict__[attr])
+    return new
+
+
+def _convert_linear(m: nn.Linear, arith: str, rmm_keep: float, seed: int) -> nn.Module:
+    args = (m.in_features, m.out_features, m.bias is not None)
+    if arith == "luq4":
+        new: nn.Module = Luq4Linear(*args, device="meta", seed=seed)
+    elif arith == "rmm":
+        new = SketchedLinear(*args, device="meta", keep=rmm_keep, seed=seed)
+    else:
+        new = nn.Linear(*args, device="meta")
+    return _adopt(new, m)
+
+
+def _convert_conv(m: nn.Conv2d, arith: str, seed: int, where: str) -> nn.Module:
+    args = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            m.bias is not None, m.padding_mode)
+    if arith == "luq4":
+        try:
+            new: nn.Module = Luq4Conv2d(*args, device="meta", seed=seed)
+        except ValueError as e:
+            raise ValueError(f"lowbit.convert: {where or 'the model'}: {e}") from None
+    else:  # fp32 and rmm (which sketches linear layers only)
+        new = nn.Conv2d(*args, device="meta")
+    return _adopt(new, m)
+
+
+def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, seed: int = 0) -> nn.Module:
+    """Switches the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` (recursively, in
+    place) to the arithmetic ``arith``:
+
+    - ``"luq4"``: :class:`Luq4Linear` and :class:`Luq4Conv2d`;
+    - ``"rmm"``: :class:`SketchedLinear` (``keep=rmm_keep``); convolutions plain ``nn.Conv2d``;
+    - ``"fp32"``: plain ``nn.Linear`` / ``nn.Conv2d`` again.
+
+    The new layers take over the old ones' ``Parameter`` objects (an optimizer built before
+    keeps working), buffers, hooks and training flag. Layer ``i`` (in module order) gets its
+    generator seeded from ``seed`` and ``i``. Subclasses of ``nn.Linear`` / ``nn.Conv2d``
+    other than lowbit's (e.g. the output projection of ``nn.MultiheadAttention``) are left
+    as they are. Returns ``model`` (or its replacement, when ``model`` itself is a layer).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lowbit.convert: expected an nn.Module; got {type(model).__name__}")
+    if not isinstance(arith, str) or arith not in ARITHMETICS:
+        raise ValueError(f"lowbit.convert: arith must be one of \"fp32\", \"luq4\", \"rmm\"; got {arith!r}")
+    rmm_keep = _check_keep("convert", rmm_keep)
+    seed = _check_seed("convert", seed)
+    seeds = torch.Generator().manual_seed(seed)
+
+    def swap(m: nn.Module, where: str) -> Optional[nn.Module]:
+        if type(m) in _LINEARS:
+            return _convert_linear(m, arith, rmm_keep, _draw_seed(seeds))  # type: ignore[arg-type]
+        if type(m) in _CONVS:
+            return _convert_conv(m, arith, _draw_seed(seeds), where)  # type: ignore[arg-type]
+        return None
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            where = f"{prefix}.{name}" if prefix else name
+            new = swap(child, where)
+            if new is None:
+                visit(child, where)
+            else:
+                setattr(parent, name, new)
+
+    root = swap(model, "")
+    if root is not None:
+        return root
+    visit(model, "")
+    return model
+
+
+def _arith_layers(model: nn.Module) -> List[_ArithLayer]:
+    return [m for m in model.modules() if isinstance(m, _ArithLayer)]
+
+
+def kept_bytes(model: nn.Module) -> int:
+    """Bytes the lowbit arithmetic layers of ``model`` kept for backward in their last
+    recorded forward (the sum of their ``kept_bytes``)."""
+    return sum(m.kept_bytes for m in _arith_layers(model))
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """What the same layers would have kept in fp32 (the sum of their ``fp32_bytes``)."""
+    return sum(m.fp32_bytes for m in _arith_layers(model))
