@@ -82,6 +82,7 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
 struct ShampooParamState : public torch::optim::OptimizerCloneableParamState<ShampooParamState> {
   TORCH_ARG(int64_t, step) = 0;
   TORCH_ARG(int64_t, root_updates) = 0;   // inverse-root refreshes applied so far
+  TORCH_ARG(int64_t, soap_v_start) = 0;   // SOAP: the step whose v began in the eigenbases (0: not yet)
   TORCH_ARG(torch::Tensor, momentum_buffer);  // sgdm
   TORCH_ARG(torch::Tensor, exp_avg);          // adamw
   TORCH_ARG(torch::Tensor, exp_avg_sq);       // adamw
@@ -95,6 +96,9 @@ struct ShampooParamState : public torch::optim::OptimizerCloneableParamState<Sha
   std::shared_ptr<precond::ParameterPreconditioner> preconditioner;  // null for 1-D / scalars
   // Preconditioner entries read from a checkpoint, installed once validated against the parameter.
   std::map<std::string, torch::Tensor> loaded_preconditioner;
+  // SOAP, within one step: the bases (left, right per block) in use before this step's
+  // statistics update moved them; empty otherwise. Not saved.
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> soap_previous_bases;
 
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;

@@ -202,10 +202,11 @@ def test_graft_bits_cannot_change_after_the_first_step():
 class ReferenceSoap:
     """SOAP for one parameter, in float64 (Vyas et al. 2024, as lowbit runs it): Shampoo's
     statistics L, R (from epsilon * I) every stat_interval steps, each followed by one
-    warm-started QR step of its basis (Q <- qr(L Q).Q, from Q = I); from the first root
-    update on (step >= start and step % root_interval == 0), AdamW in the rotated
-    coordinates: m in the parameter's coordinates, v in the rotated ones (moved into them at
-    that first update as (QL o QL)^T V (QR o QR)). Vectors: AdamW."""
+    warm-started QR step of its basis (Q <- qr(L Q).Q; the first time a full eigh); from the step
+    after the first root update (step >= start and step % root_interval == 0), AdamW in the rotated
+    coordinates: m in the parameter's coordinates, v in the rotated ones (both started afresh
+    at that first update, bias corrections counting from there; at every later refresh v
+    moved as (R o R)^T V (R o R) with R = Q_old^T Q_new). Vectors: AdamW."""
 
     def __init__(self, p, lr, betas, eps, weight_decay, stat_decay, epsilon, stat_interval,
                  root_interval, start_preconditioning_step):
@@ -221,21 +222,33 @@ class ReferenceSoap:
         self.v = torch.zeros_like(self.p)
         self.step_count = 0
         self.root_updates = 0
+        self.v_start = 0
 
     def step(self, grad: torch.Tensor) -> None:
         g = grad.double()
         self.step_count += 1
         k = self.step_count
         if self.matrix and k % self.t1 == 0:
+            old_l, old_r = self.ql, self.qr
             self.l = self.decay * self.l + (1 - self.decay) * g @ g.T
             self.r = self.decay * self.r + (1 - self.decay) * g.T @ g
-            self.ql = torch.linalg.qr(self.l @ self.ql).Q
-            self.qr = torch.linalg.qr(self.r @ self.qr).Q
-        if self.matrix and k >= self.start and k % self.t2 == 0:
+            if k == self.t1:  # the first refresh is a full eigendecomposition
+                self.ql, self.qr = torch.linalg.eigh(self.l).eigenvectors, torch.linalg.eigh(self.r).eigenvectors
+            else:
+                self.ql = torch.linalg.qr(self.l @ self.ql).Q
+                self.qr = torch.linalg.qr(self.r @ self.qr).Q
+            if self.root_updates > 0:  # v follows the bases: R = Q_old^T Q_new per side
+                rl, rr = old_l.T @ self.ql, old_r.T @ self.qr
+                self.v = (rl * rl).T @ self.v @ (rr * rr)
+        root_now = self.matrix and k >= self.start and k % self.t2 == 0
+        if root_now:
             self.root_updates += 1
-            if self.root_updates == 1:  # v moves into the bases when they are first used
-                self.v = (self.ql * self.ql).T @ self.v @ (self.qr * self.qr)
-        rotated = self.root_updates > 0
+        # The bases are used from the step after the first root update.
+        rotated = self.root_updates > 1 or (self.root_updates == 1 and (not root_now or self.v_start > 0))
+        if rotated and self.v_start == 0:  # m and v start afresh when the bases are first used
+            self.m = torch.zeros_like(self.m)
+            self.v = torch.zeros_like(self.v)
+            self.v_start = k
 
         def into(x):
             return self.ql.T @ x @ self.qr if rotated else x
@@ -243,7 +256,8 @@ class ReferenceSoap:
         self.m = self.b1 * self.m + (1 - self.b1) * g
         gr = into(g)
         self.v = self.b2 * self.v + (1 - self.b2) * gr * gr
-        bc1, bc2 = 1 - self.b1 ** k, 1 - self.b2 ** k
+        steps = k - self.v_start + 1 if self.v_start else k
+        bc1, bc2 = 1 - self.b1 ** steps, 1 - self.b2 ** steps
         direction = into(self.m) / (self.v.sqrt() / math.sqrt(bc2) + self.eps)
         if rotated:
             direction = self.ql @ direction @ self.qr.T
@@ -359,11 +373,12 @@ def test_soap_4bit_stays_close_to_32bit_soap():
     gap = (low[0] - params[0]).norm()
     gap_adam = (adam[0] - params[0]).norm()
     # 4-bit eigenvectors (64-element blocks, ~5% error per entry) leak a little of the
-    # large directions into the small ones, which Adam's normalization amplifies: measured
-    # 0.16-0.17 of the displacement over four seeds (AdamW, no basis: 0.35-0.40). Bounds:
-    # 0.25, and clearly closer to 32-bit SOAP than AdamW is.
-    assert 0 < gap < 0.25 * moved, (gap, moved)
-    assert gap < 0.6 * gap_adam, (gap, gap_adam)
+    # large directions into the small ones, which Adam's normalization amplifies, the more so
+    # as Adam restarts in the bases (its first steps are sign-like): measured 0.46-0.48 of the
+    # displacement over four seeds, 0.63-0.67 of AdamW's distance to 32-bit SOAP. Bounds: 0.6
+    # of the displacement, and closer to 32-bit SOAP than AdamW is (0.8).
+    assert 0 < gap < 0.6 * moved, (gap, moved)
+    assert gap < 0.8 * gap_adam, (gap, gap_adam)
     # 4-bit SOAP keeps eigenvectors (codes) and eigenvalues only; 32-bit SOAP fp32 L, R and bases.
     assert opts[0].state_bytes().preconditioner == 4 * 2 * (64 * 64 + 48 * 48)
     assert opts[1].state_bytes().preconditioner < opts[0].state_bytes().preconditioner / 6

@@ -56,6 +56,7 @@ class ShampooParam : public torch::CustomClassHolder {
     c10::Dict<std::string, at::Tensor> d;
     d.insert("step", at::scalar_tensor(state_.step(), at::kLong));
     d.insert("root_updates", at::scalar_tensor(state_.root_updates(), at::kLong));
+    if (state_.soap_v_start() > 0) d.insert("soap_v_start", at::scalar_tensor(state_.soap_v_start(), at::kLong));
     if (state_.momentum_buffer().defined()) d.insert("momentum_buffer", state_.momentum_buffer());
     if (state_.exp_avg().defined()) d.insert("exp_avg", state_.exp_avg());
     if (state_.exp_avg_sq().defined()) d.insert("exp_avg_sq", state_.exp_avg_sq());
@@ -124,6 +125,8 @@ class ShampooParam : public torch::CustomClassHolder {
       } else if (key == "root_updates") {
         staged.root_updates(read_count(t, "root_updates", who, what));
         has_roots = true;
+      } else if (key == "soap_v_start") {
+        staged.soap_v_start(read_count(t, "soap_v_start", who, what));
       } else if (key == "momentum_buffer") {
         staged.momentum_buffer(t);
       } else if (key == "exp_avg") {
@@ -142,7 +145,7 @@ class ShampooParam : public torch::CustomClassHolder {
         staged.loaded_preconditioner[key.substr(std::string(kPreconditionerPrefix).size())] = t;
       } else {
         TORCH_CHECK(false, who, what, ": checkpoint entry \"", key, "\" is not part of a Shampoo state (expected step, "
-                    "root_updates, momentum_buffer, exp_avg, exp_avg_sq, exp_avg[_sq]_codes / _scales, "
+                    "root_updates, soap_v_start, momentum_buffer, exp_avg, exp_avg_sq, exp_avg[_sq]_codes / _scales, "
                     "preconditioner.*)");
       }
     }

@@ -44,6 +44,8 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
   TORCH_CHECK(s.step() >= 0 && s.root_updates() >= 0 && s.root_updates() <= s.step(), who, "checkpoint of ",
               what, " has step ", s.step(), " and root_updates ", s.root_updates(),
               "; expected 0 <= root_updates <= step");
+  TORCH_CHECK(s.soap_v_start() >= 0 && s.soap_v_start() <= s.step(), who, "checkpoint of ", what,
+              " has soap_v_start ", s.soap_v_start(), "; expected 0 <= soap_v_start <= step ", s.step());
   s.momentum_buffer(checked_buffer(s.momentum_buffer(), p, "momentum_buffer", who, what));
   const adamw::MomentLayout layout = graft_layout(p, options);
   const bool any_codes = s.exp_avg_codes().defined() || s.exp_avg_scales().defined() ||
@@ -90,6 +92,7 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
 void ShampooParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(root_updates);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(soap_v_start);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
@@ -107,6 +110,8 @@ void ShampooParamState::serialize(torch::serialize::OutputArchive& archive) cons
 void ShampooParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, root_updates);
+  c10::IValue v_start;  // absent from checkpoints written before SOAP
+  soap_v_start_ = archive.try_read("soap_v_start", v_start) ? v_start.toInt() : 0;
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);

@@ -27,6 +27,10 @@ ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
   const int64_t k = s.step();
   plan.statistics = k % o.stat_interval() == 0;
   plan.roots = k >= o.start_preconditioning_step() && k % o.root_interval() == 0;
+  // SOAP keeps v in the bases' coordinates: remember the bases in use before the refresh.
+  s.soap_previous_bases.clear();
+  if (o.preconditioner() == "soap" && plan.statistics && s.root_updates() > 0)
+    s.soap_previous_bases = s.preconditioner->eigenbases();
   if (plan.roots) s.root_updates(s.root_updates() + 1);
   return plan;
 }

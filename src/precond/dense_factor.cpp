@@ -19,9 +19,12 @@ void DenseFactor::update_statistic(const at::Tensor& outer) {
 
 void DenseFactor::update_eigenbasis() {
   // SOAP's refresh: one warm-started power-iteration + QR step (or a full eigh), as the
-  // 4-bit factor refreshes its eigenvectors, so 32- and 4-bit SOAP track alike.
+  // 4-bit factor refreshes its eigenvectors, so 32- and 4-bit SOAP track alike. The first
+  // refresh (from the identity) is a full eigh, as in the paper: a QR step from I is far from
+  // an eigenbasis and the next ones would rotate it a lot, under Adam's second moment.
+  const bool first = at::equal(root_, at::eye(order_, root_.options()));
   std::optional<linalg::Eigen> e;
-  if (config_.eigen_update == EigenUpdate::QrStep) {
+  if (config_.eigen_update == EigenUpdate::QrStep && !first) {
     e = linalg::qr_subspace_step(statistic_, root_);
   } else {
     e = linalg::eigh_with_fallback(statistic_, config_.eigh);

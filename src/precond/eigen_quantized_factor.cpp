@@ -38,8 +38,11 @@ void EigenQuantizedFactor::update_statistic(const at::Tensor& outer) {
   const at::Tensor a = at::matmul(v * eigenvalues_.unsqueeze(0), v.t()).mul_(config_.stat_decay)
                            .add_(outer, 1.0 - config_.stat_decay);
   // The paper replaces a full eigendecomposition by one warm-started subspace step.
+  // SOAP (eigenbasis): the first refresh, from the initial state, is a full eigh (see
+  // DenseFactor::update_eigenbasis). 4-bit Shampoo keeps the paper's QR step from U = I.
+  const bool first_basis = config_.eigenbasis && eigenvalues_.eq(static_cast<float>(config_.epsilon)).all().item<bool>();
   std::optional<linalg::Eigen> e;
-  if (config_.eigen_update == EigenUpdate::QrStep) {
+  if (config_.eigen_update == EigenUpdate::QrStep && !first_basis) {
     e = linalg::qr_subspace_step(a, v);
   } else {
     e = linalg::eigh_with_fallback(a, config_.eigh);
