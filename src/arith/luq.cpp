@@ -12,25 +12,27 @@ at::Tensor luq_quantize(const at::Tensor& x, int bits, at::Generator generator) 
   TORCH_CHECK(bits >= 2 && bits <= 8, "luq_quantize: bits must be in [2, 8]; got ", bits);
   if (x.numel() == 0) return at::zeros_like(x);
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "luq_quantize: expected a floating tensor; got ", x.scalar_type());
-  const at::Tensor xd = x.to(at::kDouble);
-  const at::Tensor a = xd.abs();
-  const double max = a.max().item<double>();
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor a = xf.abs();
+  const float max = a.max().item<float>();
   TORCH_CHECK(std::isfinite(max), "luq_quantize: the tensor holds NaN or Inf");
   if (max == 0) return at::zeros_like(x);
   const int top = (1 << (bits - 1)) - 2;  // the largest level is alpha 2^top = max
-  const double alpha = max / std::ldexp(1.0, top);
-  const at::Tensor u = at::rand(x.sizes(), generator, xd.options().device(at::kCPU)).to(x.device());
-  // Above alpha: between lower = alpha 2^e and 2 lower, up with probability (a - lower) / lower.
-  at::Tensor e = at::floor(at::log2(a.clamp_min(alpha) / alpha)).clamp(0, top);
-  at::Tensor lower = at::ldexp(at::full_like(a, alpha), e);
-  // log2 of a value just below a power of two can round up: step back where lower > a.
-  lower = at::where(lower > a, lower / 2, lower).clamp_min(alpha);
-  const at::Tensor upper = at::where(lower * 2 > max * (1 + 1e-12), lower, lower * 2);
+  const float alpha = std::ldexp(max, -top);  // exact: a power-of-two scaling
+  const at::Tensor u = at::rand(x.sizes(), generator, xf.options().device(at::kCPU)).to(x.device());
+  // Above alpha: between lower = alpha 2^j and 2 lower, up with probability (a - lower) / lower.
+  // frexp gives j from the binary exponent; a / alpha is rounded, so the two exact
+  // comparisons below put a value next to a level on its right side.
+  const at::Tensor j = (std::get<1>(at::frexp(a.clamp_min(alpha) / alpha)) - 1).clamp(0, top);
+  at::Tensor lower = at::ldexp(at::full_like(a, alpha), j);
+  lower = at::where(lower > a, lower / 2, lower);
+  lower = at::where((lower * 2 <= a) & (lower * 2 <= max), lower * 2, lower).clamp_min(alpha);
+  const at::Tensor upper = at::where(lower * 2 > max, lower, lower * 2);
   const at::Tensor p_up = ((a - lower) / lower).clamp(0, 1);
   const at::Tensor above = at::where(u < p_up, upper, lower);
   // Below alpha: alpha with probability a / alpha, else 0 (unbiased underflow).
-  const at::Tensor below = at::where(u < a / alpha, at::full_like(a, alpha), at::zeros_like(a));
-  return (at::sign(xd) * at::where(a < alpha, below, above)).to(x.scalar_type());
+  const at::Tensor below = (u < a / alpha).to(at::kFloat) * alpha;
+  return (at::sign(xf) * at::where(a < alpha, below, above)).to(x.scalar_type());
 }
 
 int64_t UniformCodes::bytes() const { return packed.numel() + 8; }
