@@ -132,6 +132,23 @@ def test_graft_bits_with_preconditioning_quantizes_only_the_moments():
     assert 0 < gap < 0.2 * moved, (gap, moved)
 
 
+
+def assert_resumes_bit_identically(params, options, before, after):
+    """Trains `before` steps, saves (through torch.save / torch.load), loads into a fresh
+    optimizer over copies, trains both `after` more steps: the parameters must be equal."""
+    opt = lowbit.Shampoo(params, **options)
+    train(opt, params, before, 0)
+    checkpoint = saved(opt.state_dict())
+    resumed = clones(params)
+    fresh = lowbit.Shampoo(resumed, **options)
+    fresh.load_state_dict(loaded(checkpoint))
+    train(opt, params, after, before)
+    train(fresh, resumed, after, before)
+    assert opt.root_updates() > 1
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+    return opt, fresh
+
 def test_graft_bits_state_dict_round_trip_continues_bit_identically():
     params = make_params(3, [(64, 80), (20, 30), (17,)])
     options = quick(min_quant_numel=1000, graft_bits=4)
@@ -408,17 +425,7 @@ def test_soap_4bit_trains(graft_bits):
 def test_soap_state_dict_round_trip_continues_bit_identically():
     params = make_params(10)
     options = quick(bits=4, preconditioner="soap", graft="adamw")
-    opt = lowbit.Shampoo(params, **options)
-    train(opt, params, 6, 0)
-    checkpoint = saved(opt.state_dict())
-    resumed = clones(params)
-    fresh = lowbit.Shampoo(resumed, **options)
-    fresh.load_state_dict(loaded(checkpoint))
-    train(opt, params, 6, 6)
-    train(fresh, resumed, 6, 6)
-    assert opt.root_updates() > 1
-    for a, b in zip(params, resumed):
-        assert torch.equal(a, b)
+    assert_resumes_bit_identically(params, options, 6, 6)
     # A Shampoo checkpoint does not load into SOAP.
     shampoo = lowbit.Shampoo(clones(params), **quick(bits=4))
     train(shampoo, shampoo.param_groups[0]["params"], 2, 0)
@@ -490,19 +497,7 @@ def test_cholesky_error_feedback_decay_is_used():
 
 @pytest.mark.parametrize("error_feedback", [True, False])
 def test_cholesky_state_dict_round_trip_continues_bit_identically(error_feedback):
-    params = make_params(14)
-    options = quick(**CHOLESKY, error_feedback=error_feedback)
-    opt = lowbit.Shampoo(params, **options)
-    train(opt, params, 6, 0)
-    checkpoint = saved(opt.state_dict())
-    resumed = clones(params)
-    fresh = lowbit.Shampoo(resumed, **options)
-    fresh.load_state_dict(loaded(checkpoint))
-    train(opt, params, 8, 6)
-    train(fresh, resumed, 8, 6)
-    assert opt.root_updates() > 1
-    for a, b in zip(params, resumed):
-        assert torch.equal(a, b)
+    opt, fresh = assert_resumes_bit_identically(make_params(14), quick(**CHOLESKY, error_feedback=error_feedback), 6, 8)
     assert fresh.state_bytes() == opt.state_bytes()
 
 

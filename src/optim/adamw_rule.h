@@ -38,6 +38,29 @@ struct Moments {
   at::Tensor exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales;
 };
 
+// The moments held by an optimizer state with the six tensor fields above (lowbit::AdamW's
+// and Shampoo's graft), as handles; and back.
+template <typename State>
+Moments moments_of(const State& s) {
+  Moments m;
+  m.exp_avg = s.exp_avg();
+  m.exp_avg_sq = s.exp_avg_sq();
+  m.exp_avg_codes = s.exp_avg_codes();
+  m.exp_avg_scales = s.exp_avg_scales();
+  m.exp_avg_sq_codes = s.exp_avg_sq_codes();
+  m.exp_avg_sq_scales = s.exp_avg_sq_scales();
+  return m;
+}
+template <typename State>
+void store_moments(State& s, const Moments& m) {
+  s.exp_avg(m.exp_avg);
+  s.exp_avg_sq(m.exp_avg_sq);
+  s.exp_avg_codes(m.exp_avg_codes);
+  s.exp_avg_scales(m.exp_avg_scales);
+  s.exp_avg_sq_codes(m.exp_avg_sq_codes);
+  s.exp_avg_sq_scales(m.exp_avg_sq_scales);
+}
+
 // Zero moments (all codes and scales 0 decode to exactly 0) on p's device.
 Moments make_moments(const MomentLayout& layout, const at::Tensor& p);
 

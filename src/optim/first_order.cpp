@@ -38,20 +38,8 @@ adamw::MomentLayout graft_layout(const torch::Tensor& p, const ShampooOptions& o
 
 adamw::Moments graft_moments(ShampooParamState& s, const adamw::MomentLayout& layout, const torch::Tensor& p) {
   const bool present = layout.quantized() ? s.exp_avg_codes().defined() : s.exp_avg().defined();
-  if (!present) {
-    const adamw::Moments fresh = adamw::make_moments(layout, p);
-    s.exp_avg(fresh.exp_avg).exp_avg_sq(fresh.exp_avg_sq);
-    s.exp_avg_codes(fresh.exp_avg_codes).exp_avg_scales(fresh.exp_avg_scales);
-    s.exp_avg_sq_codes(fresh.exp_avg_sq_codes).exp_avg_sq_scales(fresh.exp_avg_sq_scales);
-  }
-  adamw::Moments m;
-  m.exp_avg = s.exp_avg();
-  m.exp_avg_sq = s.exp_avg_sq();
-  m.exp_avg_codes = s.exp_avg_codes();
-  m.exp_avg_scales = s.exp_avg_scales();
-  m.exp_avg_sq_codes = s.exp_avg_sq_codes();
-  m.exp_avg_sq_scales = s.exp_avg_sq_scales();
-  return m;
+  if (!present) adamw::store_moments(s, adamw::make_moments(layout, p));
+  return adamw::moments_of(s);
 }
 
 void adamw_update(torch::Tensor& p, const torch::Tensor& d, ShampooParamState& state, const ShampooOptions& o) {

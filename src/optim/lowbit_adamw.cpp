@@ -18,25 +18,8 @@ adamw::MomentLayout layout_of(const AdamWOptions& o, const torch::Tensor& p) {
                            o.min_quant_numel());
 }
 
-adamw::Moments moments_of(const AdamWParamState& s) {
-  adamw::Moments m;
-  m.exp_avg = s.exp_avg();
-  m.exp_avg_sq = s.exp_avg_sq();
-  m.exp_avg_codes = s.exp_avg_codes();
-  m.exp_avg_scales = s.exp_avg_scales();
-  m.exp_avg_sq_codes = s.exp_avg_sq_codes();
-  m.exp_avg_sq_scales = s.exp_avg_sq_scales();
-  return m;
-}
-
-void store_moments(AdamWParamState& s, const adamw::Moments& m) {
-  s.exp_avg(m.exp_avg);
-  s.exp_avg_sq(m.exp_avg_sq);
-  s.exp_avg_codes(m.exp_avg_codes);
-  s.exp_avg_scales(m.exp_avg_scales);
-  s.exp_avg_sq_codes(m.exp_avg_sq_codes);
-  s.exp_avg_sq_scales(m.exp_avg_sq_scales);
-}
+using adamw::moments_of;
+using adamw::store_moments;
 
 std::string map_name(const adamw::MomentLayout& l, bool second) {
   if (!l.quantized()) return "";

@@ -55,14 +55,7 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
     auto on_device = [&](const torch::Tensor& t) { return t.defined() ? t.to(p.device()) : t; };
     s.exp_avg_codes(on_device(s.exp_avg_codes())).exp_avg_scales(on_device(s.exp_avg_scales()));
     s.exp_avg_sq_codes(on_device(s.exp_avg_sq_codes())).exp_avg_sq_scales(on_device(s.exp_avg_sq_scales()));
-    adamw::Moments m;
-    m.exp_avg = s.exp_avg();
-    m.exp_avg_sq = s.exp_avg_sq();
-    m.exp_avg_codes = s.exp_avg_codes();
-    m.exp_avg_scales = s.exp_avg_scales();
-    m.exp_avg_sq_codes = s.exp_avg_sq_codes();
-    m.exp_avg_sq_scales = s.exp_avg_sq_scales();
-    adamw::check_moments(m, layout, p, who + "checkpoint of " + what);
+    adamw::check_moments(adamw::moments_of(s), layout, p, who + "checkpoint of " + what);
   } else {
     TORCH_CHECK(!any_codes, who, "checkpoint of ", what, " has low-bit AdamW moments, but this optimizer keeps ",
                 "them in fp32 (graft_bits=", options.graft_bits(), ", ", p.numel(), " elements)");
