@@ -126,13 +126,41 @@ TEST(Trainer, JsonRecordHasTheDocumentedFields) {
   const nlohmann::json j = to_json(c, run_training(c, log));
   for (const char* key : {"optimizer", "model", "dataset", "epochs", "seed", "test_accuracy", "final_train_loss",
                           "optimizer_state_bytes", "preconditioner_state_bytes", "step_ms_mean", "wall_s",
-                          "history", "step_losses", "root_updates"})
+                          "history", "step_losses", "root_updates", "arith", "activation_bytes_kept",
+                          "activation_bytes_fp32"})
     EXPECT_TRUE(j.contains(key)) << key;
   EXPECT_EQ(j["optimizer"], "shampoo4");
   EXPECT_EQ(j["history"].size(), 1u);
   EXPECT_EQ(j["history"][0]["epoch"], 1);
   EXPECT_EQ(j["optimizer_state_bytes"].get<int64_t>(),
             j["preconditioner_state_bytes"].get<int64_t>() + j["first_order_state_bytes"].get<int64_t>());
+}
+
+// --arith: the CNN trains under LUQ-4 and RMM, and the record says what its layers kept
+// for backward: the fp32 bytes of every linear and conv input, 4-bit codes (1/8 of them plus
+// 8 bytes a layer) under LUQ-4, and under RMM the sketches of the two linear inputs (k =
+// 16 of 64 rows) with the conv inputs in fp32.
+TEST(Trainer, LowBitArithmeticTrainsAndCountsWhatItKeeps) {
+  std::ostringstream log;
+  TrainConfig c = tiny("adamw");
+  const TrainResult fp32 = run_training(c, log);
+  const int64_t layers = 4;  // conv1, conv2, fc1, fc2
+  for (const arith::Mode mode : {arith::Mode::Luq4, arith::Mode::Rmm}) {
+    c.arithmetic.mode = mode;
+    const TrainResult r = run_training(c, log);
+    const std::string name = arith::to_string(mode);
+    EXPECT_LT(r.history.back().train_loss, 0.7 * r.history.front().train_loss) << name;
+    EXPECT_EQ(r.activation_bytes_fp32, fp32.activation_bytes_kept) << name;
+    if (mode == arith::Mode::Luq4) {
+      EXPECT_LE(r.activation_bytes_kept, fp32.activation_bytes_fp32 / 8 + layers * 9) << name;
+      EXPECT_GE(r.activation_bytes_kept, fp32.activation_bytes_fp32 / 8) << name;
+    } else {
+      EXPECT_LT(r.activation_bytes_kept, fp32.activation_bytes_fp32) << name;
+    }
+    const nlohmann::json j = to_json(c, r);
+    EXPECT_EQ(j["arith"], name);
+    EXPECT_EQ(j["activation_bytes_kept"].get<int64_t>(), r.activation_bytes_kept);
+  }
 }
 
 TEST(Trainer, InvalidConfigurationsAreRejected) {
