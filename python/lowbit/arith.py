@@ -139,29 +139,41 @@ def _sketch_size(keep: float, rows: int) -> int:
 # Autograd functions (src/arith/layers.cpp)
 
 
+def _keep_4bit_input(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     generator: torch.Generator) -> torch.Tensor:
+    """x on the 4-bit grid; keeps its packed codes (and the weight) for backward."""
+    packed, scale, offset = _quantize4(x)
+    ctx.save_for_backward(packed, weight)
+    ctx.x_scale, ctx.x_offset, ctx.x_shape, ctx.x_dtype = scale, offset, tuple(x.shape), x.dtype
+    ctx.generator = generator
+    ctx.has_bias = bias is not None
+    return _dequantize4(packed, scale, offset, x.shape, x.device)
+
+
+def _kept_input_and_luq_gradient(ctx: Any, grad_output: torch.Tensor):
+    """The weight, the 4-bit input kept by forward, and LUQ of the neural gradient."""
+    packed, weight = ctx.saved_tensors
+    x = _dequantize4(packed, ctx.x_scale, ctx.x_offset, ctx.x_shape, grad_output.device)
+    gq = luq_quantize(grad_output.float(), _GRADIENT_BITS, _draw_seed(ctx.generator))
+    return weight, x, gq
+
+
 class _LuqLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 generator: torch.Generator) -> torch.Tensor:
-        packed, scale, offset = _quantize4(x)
-        xq = _dequantize4(packed, scale, offset, x.shape, x.device)
-        ctx.save_for_backward(packed, weight)
-        ctx.x_scale, ctx.x_offset, ctx.x_shape, ctx.x_dtype = scale, offset, tuple(x.shape), x.dtype
-        ctx.generator = generator
-        ctx.has_bias = bias is not None
+        xq = _keep_4bit_input(ctx, x, weight, bias, generator)
         out = F.linear(xq, _grid4(weight), None if bias is None else bias.float())
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
-        packed, weight = ctx.saved_tensors
         gy = grad_output
-        gq = luq_quantize(gy.float(), _GRADIENT_BITS, _draw_seed(ctx.generator))
+        weight, x, gq = _kept_input_and_luq_gradient(ctx, gy)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = torch.matmul(gq, _grid4(weight)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            x = _dequantize4(packed, ctx.x_scale, ctx.x_offset, ctx.x_shape, gy.device)
             dw = torch.matmul(gq.reshape(-1, gq.shape[-1]).t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.reshape(-1, gy.shape[-1]).sum(0)
@@ -172,24 +184,17 @@ class _LuqConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 stride: Tuple[int, int], padding: Tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-        packed, scale, offset = _quantize4(x)
-        xq = _dequantize4(packed, scale, offset, x.shape, x.device)
-        ctx.save_for_backward(packed, weight)
-        ctx.x_scale, ctx.x_offset, ctx.x_shape, ctx.x_dtype = scale, offset, tuple(x.shape), x.dtype
+        xq = _keep_4bit_input(ctx, x, weight, bias, generator)
         ctx.stride, ctx.padding = list(stride), list(padding)
-        ctx.generator = generator
-        ctx.has_bias = bias is not None
         out = F.conv2d(xq, _grid4(weight), None if bias is None else bias.float(), stride, padding)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
-        packed, weight = ctx.saved_tensors
         gy = grad_output
-        gq = luq_quantize(gy.float(), _GRADIENT_BITS, _draw_seed(ctx.generator))
+        weight, x, gq = _kept_input_and_luq_gradient(ctx, gy)
         dx = dw = db = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            x = _dequantize4(packed, ctx.x_scale, ctx.x_offset, ctx.x_shape, gy.device)
             dx, dw, _ = torch.ops.aten.convolution_backward(
                 gq, x, _grid4(weight), None, ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1,
                 [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
