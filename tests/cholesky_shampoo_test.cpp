@@ -169,15 +169,22 @@ double accumulated_error(bool error_feedback, int bits, Mapping mapping) {
 // Without feedback, the rounding of every store enters the next statistic and compounds;
 // feeding the residual back makes successive roundings cancel. Measured (n = 96, 200
 // updates): 4-bit linear-2 0.35 -> 0.11, 4-bit dynamic 0.34 -> 0.15, 8-bit dynamic 0.045
-// -> 0.009 (tools in docs/shampoo.md). The test asks for a reduction by a third at least.
+// -> 0.009 (tools in docs/shampoo.md). The test asks for a reduction by a third at least,
+// and bounds the error with feedback against the fp64 reference (about twice the measured).
 TEST(CholeskyFactor, ErrorFeedbackReducesTheAccumulatedError) {
-  for (const auto& [bits, mapping] : {std::pair{4, Mapping::Linear2}, std::pair{4, Mapping::DynamicTree},
-                                      std::pair{8, Mapping::DynamicTree}}) {
-    const double without = accumulated_error(false, bits, mapping);
-    const double with = accumulated_error(true, bits, mapping);
-    std::cout << "[cholesky EF] " << bits << "-bit " << to_string(mapping) << ": without " << without << ", with "
-              << with << "\n";
-    EXPECT_LT(with, without * 2.0 / 3.0) << bits << "-bit " << to_string(mapping);
+  struct Case {
+    int bits;
+    Mapping mapping;
+    double bound;  // relative error of C~ C~^T with feedback
+  };
+  for (const Case& c : {Case{4, Mapping::Linear2, 0.2}, Case{4, Mapping::DynamicTree, 0.3},
+                        Case{8, Mapping::DynamicTree, 0.02}}) {
+    const double without = accumulated_error(false, c.bits, c.mapping);
+    const double with = accumulated_error(true, c.bits, c.mapping);
+    std::cout << "[cholesky EF] " << c.bits << "-bit " << to_string(c.mapping) << ": without " << without
+              << ", with " << with << "\n";
+    EXPECT_LT(with, without * 2.0 / 3.0) << c.bits << "-bit " << to_string(c.mapping);
+    EXPECT_LT(with, c.bound) << c.bits << "-bit " << to_string(c.mapping);
     EXPECT_GT(with, 0);
   }
 }
