@@ -3,7 +3,6 @@
 // optimizer reproduces them exactly (tested).
 #include <ATen/ATen.h>
 
-#include <cmath>
 
 #include "optim/second_order/optimizer_support.h"
 #include "optim/shampoo_internal.h"
@@ -42,25 +41,12 @@ adamw::Moments graft_moments(ShampooParamState& s, const adamw::MomentLayout& la
   return adamw::moments_of(s);
 }
 
+// lowbit::AdamW's rule: with fp32 moments the operations of torch::optim::AdamW, in its order.
 void adamw_update(torch::Tensor& p, const torch::Tensor& d, ShampooParamState& state, const ShampooOptions& o) {
   const auto [beta1, beta2] = o.betas();
   const adamw::MomentLayout layout = graft_layout(p, o);
-  if (layout.quantized()) {  // low-bit moments: lowbit::AdamW's rule
-    adamw::Moments moments = graft_moments(state, layout, p);
-    adamw::update(p, d, moments, layout, state.step(), o.lr(), beta1, beta2, o.eps(), o.weight_decay());
-    return;
-  }
-  p.mul_(1 - o.lr() * o.weight_decay());  // decoupled weight decay
-  if (!state.exp_avg().defined()) {
-    state.exp_avg(torch::zeros_like(p));
-    state.exp_avg_sq(torch::zeros_like(p));
-  }
-  const double bias_correction1 = 1 - std::pow(beta1, state.step());
-  const double bias_correction2 = 1 - std::pow(beta2, state.step());
-  state.exp_avg().mul_(beta1).add_(d, 1 - beta1);
-  state.exp_avg_sq().mul_(beta2).addcmul_(d, d, 1 - beta2);
-  const torch::Tensor denom = (state.exp_avg_sq().sqrt() / std::sqrt(bias_correction2)).add_(o.eps());
-  p.addcdiv_(state.exp_avg(), denom, -o.lr() / bias_correction1);
+  adamw::Moments moments = graft_moments(state, layout, p);
+  adamw::update(p, d, moments, layout, state.step(), o.lr(), beta1, beta2, o.eps(), o.weight_decay());
 }
 
 }  // namespace lowbit
