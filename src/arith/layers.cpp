@@ -17,8 +17,9 @@ using torch::autograd::tensor_list;
 
 constexpr int kGradientBits = 4;
 
-// The 4-bit forward value of a weight (straight-through: its gradient goes to the fp32 weight).
-at::Tensor quantized_weight(const at::Tensor& w) { return uniform_dequantize(uniform_quantize(w), w.sizes()).to(w.device()); }
+// A tensor's value on the 4-bit forward grid. For weights the gradient goes straight through
+// to the fp32 weight.
+at::Tensor on_4bit_grid(const at::Tensor& t) { return uniform_dequantize(uniform_quantize(t), t.sizes()).to(t.device()); }
 
 void keep_codes(AutogradContext* ctx, const UniformCodes& c, const at::Tensor& x) {
   ctx->saved_data["x_codes"] = c.packed;
@@ -55,7 +56,7 @@ struct LuqLinear : torch::autograd::Function<LuqLinear> {
     keep_codes(ctx, codes, x);
     ctx->save_for_backward({w});
     ctx->saved_data["generator"] = generator;
-    return at::linear(uniform_dequantize(codes, x.sizes()).to(x.device()), quantized_weight(w));
+    return at::linear(uniform_dequantize(codes, x.sizes()).to(x.device()), on_4bit_grid(w));
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const at::Tensor w = ctx->get_saved_variables()[0];
@@ -63,7 +64,7 @@ struct LuqLinear : torch::autograd::Function<LuqLinear> {
     const at::Tensor gq = luq_quantize(gy, kGradientBits, ctx->saved_data["generator"].toGenerator());
     const at::Tensor x = kept_input(ctx).to(gy.device());
     const at::Tensor g2 = gq.reshape({-1, gq.size(-1)}), x2 = x.reshape({-1, x.size(-1)});
-    const at::Tensor dx = at::matmul(gq, quantized_weight(w));
+    const at::Tensor dx = at::matmul(gq, on_4bit_grid(w));
     const at::Tensor dw = at::matmul(g2.t(), x2);
     return {dx, dw, at::Tensor()};
   }
@@ -78,7 +79,7 @@ struct LuqConv2d : torch::autograd::Function<LuqConv2d> {
     ctx->saved_data["generator"] = generator;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
-    return at::conv2d(uniform_dequantize(codes, x.sizes()).to(x.device()), quantized_weight(w), {}, stride, padding);
+    return at::conv2d(uniform_dequantize(codes, x.sizes()).to(x.device()), on_4bit_grid(w), {}, stride, padding);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const at::Tensor w = ctx->get_saved_variables()[0];
@@ -87,7 +88,7 @@ struct LuqConv2d : torch::autograd::Function<LuqConv2d> {
     const at::Tensor x = kept_input(ctx).to(gy.device());
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    auto [dx, dw, unused] = at::convolution_backward(gq, x, quantized_weight(w), c10::nullopt, stride, padding, {1, 1},
+    auto [dx, dw, unused] = at::convolution_backward(gq, x, on_4bit_grid(w), c10::nullopt, stride, padding, {1, 1},
                                                      false, {0, 0}, 1, {true, true, false});
     return {dx, dw, at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -136,7 +137,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   at::Generator generator) {
   if (!at::GradMode::is_enabled()) {  // evaluation: the forward arithmetic, nothing kept
     if (o.mode == Mode::Luq4)
-      return at::linear(uniform_dequantize(uniform_quantize(x), x.sizes()).to(x.device()), quantized_weight(weight), bias);
+      return at::linear(on_4bit_grid(x), on_4bit_grid(weight), bias);
     return at::linear(x, weight, bias);
   }
   switch (o.mode) {
@@ -155,7 +156,7 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   at::IntArrayRef padding, const ArithOptions& o, at::Generator generator) {
   if (!at::GradMode::is_enabled()) {
     if (o.mode == Mode::Luq4)
-      return at::conv2d(uniform_dequantize(uniform_quantize(x), x.sizes()).to(x.device()), quantized_weight(weight), bias,
+      return at::conv2d(on_4bit_grid(x), on_4bit_grid(weight), bias,
                         stride, padding);
     return at::conv2d(x, weight, bias, stride, padding);
   }
