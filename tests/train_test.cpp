@@ -145,15 +145,20 @@ TEST(Trainer, LowBitArithmeticTrainsAndCountsWhatItKeeps) {
   TrainConfig c = tiny("adamw");
   const TrainResult fp32 = run_training(c, log);
   const int64_t layers = 4;  // conv1, conv2, fc1, fc2
-  for (const arith::Mode mode : {arith::Mode::Luq4, arith::Mode::Rmm}) {
+  for (const arith::Mode mode : {arith::Mode::Luq4, arith::Mode::Fqt1, arith::Mode::Rmm}) {
     c.arithmetic.mode = mode;
     const TrainResult r = run_training(c, log);
     const std::string name = arith::to_string(mode);
-    EXPECT_LT(r.history.back().train_loss, 0.7 * r.history.front().train_loss) << name;
+    // A 1-bit forward learns slower (in 2 short epochs on synthetic data: 2.47 -> 2.04).
+    const double drop = mode == arith::Mode::Fqt1 ? 0.9 : 0.7;
+    EXPECT_LT(r.history.back().train_loss, drop * r.history.front().train_loss) << name;
     EXPECT_EQ(r.activation_bytes_fp32, fp32.activation_bytes_kept) << name;
     if (mode == arith::Mode::Luq4) {
       EXPECT_LE(r.activation_bytes_kept, fp32.activation_bytes_fp32 / 8 + layers * 9) << name;
       EXPECT_GE(r.activation_bytes_kept, fp32.activation_bytes_fp32 / 8) << name;
+    } else if (mode == arith::Mode::Fqt1) {  // the edge layers (conv1, fc2) keep fp32 inputs, the others bits
+      EXPECT_LT(r.activation_bytes_kept, fp32.activation_bytes_fp32 / 2) << name;
+      EXPECT_GT(r.activation_bytes_kept, fp32.activation_bytes_fp32 / 32) << name;
     } else {
       EXPECT_LT(r.activation_bytes_kept, fp32.activation_bytes_fp32) << name;
     }

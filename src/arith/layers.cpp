@@ -1,16 +1,44 @@
-// The linear and convolution layers under LUQ-4 and RMM as autograd functions (see
-// lowbit/arith.h). Each records what it keeps for backward in a per-thread counter.
+// The linear and convolution layers under LUQ-4 and RMM as autograd functions, and the
+// dispatch of every mode (see lowbit/arith.h; fqt1's functions are in fqt_layers.cpp). Each
+// records what it keeps for backward in a per-thread counter.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
 #include <lowbit/arith.h>
 
+#include "arith/fqt_layers.h"
+#include "arith/layer_support.h"
+
 #include <cmath>
 
 namespace lowbit::arith {
+namespace detail {
+
+namespace {
+thread_local SavedBytes saved;
+}  // namespace
+
+void count_kept(int64_t kept, int64_t fp32) {
+  saved.kept += kept;
+  saved.fp32 += fp32;
+}
+
+at::Tensor with_bias(const at::Tensor& y, const at::Tensor& bias, int64_t channel_dim) {
+  if (!bias.defined()) return y;
+  std::vector<int64_t> shape(static_cast<size_t>(y.dim()), 1);
+  shape[static_cast<size_t>(channel_dim)] = bias.numel();
+  return y + bias.view(shape);
+}
+
+}  // namespace detail
+
 namespace {
 
-thread_local SavedBytes saved;
+using detail::count_kept;
+using detail::fqt1_conv2d;
+using detail::fqt1_linear;
+using detail::on_1bit_grid;
+using detail::with_bias;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
@@ -26,8 +54,7 @@ void keep_codes(AutogradContext* ctx, const UniformCodes& c, const at::Tensor& x
   ctx->saved_data["x_scale"] = c.scale;
   ctx->saved_data["x_offset"] = c.offset;
   ctx->saved_data["x_shape"] = x.sizes().vec();
-  saved.kept += c.bytes();
-  saved.fp32 += x.numel() * 4;
+  count_kept(c.bytes(), x.numel() * 4);
 }
 
 at::Tensor kept_input(AutogradContext* ctx) {
@@ -39,15 +66,6 @@ at::Tensor kept_input(AutogradContext* ctx) {
   c.numel = 1;
   for (const int64_t d : shape) c.numel *= d;
   return uniform_dequantize(c, shape);
-}
-
-// The bias is added outside the autograd functions (its gradient, the summed dL/dy, is exact;
-// and LibTorch's custom functions take no undefined tensor arguments).
-at::Tensor with_bias(const at::Tensor& y, const at::Tensor& bias, int64_t channel_dim) {
-  if (!bias.defined()) return y;
-  std::vector<int64_t> shape(static_cast<size_t>(y.dim()), 1);
-  shape[static_cast<size_t>(channel_dim)] = bias.numel();
-  return y + bias.view(shape);
 }
 
 struct LuqLinear : torch::autograd::Function<LuqLinear> {
@@ -112,8 +130,7 @@ struct SketchedLinear : torch::autograd::Function<SketchedLinear> {
     ctx->saved_data["sketch_x"] = kept;
     ctx->saved_data["seed"] = seed;
     ctx->save_for_backward({w});
-    saved.kept += kept.numel() * 4 + 8;
-    saved.fp32 += x.numel() * 4;
+    count_kept(kept.numel() * 4 + 8, x.numel() * 4);
     return at::linear(x, w);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
@@ -130,39 +147,41 @@ struct SketchedLinear : torch::autograd::Function<SketchedLinear> {
 
 }  // namespace
 
-SavedBytes saved_bytes() { return saved; }
-void reset_saved_bytes() { saved = {}; }
+SavedBytes saved_bytes() { return detail::saved; }
+void reset_saved_bytes() { detail::saved = {}; }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const ArithOptions& o,
-                  at::Generator generator) {
+                  at::Generator generator, LayerPlace place) {
+  const bool edge = place == LayerPlace::Edge;
   if (!at::GradMode::is_enabled()) {  // evaluation: the forward arithmetic, nothing kept
-    if (o.mode == Mode::Luq4)
-      return at::linear(on_4bit_grid(x), on_4bit_grid(weight), bias);
+    if (o.mode == Mode::Luq4) return at::linear(on_4bit_grid(x), on_4bit_grid(weight), bias);
+    if (o.mode == Mode::Fqt1 && !edge) return at::linear(on_1bit_grid(x), binarize_weight(weight), bias);
     return at::linear(x, weight, bias);
   }
   switch (o.mode) {
     case Mode::Luq4: return with_bias(LuqLinear::apply(x, weight, generator), bias, x.dim() - 1);
+    case Mode::Fqt1: return with_bias(fqt1_linear(x, weight, o, generator, edge), bias, x.dim() - 1);
     case Mode::Rmm:
       TORCH_CHECK(o.rmm_keep > 0 && o.rmm_keep <= 1, "rmm_keep must be in (0, 1]; got ", o.rmm_keep);
       return with_bias(SketchedLinear::apply(x, weight, o.rmm_keep, generator), bias, x.dim() - 1);
     case Mode::Fp32: break;
   }
-  saved.kept += x.numel() * 4;
-  saved.fp32 += x.numel() * 4;
+  count_kept(x.numel() * 4, x.numel() * 4);
   return at::linear(x, weight, bias);
 }
 
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::IntArrayRef stride,
-                  at::IntArrayRef padding, const ArithOptions& o, at::Generator generator) {
+                  at::IntArrayRef padding, const ArithOptions& o, at::Generator generator, LayerPlace place) {
+  const bool edge = place == LayerPlace::Edge;
   if (!at::GradMode::is_enabled()) {
-    if (o.mode == Mode::Luq4)
-      return at::conv2d(on_4bit_grid(x), on_4bit_grid(weight), bias,
-                        stride, padding);
+    if (o.mode == Mode::Luq4) return at::conv2d(on_4bit_grid(x), on_4bit_grid(weight), bias, stride, padding);
+    if (o.mode == Mode::Fqt1 && !edge)
+      return at::conv2d(on_1bit_grid(x), binarize_weight(weight), bias, stride, padding);
     return at::conv2d(x, weight, bias, stride, padding);
   }
   if (o.mode == Mode::Luq4) return with_bias(LuqConv2d::apply(x, weight, stride.vec(), padding.vec(), generator), bias, 1);
-  saved.kept += x.numel() * 4;  // fp32 and rmm (which sketches linear layers only)
-  saved.fp32 += x.numel() * 4;
+  if (o.mode == Mode::Fqt1) return with_bias(fqt1_conv2d(x, weight, stride, padding, o, generator, edge), bias, 1);
+  count_kept(x.numel() * 4, x.numel() * 4);  // fp32 and rmm (which sketches linear layers only)
   return at::conv2d(x, weight, bias, stride, padding);
 }
 

@@ -62,20 +62,4 @@ at::Tensor uniform_dequantize(const UniformCodes& c, at::IntArrayRef shape) {
   return ((codes.to(at::kFloat) - static_cast<float>(c.offset)) * static_cast<float>(c.scale)).reshape(shape);
 }
 
-Mode parse_mode(const std::string& name) {
-  if (name == "fp32") return Mode::Fp32;
-  if (name == "luq4") return Mode::Luq4;
-  if (name == "rmm") return Mode::Rmm;
-  TORCH_CHECK(false, "arithmetic must be one of \"fp32\", \"luq4\", \"rmm\"; got \"", name, "\"");
-}
-
-std::string to_string(Mode mode) {
-  switch (mode) {
-    case Mode::Fp32: return "fp32";
-    case Mode::Luq4: return "luq4";
-    case Mode::Rmm: return "rmm";
-  }
-  return "unknown";
-}
-
 }  // namespace lowbit::arith

@@ -4,6 +4,10 @@
 //   luq_quantize(x, bits, seed)             LUQ, stochastic rounding drawn from `seed`
 //   uniform_quantize4(x) -> (packed, scale, offset)    the forward's 4-bit grid, packed
 //   uniform_dequantize4(packed, scale, offset, shape)  and back (float32)
+//   binarize(x) -> (packed, scales, non_negative)      fqt1's 1-bit activation grid, packed
+//   debinarize(packed, scales, non_negative, shape)    and back (float32)
+//   binarize_weight(w)                      fqt1's 1-bit weight: alpha_o sign(W_o)
+//   agp_quantize(g, group_dim, bits, seed)  Activation Gradient Pruning + per-group rounding
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -40,6 +44,33 @@ at::Tensor uniform_dequantize4(const at::Tensor& packed, double scale, int64_t o
   return arith::uniform_dequantize(c, shape);
 }
 
+std::tuple<at::Tensor, at::Tensor, bool> binarize(const at::Tensor& x) {
+  const arith::BinaryCodes c = arith::binarize(x);
+  return {c.packed, c.scales, c.non_negative};
+}
+
+at::Tensor debinarize(const at::Tensor& packed, const at::Tensor& scales, bool non_negative, at::IntArrayRef shape) {
+  arith::BinaryCodes c;
+  c.packed = packed;
+  c.scales = scales;
+  c.non_negative = non_negative;
+  c.numel = c10::multiply_integers(shape);
+  const int64_t samples = shape.empty() ? 1 : shape[0];
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (c.numel + 7) / 8,
+              "lowbit.debinarize: expected ", (c.numel + 7) / 8, " uint8 bytes for shape ", shape, "; got ",
+              packed.numel(), " of ", packed.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == samples,
+              "lowbit.debinarize: expected ", samples, " float32 scales (one a sample); got ", scales.numel(), " of ",
+              scales.scalar_type());
+  return arith::debinarize(c, shape);
+}
+
+at::Tensor agp_quantize(const at::Tensor& g, int64_t group_dim, int64_t bits, int64_t seed) {
+  TORCH_CHECK(seed >= 0, "lowbit.agp_quantize: seed must be >= 0; got ", seed);
+  return arith::agp_quantize(g, group_dim, static_cast<int>(bits),
+                             at::detail::createCPUGenerator(static_cast<uint64_t>(seed)));
+}
+
 }  // namespace
 }  // namespace lowbit::bindings
 
@@ -48,4 +79,9 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("uniform_quantize4(Tensor x) -> (Tensor, float, int)", &lowbit::bindings::uniform_quantize4);
   m.def("uniform_dequantize4(Tensor packed, float scale, int offset, int[] shape) -> Tensor",
         &lowbit::bindings::uniform_dequantize4);
+  m.def("binarize(Tensor x) -> (Tensor, Tensor, bool)", &lowbit::bindings::binarize);
+  m.def("debinarize(Tensor packed, Tensor scales, bool non_negative, int[] shape) -> Tensor",
+        &lowbit::bindings::debinarize);
+  m.def("binarize_weight(Tensor w) -> Tensor", &lowbit::arith::binarize_weight);
+  m.def("agp_quantize(Tensor g, int group_dim, int bits=4, int seed=0) -> Tensor", &lowbit::bindings::agp_quantize);
 }

@@ -33,7 +33,7 @@ void print_summary(const train::TrainConfig& c, const train::TrainResult& r) {
               megabytes(r.state.preconditioner).c_str(), megabytes(r.state.first_order).c_str());
   std::printf("  optimizer step       %.2f ms mean (whole batch %.2f ms)\n", r.step_ms_mean, r.batch_ms_mean);
   std::printf("  arithmetic           %s: layers kept %s for backward per batch (fp32: %s)\n",
-              arith::to_string(c.arithmetic.mode).c_str(), megabytes(r.activation_bytes_kept).c_str(),
+              arith::describe(c.arithmetic).c_str(), megabytes(r.activation_bytes_kept).c_str(),
               megabytes(r.activation_bytes_fp32).c_str());
   if (train::is_shampoo_family(c.optimizer))
     std::printf("  root updates         %lld (T1 = %lld, T2 = %lld)\n", static_cast<long long>(r.root_updates),

@@ -26,9 +26,15 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_option("--model", c.model, "mlp | cnn | resnet20 | vit")->capture_default_str();
   cmd.add_option_function<std::string>(
          "--arith", [&c](const std::string& name) { c.arithmetic.mode = arith::parse_mode(name); },
-         "Arithmetic of the linear and conv layers: fp32 | luq4 (4-bit forward, LUQ 4-bit gradients) | rmm "
-         "(randomized matmul for linear weight gradients)")
-      ->check(CLI::IsMember({"fp32", "luq4", "rmm"}))->default_str("fp32");
+         "Arithmetic of the linear and conv layers: fp32 | luq4 (4-bit forward, LUQ 4-bit gradients) | fqt1 "
+         "(1-bit forward and gradients, AGP + SCQ) | rmm (randomized matmul for linear weight gradients)")
+      ->check(CLI::IsMember({"fp32", "luq4", "fqt1", "rmm"}))->default_str("fp32");
+  cmd.add_option("--fqt-bits", c.arithmetic.fqt_bits,
+                 "fqt1: Activation Gradient Pruning keeps 1/b of the gradient groups at b bits (1: no pruning)")
+      ->check(CLI::Range(1, 8))->capture_default_str();
+  cmd.add_flag("!--no-fqt-scq", c.arithmetic.fqt_scq,
+               "fqt1: quantize the weight gradient's neural gradient per sample too (no Sample-Channel joint "
+               "Quantization; with --fqt-bits 1, the paper's per-sample baseline)");
   cmd.add_option("--rmm-keep", c.arithmetic.rmm_keep, "rmm: sketch size as a fraction of the batch")
       ->check(CLI::Range(1e-6, 1.0))->capture_default_str();
   if (with_optimizer)

@@ -1,4 +1,4 @@
-// How a model's linear and convolution layers compute (lowbit/arith.h): fp32, LUQ-4 or RMM.
+// How a model's linear and convolution layers compute (lowbit/arith.h): fp32, LUQ-4, FQT-1 or RMM.
 // One object per model, shared with its blocks, so set_arithmetic reaches every layer.
 #pragma once
 
@@ -16,8 +16,11 @@ struct LayerArithmetic {
 
   LayerArithmetic();
   void set(const arith::ArithOptions& o);
-  at::Tensor linear(const torch::nn::Linear& layer, const at::Tensor& x);
-  at::Tensor conv(const torch::nn::Conv2d& layer, const at::Tensor& x);
+  // `place`: Edge for the model's first and last layer (fqt1 keeps their forward in fp32).
+  at::Tensor linear(const torch::nn::Linear& layer, const at::Tensor& x,
+                    arith::LayerPlace place = arith::LayerPlace::Inner);
+  at::Tensor conv(const torch::nn::Conv2d& layer, const at::Tensor& x,
+                  arith::LayerPlace place = arith::LayerPlace::Inner);
 };
 
 }  // namespace lowbit::models

@@ -25,9 +25,9 @@ struct Mlp : Classifier {
     fc3 = register_module("fc3", torch::nn::Linear(256, num_classes));
   }
   at::Tensor forward(at::Tensor x) override {
-    x = at::relu(compute->linear(fc1, x.flatten(1)));
+    x = at::relu(compute->linear(fc1, x.flatten(1), arith::LayerPlace::Edge));
     x = at::relu(compute->linear(fc2, x));
-    return compute->linear(fc3, x);
+    return compute->linear(fc3, x, arith::LayerPlace::Edge);
   }
 };
 
@@ -47,10 +47,10 @@ struct Cnn : Classifier {
     fc2 = register_module("fc2", torch::nn::Linear(128, num_classes));
   }
   at::Tensor forward(at::Tensor x) override {
-    x = at::max_pool2d(at::relu(bn1->forward(compute->conv(conv1, x))), {2, 2});
+    x = at::max_pool2d(at::relu(bn1->forward(compute->conv(conv1, x, arith::LayerPlace::Edge))), {2, 2});
     x = at::max_pool2d(at::relu(bn2->forward(compute->conv(conv2, x))), {2, 2});
     x = at::relu(compute->linear(fc1, x.flatten(1)));
-    return compute->linear(fc2, x);
+    return compute->linear(fc2, x, arith::LayerPlace::Edge);
   }
 };
 

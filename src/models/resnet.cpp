@@ -66,9 +66,9 @@ struct ResNet20 : Classifier {
     fc = register_module("fc", torch::nn::Linear(channels, num_classes));
   }
   at::Tensor forward(at::Tensor x) override {
-    x = at::relu(stem_bn->forward(compute->conv(stem, x)));
+    x = at::relu(stem_bn->forward(compute->conv(stem, x, arith::LayerPlace::Edge)));
     for (const auto& block : blocks) x = block->forward(x);
-    return compute->linear(fc, at::adaptive_avg_pool2d(x, {1, 1}).flatten(1));
+    return compute->linear(fc, at::adaptive_avg_pool2d(x, {1, 1}).flatten(1), arith::LayerPlace::Edge);
   }
 };
 

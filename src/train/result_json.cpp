@@ -30,6 +30,8 @@ nlohmann::json to_json(const TrainConfig& c, const TrainResult& r) {
           {"steps", r.steps},
           {"root_updates", r.root_updates},
           {"arith", arith::to_string(c.arithmetic.mode)},
+          {"fqt_bits", c.arithmetic.fqt_bits},
+          {"fqt_scq", c.arithmetic.fqt_scq},
           {"activation_bytes_kept", r.activation_bytes_kept},
           {"activation_bytes_fp32", r.activation_bytes_fp32},
           {"resumed_from_epoch", r.resumed_from_epoch},
