@@ -10,8 +10,10 @@ library on LibTorch.
 - :class:`lowbit.AdamW`: AdamW with 8- or 4-bit block-wise quantized moments (``bits=``).
 - :func:`lowbit.quantize` / :func:`lowbit.dequantize`: the block-wise low-bit codec.
 - :func:`lowbit.convert`: low-bit training arithmetic for a model's linear and conv layers
-  (``"luq4"``: :class:`lowbit.Luq4Linear` / :class:`lowbit.Luq4Conv2d`; ``"rmm"``:
-  :class:`lowbit.SketchedLinear`); :func:`lowbit.luq_quantize`, :func:`lowbit.kept_bytes`.
+  (``"luq4"``: :class:`lowbit.Luq4Linear` / :class:`lowbit.Luq4Conv2d`; ``"fqt1"``:
+  :class:`lowbit.Fqt1Linear` / :class:`lowbit.Fqt1Conv2d`; ``"rmm"``:
+  :class:`lowbit.SketchedLinear`); :func:`lowbit.luq_quantize`, :func:`lowbit.kept_bytes`,
+  and the 1-bit quantizers in :mod:`lowbit.arith`.
 - ``torch.ops.lowbit.*``: the codec ops; ``torch.classes.lowbit.*``: the C++ state classes.
 
 Importing lowbit loads liblowbit: the path in ``LOWBIT_LIBRARY``, else the copy installed
@@ -23,7 +25,16 @@ from ._library import load as _load
 library_path: str = _load()
 
 from .adamw import AdamW  # noqa: E402
-from .arith import Luq4Conv2d, Luq4Linear, SketchedLinear, convert, kept_bytes, luq_quantize  # noqa: E402
+from .arith import (  # noqa: E402
+    Fqt1Conv2d,
+    Fqt1Linear,
+    Luq4Conv2d,
+    Luq4Linear,
+    SketchedLinear,
+    convert,
+    kept_bytes,
+    luq_quantize,
+)
 from .codec import QuantizedTensor, codebook, dequantize, quantize  # noqa: E402
 from .optim import OPTION_DEFAULTS, OPTION_TABLE, Shampoo, ShampooState, StateBytes  # noqa: E402
 from .second_order import (  # noqa: E402
@@ -57,6 +68,8 @@ __all__ = [
     "luq_quantize",
     "Luq4Linear",
     "Luq4Conv2d",
+    "Fqt1Linear",
+    "Fqt1Conv2d",
     "SketchedLinear",
     "convert",
     "kept_bytes",

@@ -5,6 +5,10 @@ as ``torch.nn`` modules, built on the C++ quantizers.
 - :class:`Luq4Linear`, :class:`Luq4Conv2d` (``"luq4"``): forward with x and W on a 4-bit
   uniform grid (fp32 accumulation), backward with the neural gradient through LUQ-4; what is
   kept for backward is x's packed 4-bit codes.
+- :func:`binarize`, :func:`binarize_weight`, :func:`agp_quantize`, :class:`Fqt1Linear`,
+  :class:`Fqt1Conv2d` (``"fqt1"``): 1-bit forward (packed activations kept), neural gradients
+  through Activation Gradient Pruning per sample (for dX) and per channel (for dW, SCQ);
+  in ``lowbit/_fqt_layers.py``.
 - :class:`SketchedLinear` (``"rmm"``): exact forward and input gradient; the weight gradient
   from a Gaussian sketch S^T X of the input (randomized matrix multiplication).
 - :func:`convert`: swaps the ``nn.Linear`` / ``nn.Conv2d`` layers of a model in place,
@@ -27,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._arith_base import _ArithLayer, _check_conv_options, _check_int, _check_keep, _check_seed, _draw_seed
+from ._fqt_layers import (Fqt1Conv2d, Fqt1Linear, _check_bits, agp_quantize, binarize, binarize_weight,
+                          fqt_conv_like, fqt_linear_like)
 from ._library import load as _load_library
 
 _load_library()
@@ -36,41 +43,21 @@ __all__ = [
     "luq_quantize",
     "Luq4Linear",
     "Luq4Conv2d",
+    "binarize",
+    "binarize_weight",
+    "agp_quantize",
+    "Fqt1Linear",
+    "Fqt1Conv2d",
     "SketchedLinear",
     "convert",
     "kept_bytes",
     "fp32_bytes",
 ]
 
-ArithName = Literal["fp32", "luq4", "rmm"]
-ARITHMETICS: Tuple[str, ...] = ("fp32", "luq4", "rmm")
+ArithName = Literal["fp32", "luq4", "fqt1", "rmm"]
+ARITHMETICS: Tuple[str, ...] = ("fp32", "luq4", "fqt1", "rmm")
 
 _GRADIENT_BITS = 4  # LUQ-4: 1 sign bit, 3 exponent bits
-_SEED_BOUND = 1 << 62
-
-
-# ----------------------------------------------------------------------------------------
-# Argument checks
-
-
-def _check_int(where: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"lowbit.{where}: {name} must be int; got {value!r}")
-
-
-def _check_seed(where: str, seed: object) -> int:
-    _check_int(where, "seed", seed)
-    if seed < 0:  # type: ignore[operator]
-        raise ValueError(f"lowbit.{where}: seed must be >= 0; got {seed}")
-    return int(seed)  # type: ignore[arg-type]
-
-
-def _check_keep(where: str, keep: object) -> float:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"lowbit.{where}: keep must be a float in (0, 1]; got {keep!r}")
-    if not (0 < keep <= 1):
-        raise ValueError(f"lowbit.{where}: keep must be in (0, 1]; got {keep}")
-    return float(keep)
 
 
 # ----------------------------------------------------------------------------------------
@@ -118,10 +105,6 @@ def _grid4(x: torch.Tensor) -> torch.Tensor:
     """The 4-bit forward value of x (float32, x's shape and device)."""
     packed, scale, offset = _quantize4(x)
     return _dequantize4(packed, scale, offset, x.shape, x.device)
-
-
-def _draw_seed(generator: torch.Generator) -> int:
-    return int(torch.randint(0, _SEED_BOUND, (1,), generator=generator).item())
 
 
 def _sketch(rows: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -236,34 +219,6 @@ class _SketchedLinearFunction(torch.autograd.Function):
 # Layers
 
 
-class _ArithLayer:
-    """What the arithmetic layers share: a seeded CPU generator and the byte counters."""
-
-    seed: int
-    generator: torch.Generator
-    kept_bytes: int
-    fp32_bytes: int
-
-    def _init_arith(self, seed: int) -> None:
-        self.seed = _check_seed(type(self).__name__, seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.kept_bytes = 0  # bytes kept for backward in the last forward that recorded it
-        self.fp32_bytes = 0  # what an fp32 layer would have kept (the input, numel * 4)
-
-    def reset_generator(self, seed: Optional[int] = None) -> None:
-        """Reseeds the layer's generator (with its ``seed``, or a new one)."""
-        if seed is not None:
-            self.seed = _check_seed(type(self).__name__, seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    @staticmethod
-    def _records(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-        """True where the forward is recorded for backward (grad mode on and some input
-        requiring a gradient); otherwise the layer keeps nothing."""
-        return torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in params))
-
-
 class Luq4Linear(_ArithLayer, nn.Linear):
     """``nn.Linear`` under LUQ-4 (docs/arith.md): forward ``F.linear`` of x and W on the
     4-bit uniform grid (fp32 accumulation); backward with the output gradient through
@@ -286,25 +241,6 @@ class Luq4Linear(_ArithLayer, nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", arith=luq4, seed={self.seed}"
-
-
-def _check_conv_options(name: str, dilation: Any, groups: int, padding_mode: str, padding: Any,
-                        kernel_size: Sequence[int]) -> Tuple[int, int]:
-    """The layer options LUQ-4 convolutions support; returns the numeric padding."""
-    if groups != 1:
-        raise ValueError(f"lowbit.{name}: groups={groups} is not supported (only groups=1)")
-    if tuple(dilation) != (1, 1):
-        raise ValueError(f"lowbit.{name}: dilation={tuple(dilation)} is not supported (only dilation=1)")
-    if padding_mode != "zeros":
-        raise ValueError(f"lowbit.{name}: padding_mode={padding_mode!r} is not supported (only 'zeros')")
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0)
-        if any(k % 2 == 0 for k in kernel_size):  # 'same' with an even kernel pads asymmetrically
-            raise ValueError(f"lowbit.{name}: padding='same' with the even kernel_size {tuple(kernel_size)} is not "
-                             "supported")
-        return (kernel_size[0] // 2, kernel_size[1] // 2)
-    return (int(padding[0]), int(padding[1]))
 
 
 class Luq4Conv2d(_ArithLayer, nn.Conv2d):
@@ -370,8 +306,8 @@ class SketchedLinear(_ArithLayer, nn.Linear):
 # ----------------------------------------------------------------------------------------
 # Whole models
 
-_LINEARS = (nn.Linear, Luq4Linear, SketchedLinear)
-_CONVS = (nn.Conv2d, Luq4Conv2d)
+_LINEARS = (nn.Linear, Luq4Linear, Fqt1Linear, SketchedLinear)
+_CONVS = (nn.Conv2d, Luq4Conv2d, Fqt1Conv2d)
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -397,35 +333,44 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _convert_linear(m: nn.Linear, arith: str, rmm_keep: float, seed: int) -> nn.Module:
-    args = (m.in_features, m.out_features, m.bias is not None)
-    if arith == "luq4":
-        new: nn.Module = Luq4Linear(*args, device="meta", seed=seed)
-    elif arith == "rmm":
-        new = SketchedLinear(*args, device="meta", keep=rmm_keep, seed=seed)
-    else:
-        new = nn.Linear(*args, device="meta")
-    return _adopt(new, m)
+class _Choice:
+    """What convert builds: the arithmetic and its options, and which layers are edges."""
 
+    def __init__(self, arith: str, rmm_keep: float, fqt_bits: int, fqt_scq: bool, edges: set) -> None:
+        self.arith, self.rmm_keep, self.fqt_bits, self.fqt_scq, self.edges = arith, rmm_keep, fqt_bits, fqt_scq, edges
 
-def _convert_conv(m: nn.Conv2d, arith: str, seed: int, where: str) -> nn.Module:
-    args = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-            m.bias is not None, m.padding_mode)
-    if arith == "luq4":
+    def linear(self, m: nn.Linear, index: int, seed: int) -> nn.Module:
+        if self.arith == "fqt1":
+            return fqt_linear_like(m, self.fqt_bits, self.fqt_scq, index in self.edges, seed)
+        args = (m.in_features, m.out_features, m.bias is not None)
+        if self.arith == "luq4":
+            return Luq4Linear(*args, device="meta", seed=seed)
+        if self.arith == "rmm":
+            return SketchedLinear(*args, device="meta", keep=self.rmm_keep, seed=seed)
+        return nn.Linear(*args, device="meta")
+
+    def conv(self, m: nn.Conv2d, index: int, seed: int, where: str) -> nn.Module:
+        args = (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                m.bias is not None, m.padding_mode)
         try:
-            new: nn.Module = Luq4Conv2d(*args, device="meta", seed=seed)
+            if self.arith == "luq4":
+                return Luq4Conv2d(*args, device="meta", seed=seed)
+            if self.arith == "fqt1":
+                return fqt_conv_like(m, self.fqt_bits, self.fqt_scq, index in self.edges, seed)
         except ValueError as e:
             raise ValueError(f"lowbit.convert: {where or 'the model'}: {e}") from None
-    else:  # fp32 and rmm (which sketches linear layers only)
-        new = nn.Conv2d(*args, device="meta")
-    return _adopt(new, m)
+        return nn.Conv2d(*args, device="meta")  # fp32 and rmm (which sketches linear layers only)
 
 
-def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, seed: int = 0) -> nn.Module:
+def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, fqt_bits: int = 4,
+            fqt_scq: bool = True, keep_edges: bool = True, seed: int = 0) -> nn.Module:
     """Switches the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` (recursively, in
     place) to the arithmetic ``arith``:
 
     - ``"luq4"``: :class:`Luq4Linear` and :class:`Luq4Conv2d`;
+    - ``"fqt1"``: :class:`Fqt1Linear` and :class:`Fqt1Conv2d` with ``bits=fqt_bits`` and
+      ``scq=fqt_scq``; with ``keep_edges`` the first and the last of the layers (in module
+      order) get ``edge=True`` (fp32 forward, as binary networks keep them);
     - ``"rmm"``: :class:`SketchedLinear` (``keep=rmm_keep``); convolutions plain ``nn.Conv2d``;
     - ``"fp32"``: plain ``nn.Linear`` / ``nn.Conv2d`` again.
 
@@ -438,32 +383,43 @@ def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, seed:
     if not isinstance(model, nn.Module):
         raise TypeError(f"lowbit.convert: expected an nn.Module; got {type(model).__name__}")
     if not isinstance(arith, str) or arith not in ARITHMETICS:
-        raise ValueError(f"lowbit.convert: arith must be one of \"fp32\", \"luq4\", \"rmm\"; got {arith!r}")
+        raise ValueError(f"lowbit.convert: arith must be one of {', '.join(map(repr, ARITHMETICS))}; got {arith!r}")
     rmm_keep = _check_keep("convert", rmm_keep)
+    fqt_bits = _check_bits("convert", fqt_bits)
+    if not isinstance(fqt_scq, bool) or not isinstance(keep_edges, bool):
+        raise TypeError(f"lowbit.convert: fqt_scq and keep_edges must be bool; got {fqt_scq!r}, {keep_edges!r}")
     seed = _check_seed("convert", seed)
     seeds = torch.Generator().manual_seed(seed)
 
-    def swap(m: nn.Module, where: str) -> Optional[nn.Module]:
-        if type(m) in _LINEARS:
-            return _convert_linear(m, arith, rmm_keep, _draw_seed(seeds))  # type: ignore[arg-type]
-        if type(m) in _CONVS:
-            return _convert_conv(m, arith, _draw_seed(seeds), where)  # type: ignore[arg-type]
-        return None
+    # The layers to swap, in module order: (parent or None for the model itself, name, path, layer).
+    found: List[Tuple[Optional[nn.Module], str, str, nn.Module]] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             where = f"{prefix}.{name}" if prefix else name
-            new = swap(child, where)
-            if new is None:
-                visit(child, where)
+            if type(child) in _LINEARS or type(child) in _CONVS:
+                found.append((parent, name, where, child))
             else:
-                setattr(parent, name, new)
+                visit(child, where)
 
-    root = swap(model, "")
-    if root is not None:
-        return root
-    visit(model, "")
-    return model
+    if type(model) in _LINEARS or type(model) in _CONVS:
+        found.append((None, "", "", model))
+    else:
+        visit(model, "")
+    edges = {0, len(found) - 1} if keep_edges and found else set()
+    choice = _Choice(arith, rmm_keep, fqt_bits, fqt_scq, edges)
+    root = model
+    for index, (parent, name, where, layer) in enumerate(found):
+        layer_seed = _draw_seed(seeds)
+        if type(layer) in _LINEARS:
+            new = _adopt(choice.linear(layer, index, layer_seed), layer)  # type: ignore[arg-type]
+        else:
+            new = _adopt(choice.conv(layer, index, layer_seed, where), layer)  # type: ignore[arg-type]
+        if parent is None:
+            root = new
+        else:
+            setattr(parent, name, new)
+    return root
 
 
 def _arith_layers(model: nn.Module) -> List[_ArithLayer]:

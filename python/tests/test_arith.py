@@ -343,7 +343,7 @@ def layer_types(model):
     return [type(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-@pytest.mark.parametrize("arith_name", ["luq4", "rmm"])
+@pytest.mark.parametrize("arith_name", ["luq4", "fqt1", "rmm"])
 @pytest.mark.parametrize("optimizer", ["shampoo4", "adamw"])
 def test_convert_trains_a_small_cnn(arith_name, optimizer):
     torch.manual_seed(0)
@@ -356,6 +356,7 @@ def test_convert_trains_a_small_cnn(arith_name, optimizer):
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     assert lowbit.convert(model, arith_name, seed=3) is model
     expected = {"luq4": [lowbit.Luq4Conv2d, lowbit.Luq4Conv2d, lowbit.Luq4Linear],
+                "fqt1": [arith.Fqt1Conv2d, arith.Fqt1Conv2d, arith.Fqt1Linear],
                 "rmm": [nn.Conv2d, nn.Conv2d, lowbit.SketchedLinear]}[arith_name]
     assert layer_types(model) == expected
     assert all(p is q for p, q in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
@@ -370,11 +371,15 @@ def test_convert_trains_a_small_cnn(arith_name, optimizer):
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.8 * losses[0], losses
+    drop = 0.85 if arith_name == "fqt1" else 0.8  # a 1-bit layer learns slower (shampoo4: 2.33 -> 1.89)
+    assert losses[-1] < drop * losses[0], losses
     assert lowbit.kept_bytes(model) > 0
     if arith_name == "luq4":
         assert lowbit.kept_bytes(model) == sum(math.ceil(n / 2) + 8 for n in (16 * 3 * 64, 16 * 8 * 64, 16 * 128))
         assert arith.fp32_bytes(model) == 4 * (16 * 3 * 64 + 16 * 8 * 64 + 16 * 128)
+    elif arith_name == "fqt1":  # the first and last layer (edges) keep fp32 inputs, the middle one bits
+        assert [m.edge for m in (model.features[0], model.features[3], model.head)] == [True, False, True]
+        assert lowbit.kept_bytes(model) == 4 * 16 * 3 * 64 + (16 * 8 * 64 + 7) // 8 + 4 * 16 + 1 + 4 * 16 * 128
     else:
         assert lowbit.kept_bytes(model) == math.ceil(0.25 * 16) * 128 * 4 + 8
 
@@ -408,7 +413,7 @@ def test_convert_details():
     # the output projection of nn.MultiheadAttention (a Linear subclass) is left alone
     mha = lowbit.convert(nn.MultiheadAttention(8, 2), "luq4")
     assert not isinstance(mha.out_proj, arith.Luq4Linear)
-    with pytest.raises(ValueError, match='"fp32", "luq4", "rmm"'):
+    with pytest.raises(ValueError, match="'fp32', 'luq4', 'fqt1', 'rmm'"):
         lowbit.convert(model, "int8")
     with pytest.raises(ValueError, match="keep"):
         lowbit.convert(model, "rmm", rmm_keep=0.0)
