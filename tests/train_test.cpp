@@ -168,6 +168,25 @@ TEST(Trainer, LowBitArithmeticTrainsAndCountsWhatItKeeps) {
   }
 }
 
+// LUQ's high-precision fine-tuning: the last epoch in fp32. The first epoch is the LUQ-4 run's
+// (same seed), the second is not, and the bytes reported are the low-bit epochs'.
+TEST(Trainer, TheLastEpochsCanRunInFp32Arithmetic) {
+  std::ostringstream log;
+  TrainConfig c = tiny("adamw");
+  c.arithmetic.mode = arith::Mode::Luq4;
+  const TrainResult luq = run_training(c, log);
+  c.arith_fp32_epochs = 1;
+  std::ostringstream tuned_log;
+  const TrainResult tuned = run_training(c, tuned_log);
+  EXPECT_EQ(tuned.history[0].train_loss, luq.history[0].train_loss);
+  EXPECT_NE(tuned.history[1].train_loss, luq.history[1].train_loss);
+  EXPECT_EQ(tuned.activation_bytes_kept, luq.activation_bytes_kept);
+  EXPECT_NE(tuned_log.str().find("epoch 2: fp32 arithmetic from here on"), std::string::npos) << tuned_log.str();
+  EXPECT_EQ(to_json(c, tuned)["arith_fp32_epochs"], 1);
+  c.arith_fp32_epochs = 2;  // every epoch: not fine-tuning but a plain fp32 run
+  EXPECT_THROW(run_training(c, log), c10::Error);
+}
+
 TEST(Trainer, InvalidConfigurationsAreRejected) {
   std::ostringstream log;
   TrainConfig c = tiny("shampoo4");

@@ -35,6 +35,9 @@ void print_summary(const train::TrainConfig& c, const train::TrainResult& r) {
   std::printf("  arithmetic           %s: layers kept %s for backward per batch (fp32: %s)\n",
               arith::describe(c.arithmetic).c_str(), megabytes(r.activation_bytes_kept).c_str(),
               megabytes(r.activation_bytes_fp32).c_str());
+  if (c.arith_fp32_epochs > 0 && c.arithmetic.mode != arith::Mode::Fp32)
+    std::printf("                       then fp32 for the last %lld epoch(s) (high-precision fine-tuning)\n",
+                static_cast<long long>(c.arith_fp32_epochs));
   if (train::is_shampoo_family(c.optimizer))
     std::printf("  root updates         %lld (T1 = %lld, T2 = %lld)\n", static_cast<long long>(r.root_updates),
                 static_cast<long long>(c.shampoo.stat_interval()), static_cast<long long>(c.shampoo.root_interval()));

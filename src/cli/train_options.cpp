@@ -35,6 +35,9 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_flag("!--no-fqt-scq", c.arithmetic.fqt_scq,
                "fqt1: quantize the weight gradient's neural gradient per sample too (no Sample-Channel joint "
                "Quantization; with --fqt-bits 1, the paper's per-sample baseline)");
+  cmd.add_option("--arith-fp32-epochs", c.arith_fp32_epochs,
+                 "Run the last N epochs with fp32 arithmetic (LUQ's high-precision fine-tuning)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
   cmd.add_option("--rmm-keep", c.arithmetic.rmm_keep, "rmm: sketch size as a fraction of the batch")
       ->check(CLI::Range(1e-6, 1.0))->capture_default_str();
   if (with_optimizer)

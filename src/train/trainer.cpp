@@ -197,6 +197,8 @@ void TrainConfig::validate() const {
   TORCH_CHECK(threads >= 0, "--threads must be >= 0; got ", threads);
   TORCH_CHECK(!resume || !checkpoint_dir.empty(), "--resume needs --checkpoint DIR");
   TORCH_CHECK(stop_after_epoch >= 0, "--stop-after-epoch must be >= 0; got ", stop_after_epoch);
+  TORCH_CHECK(arith_fp32_epochs >= 0 && arith_fp32_epochs < epochs, "--arith-fp32-epochs must be in [0, --epochs ",
+              epochs, "); got ", arith_fp32_epochs);
   shampoo.validate();
   TORCH_CHECK(distributed.world_size == 1 || is_shampoo_family(optimizer), "--nproc ", distributed.world_size,
               " needs an optimizer built on Shampoo (", [] {
@@ -258,7 +260,14 @@ TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log)
   double step_seconds = 0, batch_seconds = 0;
   const bool show_bar = config.progress && parallel.rank() == 0 && isatty(fileno(stderr));
   const int64_t last_epoch = config.stop_after_epoch > 0 ? std::min(config.epochs, config.stop_after_epoch) : config.epochs;
+  bool fine_tuning = false;  // in the last arith_fp32_epochs, the layers compute in fp32
   for (int64_t epoch = progress.epoch + 1; epoch <= last_epoch; ++epoch) {
+    if (!fine_tuning && epoch > config.epochs - config.arith_fp32_epochs) {
+      fine_tuning = true;
+      model->set_arithmetic(arith::ArithOptions{});
+      if (parallel.rank() == 0 && arithmetic.mode != arith::Mode::Fp32)
+        log << "epoch " << epoch << ": fp32 arithmetic from here on (high-precision fine-tuning)\n";
+    }
     const auto epoch_start = Clock::now();
     data::BatchIterator batches(data.train, config.batch_size, /*shuffle=*/true, epoch_seed(config.seed, epoch));
     ProgressBar bar(steps_per_epoch, "epoch " + std::to_string(epoch) + "/" + std::to_string(config.epochs), show_bar);
@@ -273,8 +282,10 @@ TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log)
       const at::Tensor loss = train_step(*model, *optimizer, config.optimizer, shard,
                                         epoch_seed(config.seed, progress.step), step_seconds);
       const arith::SavedBytes kept = arith::saved_bytes();
-      result.activation_bytes_kept = std::max(result.activation_bytes_kept, kept.kept);
-      result.activation_bytes_fp32 = std::max(result.activation_bytes_fp32, kept.fp32);
+      if (!fine_tuning || result.activation_bytes_fp32 == 0) {  // what the low-bit epochs kept
+        result.activation_bytes_kept = std::max(result.activation_bytes_kept, kept.kept);
+        result.activation_bytes_fp32 = std::max(result.activation_bytes_fp32, kept.fp32);
+      }
       batch_seconds += seconds_since(batch_start);
       const double value = loss.item<double>();
       TORCH_CHECK(std::isfinite(value), "training diverged: the loss is ", value, " at step ", progress.step + 1,

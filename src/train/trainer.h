@@ -23,7 +23,8 @@ struct TrainConfig {
   std::string optimizer = "shampoo4";
   ShampooOptions shampoo;             // lr, momentum, betas, weight decay and Shampoo's options
   SecondOrderSettings second_order;   // Sophia, AdaHessian, M-FAC and NAG-GS knobs
-  arith::ArithOptions arithmetic;     // the layers' arithmetic (fp32, luq4, rmm); its seed comes from `seed`
+  arith::ArithOptions arithmetic;     // the layers' arithmetic (fp32, luq4, fqt1, rmm); its seed comes from `seed`
+  int64_t arith_fp32_epochs = 0;      // the last N epochs in fp32 arithmetic (LUQ's high-precision fine-tuning)
   int64_t epochs = 2;
   int64_t batch_size = 128;
   std::string schedule = "cosine";    // constant | cosine | multistep
