@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <iostream>
+#include <limits>
 
 #include "expect_error.h"
 #include "models/models.h"
@@ -81,6 +82,31 @@ TEST(UniformCodes, PackTwoCodesAByteAndRoundToTheNearestLevel) {
   EXPECT_NEAR(u.scale, signed_values.abs().max().item<double>() / 15, 1e-7);
 }
 
+// The clipped grid: its squared error is within 2% of the best scale of a fine search (in
+// fp64, over the whole tensor) and well under the absmax grid's when an outlier stretches it.
+TEST(UniformCodes, MseClippingIsNearOptimal) {
+  at::Generator g = generator(20);
+  at::Tensor gaussian = at::randn({20000}, g);
+  gaussian[0] = 40;  // one outlier
+  for (const at::Tensor& x : {gaussian, at::relu(gaussian)}) {
+    const at::Tensor xd = x.to(at::kDouble);
+    const bool non_negative = x.min().item<double>() >= 0;
+    const double levels = non_negative ? 15 : 7, low = non_negative ? 0 : -7;
+    const auto error_at = [&](double scale) {
+      return ((xd / scale).round().clamp(low, levels) * scale - xd).pow(2).sum().item<double>();
+    };
+    double best = std::numeric_limits<double>::infinity();
+    for (double r = 0.005; r <= 1.0; r += 0.0025) best = std::min(best, error_at(40 * r / levels));
+    const arith::UniformCodes c = arith::uniform_quantize(x, 4, true);
+    const double clipped = (arith::uniform_dequantize(c, x.sizes()).to(at::kDouble) - xd).pow(2).sum().item<double>();
+    std::cout << "[clip] " << (non_negative ? "relu" : "signed") << ": squared error " << clipped << ", best " << best
+              << ", absmax " << error_at(40 / levels) << "\n";
+    EXPECT_LE(clipped, 1.02 * best);
+    EXPECT_LT(clipped, 0.5 * error_at(40 / levels));
+    EXPECT_LT(c.scale, 40 / levels);
+  }
+}
+
 struct Grads {
   at::Tensor dx, dw, db;
 };
@@ -95,7 +121,9 @@ Grads gradients(F f, const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return {xr.grad(), wr.grad(), br.grad()};
 }
 
-at::Tensor quantized(const at::Tensor& t) { return arith::uniform_dequantize(arith::uniform_quantize(t), t.sizes()); }
+at::Tensor quantized(const at::Tensor& t, bool clip = false) {
+  return arith::uniform_dequantize(arith::uniform_quantize(t, 4, clip), t.sizes());
+}
 
 double relative(const at::Tensor& a, const at::Tensor& b) {
   return ((a - b).norm() / b.norm()).item<double>();
@@ -111,6 +139,7 @@ TEST(LuqLayers, LinearMatchesTheFp32FunctionOfTheQuantizedForward) {
   const at::Tensor gy = at::randn({32, 12}, g);
   arith::ArithOptions luq;
   luq.mode = arith::Mode::Luq4;
+  luq.luq_clip = false;  // the absmax grid, written out in UniformCodes' test; the conv test clips
   at::Generator draws = generator(7);
   const auto luq_linear = [&](const at::Tensor& xi, const at::Tensor& wi, const at::Tensor& bi) {
     return arith::linear(xi, wi, bi, luq, draws);
@@ -152,8 +181,8 @@ TEST(LuqLayers, Conv2dMatchesTheFp32FunctionOfTheQuantizedForward) {
     return arith::conv2d(xi, wi, bi, {2, 2}, {1, 1}, luq, draws);
   };
   const auto reference = [&](const at::Tensor& xi, const at::Tensor& wi, const at::Tensor& bi) {
-    return at::conv2d(quantized(xi.detach()) + (xi - xi.detach()), quantized(wi.detach()) + (wi - wi.detach()), bi, {2, 2},
-                      {1, 1});
+    return at::conv2d(quantized(xi.detach(), true) + (xi - xi.detach()), quantized(wi.detach(), true) + (wi - wi.detach()),
+                      bi, {2, 2}, {1, 1});
   };
   const Grads exact = gradients(reference, x, w, b, gy);
   Grads sum{at::zeros_like(x), at::zeros_like(w), at::zeros_like(b)};

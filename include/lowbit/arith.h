@@ -40,6 +40,7 @@ std::string to_string(Mode mode);
 struct ArithOptions {
   Mode mode = Mode::Fp32;
   double rmm_keep = 0.25;  // rmm: sketch size k = ceil(keep * batch)
+  bool luq_clip = true;    // luq4: MSE-optimal clipping of the forward grid (false: absmax)
   int fqt_bits = 4;        // fqt1: AGP keeps ceil(groups / b) gradient groups at b bits (1: no pruning)
   bool fqt_scq = true;     // fqt1: per-channel groups for dW (false: per-sample for both, the paper's baseline)
   uint64_t seed = 0;       // stochastic rounding and sketches
@@ -54,8 +55,13 @@ std::string describe(const ArithOptions& options);  // e.g. "fqt1 (AGP keeps 1/4
 at::Tensor luq_quantize(const at::Tensor& x, int bits, at::Generator generator);
 
 // The forward quantizer: a per-tensor uniform grid of 2^bits levels: symmetric
-// (-(2^(bits-1) - 1) .. 2^(bits-1) - 1) x absmax / (2^(bits-1) - 1), or for a tensor with no
-// negative value 0 .. 2^bits - 1 x max / (2^bits - 1); nearest rounding.
+// (-(2^(bits-1) - 1) .. 2^(bits-1) - 1) x scale, or for a tensor with no negative value
+// 0 .. 2^bits - 1 x scale; nearest rounding, values beyond the grid clamped to its ends.
+// scale = absmax / top level, or with `clip` the clipping that minimizes the squared error
+// among absmax x r / top level, r in (0.01, 1] (a geometric sweep refined around its best,
+// measured on every (numel / 16384)-th value): SAWB's aim (LUQ clips with SAWB) found by
+// search, not by its fitted coefficients. One outlier no longer stretches the grid over a
+// tensor's whole range.
 struct UniformCodes {
   at::Tensor packed;  // uint8, two codes a byte (4 bits) in ceil(numel / 2) bytes
   double scale = 0;   // value = (code - offset) * scale
@@ -63,7 +69,7 @@ struct UniformCodes {
   int64_t numel = 0;
   int64_t bytes() const;  // packed bytes + 8 (scale and offset)
 };
-UniformCodes uniform_quantize(const at::Tensor& x, int bits = 4);
+UniformCodes uniform_quantize(const at::Tensor& x, int bits = 4, bool clip = false);
 at::Tensor uniform_dequantize(const UniformCodes& codes, at::IntArrayRef shape);
 
 // The 1-bit forward quantizer of an activation: per sample (row of x.reshape(x.size(0), -1),

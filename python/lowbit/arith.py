@@ -91,9 +91,9 @@ def luq_quantize(x: torch.Tensor, bits: int = 4, seed: int = 0) -> torch.Tensor:
         raise ValueError(str(e).split("\n", 1)[0]) from None
 
 
-def _quantize4(x: torch.Tensor) -> Tuple[torch.Tensor, float, int]:
+def _quantize4(x: torch.Tensor, clip: bool) -> Tuple[torch.Tensor, float, int]:
     """x on the forward's 4-bit grid: (packed codes, scale, offset)."""
-    return torch.ops.lowbit.uniform_quantize4(x.detach())
+    return torch.ops.lowbit.uniform_quantize4(x.detach(), clip)
 
 
 def _dequantize4(packed: torch.Tensor, scale: float, offset: int, shape: Sequence[int],
@@ -101,9 +101,15 @@ def _dequantize4(packed: torch.Tensor, scale: float, offset: int, shape: Sequenc
     return torch.ops.lowbit.uniform_dequantize4(packed, scale, offset, list(shape)).to(device)
 
 
-def _grid4(x: torch.Tensor) -> torch.Tensor:
+def _check_clip(where: str, clip: object) -> bool:
+    if not isinstance(clip, bool):
+        raise TypeError(f"lowbit.{where}: clip must be bool; got {clip!r}")
+    return clip
+
+
+def _grid4(x: torch.Tensor, clip: bool) -> torch.Tensor:
     """The 4-bit forward value of x (float32, x's shape and device)."""
-    packed, scale, offset = _quantize4(x)
+    packed, scale, offset = _quantize4(x, clip)
     return _dequantize4(packed, scale, offset, x.shape, x.device)
 
 
@@ -122,10 +128,11 @@ def _sketch_size(keep: float, rows: int) -> int:
 # Autograd functions (src/arith/layers.cpp)
 
 
-def _keep_4bit_input(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _keep_4bit_input(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], clip: bool,
                      generator: torch.Generator) -> torch.Tensor:
     """x on the 4-bit grid; keeps its packed codes (and the weight) for backward."""
-    packed, scale, offset = _quantize4(x)
+    packed, scale, offset = _quantize4(x, clip)
+    ctx.clip = clip
     ctx.save_for_backward(packed, weight)
     ctx.x_scale, ctx.x_offset, ctx.x_shape, ctx.x_dtype = scale, offset, tuple(x.shape), x.dtype
     ctx.generator = generator
@@ -143,10 +150,10 @@ def _kept_input_and_luq_gradient(ctx: Any, grad_output: torch.Tensor):
 
 class _LuqLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], clip: bool,
                 generator: torch.Generator) -> torch.Tensor:
-        xq = _keep_4bit_input(ctx, x, weight, bias, generator)
-        out = F.linear(xq, _grid4(weight), None if bias is None else bias.float())
+        xq = _keep_4bit_input(ctx, x, weight, bias, clip, generator)
+        out = F.linear(xq, _grid4(weight, clip), None if bias is None else bias.float())
         return out.to(x.dtype)
 
     @staticmethod
@@ -155,21 +162,22 @@ class _LuqLinearFunction(torch.autograd.Function):
         weight, x, gq = _kept_input_and_luq_gradient(ctx, gy)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.matmul(gq, _grid4(weight)).to(ctx.x_dtype)
+            dx = torch.matmul(gq, _grid4(weight, ctx.clip)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = torch.matmul(gq.reshape(-1, gq.shape[-1]).t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.reshape(-1, gy.shape[-1]).sum(0)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class _LuqConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                stride: Tuple[int, int], padding: Tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-        xq = _keep_4bit_input(ctx, x, weight, bias, generator)
+                stride: Tuple[int, int], padding: Tuple[int, int], clip: bool,
+                generator: torch.Generator) -> torch.Tensor:
+        xq = _keep_4bit_input(ctx, x, weight, bias, clip, generator)
         ctx.stride, ctx.padding = list(stride), list(padding)
-        out = F.conv2d(xq, _grid4(weight), None if bias is None else bias.float(), stride, padding)
+        out = F.conv2d(xq, _grid4(weight, clip), None if bias is None else bias.float(), stride, padding)
         return out.to(x.dtype)
 
     @staticmethod
@@ -179,13 +187,13 @@ class _LuqConv2dFunction(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dx, dw, _ = torch.ops.aten.convolution_backward(
-                gq, x, _grid4(weight), None, ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1,
+                gq, x, _grid4(weight, ctx.clip), None, ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1,
                 [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
             dx = None if dx is None else dx.to(ctx.x_dtype)
             dw = None if dw is None else dw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.sum((0, 2, 3))
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 class _SketchedLinearFunction(torch.autograd.Function):
@@ -224,23 +232,27 @@ class Luq4Linear(_ArithLayer, nn.Linear):
     4-bit uniform grid (fp32 accumulation); backward with the output gradient through
     :func:`luq_quantize` (4 bits), dX = g_q W_q, dW = g_q^T x_q (straight through to the
     fp32 weight), the bias gradient exact. Kept for backward: x's packed 4-bit codes
-    (``kept_bytes`` = ceil(numel / 2) + 8). Without grad mode: the 4-bit forward only."""
+    (``kept_bytes`` = ceil(numel / 2) + 8). Without grad mode: the 4-bit forward only.
+    ``clip=True``: each grid's scale is the MSE-optimal clipping (docs/arith.md); ``False``:
+    the absmax."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 seed: int = 0) -> None:
+                 clip: bool = True, seed: int = 0) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.clip = _check_clip(type(self).__name__, clip)
         self._init_arith(seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._records(x, self.weight, self.bias):
-            out = F.linear(_grid4(x), _grid4(self.weight), None if self.bias is None else self.bias.float())
+            bias = None if self.bias is None else self.bias.float()
+            out = F.linear(_grid4(x, self.clip), _grid4(self.weight, self.clip), bias)
             return out.to(x.dtype)
         self.kept_bytes = (x.numel() + 1) // 2 + 8
         self.fp32_bytes = x.numel() * 4
-        return _LuqLinearFunction.apply(x, self.weight, self.bias, self.generator)
+        return _LuqLinearFunction.apply(x, self.weight, self.bias, self.clip, self.generator)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", arith=luq4, seed={self.seed}"
+        return super().extra_repr() + f", arith=luq4, clip={self.clip}, seed={self.seed}"
 
 
 class Luq4Conv2d(_ArithLayer, nn.Conv2d):
@@ -251,11 +263,12 @@ class Luq4Conv2d(_ArithLayer, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 seed: int = 0) -> None:
+                 clip: bool = True, seed: int = 0) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self._padding2 = _check_conv_options(type(self).__name__, self.dilation, self.groups, self.padding_mode,
                                              self.padding, self.kernel_size)
+        self.clip = _check_clip(type(self).__name__, clip)
         self._init_arith(seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,17 +276,17 @@ class Luq4Conv2d(_ArithLayer, nn.Conv2d):
         if unbatched:
             x = x.unsqueeze(0)
         if not self._records(x, self.weight, self.bias):
-            out = F.conv2d(_grid4(x), _grid4(self.weight), None if self.bias is None else self.bias.float(),
+            out = F.conv2d(_grid4(x, self.clip), _grid4(self.weight, self.clip), None if self.bias is None else self.bias.float(),
                            self.stride, self._padding2).to(x.dtype)
         else:
             self.kept_bytes = (x.numel() + 1) // 2 + 8
             self.fp32_bytes = x.numel() * 4
             out = _LuqConv2dFunction.apply(x, self.weight, self.bias, tuple(self.stride), self._padding2,
-                                           self.generator)
+                                           self.clip, self.generator)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", arith=luq4, seed={self.seed}"
+        return super().extra_repr() + f", arith=luq4, clip={self.clip}, seed={self.seed}"
 
 
 class SketchedLinear(_ArithLayer, nn.Linear):
@@ -336,15 +349,16 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
 class _Choice:
     """What convert builds: the arithmetic and its options, and which layers are edges."""
 
-    def __init__(self, arith: str, rmm_keep: float, fqt_bits: int, fqt_scq: bool, edges: set) -> None:
-        self.arith, self.rmm_keep, self.fqt_bits, self.fqt_scq, self.edges = arith, rmm_keep, fqt_bits, fqt_scq, edges
+    def __init__(self, arith: str, rmm_keep: float, luq_clip: bool, fqt_bits: int, fqt_scq: bool, edges: set) -> None:
+        self.arith, self.rmm_keep, self.luq_clip = arith, rmm_keep, luq_clip
+        self.fqt_bits, self.fqt_scq, self.edges = fqt_bits, fqt_scq, edges
 
     def linear(self, m: nn.Linear, index: int, seed: int) -> nn.Module:
         if self.arith == "fqt1":
             return fqt_linear_like(m, self.fqt_bits, self.fqt_scq, index in self.edges, seed)
         args = (m.in_features, m.out_features, m.bias is not None)
         if self.arith == "luq4":
-            return Luq4Linear(*args, device="meta", seed=seed)
+            return Luq4Linear(*args, device="meta", clip=self.luq_clip, seed=seed)
         if self.arith == "rmm":
             return SketchedLinear(*args, device="meta", keep=self.rmm_keep, seed=seed)
         return nn.Linear(*args, device="meta")
@@ -354,7 +368,7 @@ class _Choice:
                 m.bias is not None, m.padding_mode)
         try:
             if self.arith == "luq4":
-                return Luq4Conv2d(*args, device="meta", seed=seed)
+                return Luq4Conv2d(*args, device="meta", clip=self.luq_clip, seed=seed)
             if self.arith == "fqt1":
                 return fqt_conv_like(m, self.fqt_bits, self.fqt_scq, index in self.edges, seed)
         except ValueError as e:
@@ -362,12 +376,12 @@ class _Choice:
         return nn.Conv2d(*args, device="meta")  # fp32 and rmm (which sketches linear layers only)
 
 
-def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, fqt_bits: int = 4,
-            fqt_scq: bool = True, keep_edges: bool = True, seed: int = 0) -> nn.Module:
+def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, luq_clip: bool = True,
+            fqt_bits: int = 4, fqt_scq: bool = True, keep_edges: bool = True, seed: int = 0) -> nn.Module:
     """Switches the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` (recursively, in
     place) to the arithmetic ``arith``:
 
-    - ``"luq4"``: :class:`Luq4Linear` and :class:`Luq4Conv2d`;
+    - ``"luq4"``: :class:`Luq4Linear` and :class:`Luq4Conv2d` (``clip=luq_clip``);
     - ``"fqt1"``: :class:`Fqt1Linear` and :class:`Fqt1Conv2d` with ``bits=fqt_bits`` and
       ``scq=fqt_scq``; with ``keep_edges`` the first and the last of the layers (in module
       order) get ``edge=True`` (fp32 forward, as binary networks keep them);
@@ -385,6 +399,7 @@ def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, fqt_b
     if not isinstance(arith, str) or arith not in ARITHMETICS:
         raise ValueError(f"lowbit.convert: arith must be one of {', '.join(map(repr, ARITHMETICS))}; got {arith!r}")
     rmm_keep = _check_keep("convert", rmm_keep)
+    luq_clip = _check_clip("convert", luq_clip)
     fqt_bits = _check_bits("convert", fqt_bits)
     if not isinstance(fqt_scq, bool) or not isinstance(keep_edges, bool):
         raise TypeError(f"lowbit.convert: fqt_scq and keep_edges must be bool; got {fqt_scq!r}, {keep_edges!r}")
@@ -407,7 +422,7 @@ def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, fqt_b
     else:
         visit(model, "")
     edges = {0, len(found) - 1} if keep_edges and found else set()
-    choice = _Choice(arith, rmm_keep, fqt_bits, fqt_scq, edges)
+    choice = _Choice(arith, rmm_keep, luq_clip, fqt_bits, fqt_scq, edges)
     root = model
     for index, (parent, name, where, layer) in enumerate(found):
         layer_seed = _draw_seed(seeds)

@@ -180,7 +180,7 @@ def relative_error(a, b):
 
 
 def test_luq4_linear_forward_backward_and_kept_bytes():
-    layer = lowbit.Luq4Linear(12, 5, seed=3)
+    layer = lowbit.Luq4Linear(12, 5, clip=False, seed=3)  # the absmax grid of grid4_reference
     x = randn(4, 6, 12, seed=7)
     xq = grid4_reference(x).requires_grad_(True)
     wq = grid4_reference(layer.weight).requires_grad_(True)
@@ -208,9 +208,48 @@ def test_luq4_linear_forward_backward_and_kept_bytes():
     assert torch.allclose(layer.bias.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
+def clipped_error_and_best(x: torch.Tensor):
+    """The squared error of the library's clipped grid, and the least over a fine search of
+    the scale (fp64, the whole tensor)."""
+    packed, scale, offset = torch.ops.lowbit.uniform_quantize4(x, True)
+    back = torch.ops.lowbit.uniform_dequantize4(packed, scale, offset, list(x.shape)).double()
+    xd = x.double()
+    levels, low = (15, 0) if bool((x >= 0).all()) else (7, -7)
+    absmax = float(xd.abs().max())
+    best = min(float(((torch.round(xd / s).clamp(low, levels) * s - xd) ** 2).sum())
+               for s in (absmax * r / levels for r in torch.linspace(0.005, 1, 400).tolist()))
+    return float(((back - xd) ** 2).sum()), best, scale, absmax / levels
+
+
+def test_luq4_clipping_is_near_mse_optimal_and_used_by_the_layers():
+    x = randn(5000, seed=30)
+    x[7] = 30.0  # an outlier stretches the absmax grid
+    for t in (x, torch.relu(x)):
+        error, best, scale, absmax_scale = clipped_error_and_best(t)
+        assert error <= 1.02 * best and scale < absmax_scale
+    layer = lowbit.Luq4Linear(10, 4, seed=1)
+    assert layer.clip and "clip=True" in repr(layer)
+    inputs = randn(6, 10, seed=31)
+    inputs[0, 0] = 25.0
+
+    def grid(t):
+        packed, scale, offset = torch.ops.lowbit.uniform_quantize4(t.detach(), True)
+        return torch.ops.lowbit.uniform_dequantize4(packed, scale, offset, list(t.shape))
+
+    with torch.no_grad():
+        assert torch.equal(layer(inputs), F.linear(grid(inputs), grid(layer.weight), layer.bias))
+    y = layer(inputs.clone().requires_grad_(True))
+    assert torch.allclose(y, F.linear(grid(inputs), grid(layer.weight), layer.bias))
+    with pytest.raises(TypeError, match="clip must be bool"):
+        lowbit.Luq4Conv2d(2, 2, 3, clip=1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    lowbit.convert(model, "luq4", luq_clip=False)
+    assert not model[0].clip
+
+
 def test_luq4_layers_are_reproducible_and_quantize_without_grad():
     torch.manual_seed(0)
-    a, b = lowbit.Luq4Linear(8, 3, seed=1), lowbit.Luq4Linear(8, 3, seed=1)
+    a, b = lowbit.Luq4Linear(8, 3, clip=False, seed=1), lowbit.Luq4Linear(8, 3, clip=False, seed=1)
     b.load_state_dict(a.state_dict())
     x, g = randn(5, 8, seed=9), randn(5, 3, seed=10)
     grads = []
@@ -218,7 +257,7 @@ def test_luq4_layers_are_reproducible_and_quantize_without_grad():
         layer(x).backward(g)
         grads.append(layer.weight.grad.clone())
     assert torch.equal(grads[0], grads[1])
-    c = lowbit.Luq4Linear(8, 3, seed=2)
+    c = lowbit.Luq4Linear(8, 3, clip=False, seed=2)
     c.load_state_dict(a.state_dict())
     c(x).backward(g)
     assert not torch.equal(c.weight.grad, grads[0])
@@ -228,7 +267,7 @@ def test_luq4_layers_are_reproducible_and_quantize_without_grad():
         y = a(randn(2, 8, seed=11))
     assert torch.equal(y, F.linear(grid4_reference(randn(2, 8, seed=11)), grid4_reference(a.weight), a.bias))
     assert a.kept_bytes == before
-    conv = lowbit.Luq4Conv2d(2, 3, 3, padding=1)
+    conv = lowbit.Luq4Conv2d(2, 3, 3, padding=1, clip=False)
     z = randn(1, 2, 5, 5, seed=12)
     with torch.inference_mode():
         out = conv(z)
@@ -238,7 +277,7 @@ def test_luq4_layers_are_reproducible_and_quantize_without_grad():
 
 
 def test_luq4_conv2d_forward_backward_and_kept_bytes():
-    layer = lowbit.Luq4Conv2d(3, 4, 3, stride=2, padding=1, seed=4)
+    layer = lowbit.Luq4Conv2d(3, 4, 3, stride=2, padding=1, clip=False, seed=4)
     x = torch.relu(randn(2, 3, 9, 9, seed=13))  # non-negative: the 16-level grid
     xq = grid4_reference(x).requires_grad_(True)
     wq = grid4_reference(layer.weight).requires_grad_(True)

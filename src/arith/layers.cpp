@@ -47,7 +47,9 @@ constexpr int kGradientBits = 4;
 
 // A tensor's value on the 4-bit forward grid. For weights the gradient goes straight through
 // to the fp32 weight.
-at::Tensor on_4bit_grid(const at::Tensor& t) { return uniform_dequantize(uniform_quantize(t), t.sizes()).to(t.device()); }
+at::Tensor on_4bit_grid(const at::Tensor& t, bool clip) {
+  return uniform_dequantize(uniform_quantize(t, 4, clip), t.sizes()).to(t.device());
+}
 
 void keep_codes(AutogradContext* ctx, const UniformCodes& c, const at::Tensor& x) {
   ctx->saved_data["x_codes"] = c.packed;
@@ -69,12 +71,14 @@ at::Tensor kept_input(AutogradContext* ctx) {
 }
 
 struct LuqLinear : torch::autograd::Function<LuqLinear> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, at::Generator generator) {
-    const UniformCodes codes = uniform_quantize(x);
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, bool clip,
+                            at::Generator generator) {
+    const UniformCodes codes = uniform_quantize(x, 4, clip);
     keep_codes(ctx, codes, x);
     ctx->save_for_backward({w});
     ctx->saved_data["generator"] = generator;
-    return at::linear(uniform_dequantize(codes, x.sizes()).to(x.device()), on_4bit_grid(w));
+    ctx->saved_data["clip"] = clip;
+    return at::linear(uniform_dequantize(codes, x.sizes()).to(x.device()), on_4bit_grid(w, clip));
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const at::Tensor w = ctx->get_saved_variables()[0];
@@ -82,22 +86,23 @@ struct LuqLinear : torch::autograd::Function<LuqLinear> {
     const at::Tensor gq = luq_quantize(gy, kGradientBits, ctx->saved_data["generator"].toGenerator());
     const at::Tensor x = kept_input(ctx).to(gy.device());
     const at::Tensor g2 = gq.reshape({-1, gq.size(-1)}), x2 = x.reshape({-1, x.size(-1)});
-    const at::Tensor dx = at::matmul(gq, on_4bit_grid(w));
+    const at::Tensor dx = at::matmul(gq, on_4bit_grid(w, ctx->saved_data["clip"].toBool()));
     const at::Tensor dw = at::matmul(g2.t(), x2);
-    return {dx, dw, at::Tensor()};
+    return {dx, dw, at::Tensor(), at::Tensor()};
   }
 };
 
 struct LuqConv2d : torch::autograd::Function<LuqConv2d> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
-                            std::vector<int64_t> padding, at::Generator generator) {
-    const UniformCodes codes = uniform_quantize(x);
+                            std::vector<int64_t> padding, bool clip, at::Generator generator) {
+    const UniformCodes codes = uniform_quantize(x, 4, clip);
     keep_codes(ctx, codes, x);
     ctx->save_for_backward({w});
     ctx->saved_data["generator"] = generator;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
-    return at::conv2d(uniform_dequantize(codes, x.sizes()).to(x.device()), on_4bit_grid(w), {}, stride, padding);
+    ctx->saved_data["clip"] = clip;
+    return at::conv2d(uniform_dequantize(codes, x.sizes()).to(x.device()), on_4bit_grid(w, clip), {}, stride, padding);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const at::Tensor w = ctx->get_saved_variables()[0];
@@ -106,9 +111,10 @@ struct LuqConv2d : torch::autograd::Function<LuqConv2d> {
     const at::Tensor x = kept_input(ctx).to(gy.device());
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    auto [dx, dw, unused] = at::convolution_backward(gq, x, on_4bit_grid(w), c10::nullopt, stride, padding, {1, 1},
-                                                     false, {0, 0}, 1, {true, true, false});
-    return {dx, dw, at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor wq = on_4bit_grid(w, ctx->saved_data["clip"].toBool());
+    auto [dx, dw, unused] = at::convolution_backward(gq, x, wq, c10::nullopt, stride, padding, {1, 1}, false, {0, 0}, 1,
+                                                     {true, true, false});
+    return {dx, dw, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -154,12 +160,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   at::Generator generator, LayerPlace place) {
   const bool edge = place == LayerPlace::Edge;
   if (!at::GradMode::is_enabled()) {  // evaluation: the forward arithmetic, nothing kept
-    if (o.mode == Mode::Luq4) return at::linear(on_4bit_grid(x), on_4bit_grid(weight), bias);
+    if (o.mode == Mode::Luq4) return at::linear(on_4bit_grid(x, o.luq_clip), on_4bit_grid(weight, o.luq_clip), bias);
     if (o.mode == Mode::Fqt1 && !edge) return at::linear(on_1bit_grid(x), binarize_weight(weight), bias);
     return at::linear(x, weight, bias);
   }
   switch (o.mode) {
-    case Mode::Luq4: return with_bias(LuqLinear::apply(x, weight, generator), bias, x.dim() - 1);
+    case Mode::Luq4: return with_bias(LuqLinear::apply(x, weight, o.luq_clip, generator), bias, x.dim() - 1);
     case Mode::Fqt1: return with_bias(fqt1_linear(x, weight, o, generator, edge), bias, x.dim() - 1);
     case Mode::Rmm:
       TORCH_CHECK(o.rmm_keep > 0 && o.rmm_keep <= 1, "rmm_keep must be in (0, 1]; got ", o.rmm_keep);
@@ -174,12 +180,14 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   at::IntArrayRef padding, const ArithOptions& o, at::Generator generator, LayerPlace place) {
   const bool edge = place == LayerPlace::Edge;
   if (!at::GradMode::is_enabled()) {
-    if (o.mode == Mode::Luq4) return at::conv2d(on_4bit_grid(x), on_4bit_grid(weight), bias, stride, padding);
+    if (o.mode == Mode::Luq4)
+      return at::conv2d(on_4bit_grid(x, o.luq_clip), on_4bit_grid(weight, o.luq_clip), bias, stride, padding);
     if (o.mode == Mode::Fqt1 && !edge)
       return at::conv2d(on_1bit_grid(x), binarize_weight(weight), bias, stride, padding);
     return at::conv2d(x, weight, bias, stride, padding);
   }
-  if (o.mode == Mode::Luq4) return with_bias(LuqConv2d::apply(x, weight, stride.vec(), padding.vec(), generator), bias, 1);
+  if (o.mode == Mode::Luq4)
+    return with_bias(LuqConv2d::apply(x, weight, stride.vec(), padding.vec(), o.luq_clip, generator), bias, 1);
   if (o.mode == Mode::Fqt1) return with_bias(fqt1_conv2d(x, weight, stride, padding, o, generator, edge), bias, 1);
   count_kept(x.numel() * 4, x.numel() * 4);  // fp32 and rmm (which sketches linear layers only)
   return at::conv2d(x, weight, bias, stride, padding);

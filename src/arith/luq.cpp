@@ -4,6 +4,7 @@
 
 #include <lowbit/arith.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace lowbit::arith {
@@ -37,7 +38,36 @@ at::Tensor luq_quantize(const at::Tensor& x, int bits, at::Generator generator) 
 
 int64_t UniformCodes::bytes() const { return packed.numel() + 8; }
 
-UniformCodes uniform_quantize(const at::Tensor& x, int bits) {
+namespace {
+
+constexpr int64_t kClipSample = 16384;
+
+// The clipping ratio r (scale = absmax r / levels) whose grid (codes -low..levels) has the least
+// squared error on a strided sample of xf: a geometric sweep r = 0.8^k down to 0.01, then
+// quarter steps around the best.
+double mse_optimal_scale(const at::Tensor& xf, double absmax, int64_t low, int64_t levels) {
+  const int64_t stride = std::max<int64_t>(1, xf.numel() / kClipSample);
+  const at::Tensor sample = xf.slice(0, 0, xf.numel(), stride).to(at::kDouble);
+  const auto scale_of = [&](double r) { return absmax * r / static_cast<double>(levels); };
+  const auto error_of = [&](double r) {
+    const double scale = scale_of(r);
+    return ((sample / scale).round().clamp(-low, levels) * scale - sample).pow(2).sum().item<double>();
+  };
+  double best_r = 1, best_error = error_of(1);
+  const auto consider = [&](double r) {
+    if (r > 1) return;
+    const double error = error_of(r);
+    if (error < best_error) best_error = error, best_r = r;
+  };
+  for (double r = 0.8; r >= 0.01; r *= 0.8) consider(r);
+  const double coarse = best_r;
+  for (const int j : {-3, -2, -1, 1, 2, 3}) consider(coarse * std::pow(0.8, j / 4.0));
+  return scale_of(best_r);
+}
+
+}  // namespace
+
+UniformCodes uniform_quantize(const at::Tensor& x, int bits, bool clip) {
   TORCH_CHECK(bits == 4, "uniform_quantize: only 4 bits are packed; got ", bits);
   const at::Tensor xf = x.detach().to(at::kFloat).reshape({-1});
   UniformCodes c;
@@ -49,6 +79,7 @@ UniformCodes uniform_quantize(const at::Tensor& x, int bits) {
   c.offset = non_negative ? 0 : levels;
   const double absmax = xf.numel() == 0 ? 0 : xf.abs().max().item<double>();
   c.scale = absmax > 0 ? absmax / static_cast<double>(levels) : 1.0;
+  if (clip && absmax > 0) c.scale = mse_optimal_scale(xf, absmax, c.offset, levels);
   at::Tensor codes = (xf / c.scale).round().clamp(-c.offset, levels).add(c.offset).to(at::kByte);
   if (codes.numel() % 2 != 0) codes = at::cat({codes, at::zeros({1}, codes.options())});
   const at::Tensor pairs = codes.view({-1, 2});

@@ -33,6 +33,7 @@ std::string describe(const ArithOptions& o) {
                                          std::to_string(o.fqt_bits) + " bits"
                                    : std::string("no pruning"))
         << ", " << (o.fqt_scq ? "SCQ" : "per-sample groups") << ")";
+  if (o.mode == Mode::Luq4) out << (o.luq_clip ? " (MSE-clipped forward grid)" : " (absmax forward grid)");
   if (o.mode == Mode::Rmm) out << " (sketch keeps " << o.rmm_keep << " of the batch)";
   return out.str();
 }

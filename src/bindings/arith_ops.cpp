@@ -2,7 +2,7 @@
 // lowbit/arith.h as torch ops; the Python layers build their autograd functions on them.
 //
 //   luq_quantize(x, bits, seed)             LUQ, stochastic rounding drawn from `seed`
-//   uniform_quantize4(x) -> (packed, scale, offset)    the forward's 4-bit grid, packed
+//   uniform_quantize4(x, clip) -> (packed, scale, offset)  the forward's 4-bit grid, packed
 //   uniform_dequantize4(packed, scale, offset, shape)  and back (float32)
 //   binarize(x) -> (packed, scales, non_negative)      fqt1's 1-bit activation grid, packed
 //   debinarize(packed, scales, non_negative, shape)    and back (float32)
@@ -25,10 +25,10 @@ at::Tensor luq_quantize(const at::Tensor& x, int64_t bits, int64_t seed) {
   return arith::luq_quantize(x, static_cast<int>(bits), at::detail::createCPUGenerator(static_cast<uint64_t>(seed)));
 }
 
-std::tuple<at::Tensor, double, int64_t> uniform_quantize4(const at::Tensor& x) {
+std::tuple<at::Tensor, double, int64_t> uniform_quantize4(const at::Tensor& x, bool clip) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lowbit.uniform_quantize4: expected a floating tensor; got ",
               x.scalar_type());
-  const arith::UniformCodes c = arith::uniform_quantize(x, 4);
+  const arith::UniformCodes c = arith::uniform_quantize(x, 4, clip);
   return {c.packed, c.scale, c.offset};
 }
 
@@ -76,7 +76,7 @@ at::Tensor agp_quantize(const at::Tensor& g, int64_t group_dim, int64_t bits, in
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("luq_quantize(Tensor x, int bits=4, int seed=0) -> Tensor", &lowbit::bindings::luq_quantize);
-  m.def("uniform_quantize4(Tensor x) -> (Tensor, float, int)", &lowbit::bindings::uniform_quantize4);
+  m.def("uniform_quantize4(Tensor x, bool clip=False) -> (Tensor, float, int)", &lowbit::bindings::uniform_quantize4);
   m.def("uniform_dequantize4(Tensor packed, float scale, int offset, int[] shape) -> Tensor",
         &lowbit::bindings::uniform_dequantize4);
   m.def("binarize(Tensor x) -> (Tensor, Tensor, bool)", &lowbit::bindings::binarize);

@@ -29,6 +29,8 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
          "Arithmetic of the linear and conv layers: fp32 | luq4 (4-bit forward, LUQ 4-bit gradients) | fqt1 "
          "(1-bit forward and gradients, AGP + SCQ) | rmm (randomized matmul for linear weight gradients)")
       ->check(CLI::IsMember({"fp32", "luq4", "fqt1", "rmm"}))->default_str("fp32");
+  cmd.add_flag("!--no-luq-clip", c.arithmetic.luq_clip,
+               "luq4: scale the forward's 4-bit grid by the absmax instead of the MSE-optimal clipping");
   cmd.add_option("--fqt-bits", c.arithmetic.fqt_bits,
                  "fqt1: Activation Gradient Pruning keeps 1/b of the gradient groups at b bits (1: no pruning)")
       ->check(CLI::Range(1, 8))->capture_default_str();

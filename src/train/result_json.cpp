@@ -31,6 +31,7 @@ nlohmann::json to_json(const TrainConfig& c, const TrainResult& r) {
           {"root_updates", r.root_updates},
           {"arith", arith::to_string(c.arithmetic.mode)},
           {"arith_fp32_epochs", c.arith_fp32_epochs},
+          {"luq_clip", c.arithmetic.luq_clip},
           {"fqt_bits", c.arithmetic.fqt_bits},
           {"fqt_scq", c.arithmetic.fqt_scq},
           {"activation_bytes_kept", r.activation_bytes_kept},
