@@ -105,14 +105,18 @@ def _keep_1bit_input(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Opti
     return torch.ops.lowbit.debinarize(packed, scales, non_negative, list(x.shape)).to(x.device, x.dtype)
 
 
+def _forward_weight(weight: torch.Tensor, edge: bool) -> torch.Tensor:
+    """The weight an fqt1 layer's forward uses: fp32 at an edge layer, else 1-bit."""
+    return weight if edge else torch.ops.lowbit.binarize_weight(weight.detach())
+
+
 def _kept_input_and_weight(ctx: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The input as forward used it, and the forward's weight (1-bit unless edge)."""
+    """The input as forward used it, and the layer's (fp32) weight."""
     if ctx.edge:
         x, weight = ctx.saved_tensors
         return x, weight
     packed, scales, weight = ctx.saved_tensors
-    x = torch.ops.lowbit.debinarize(packed, scales, ctx.non_negative, list(ctx.x_shape)).to(device)
-    return x, torch.ops.lowbit.binarize_weight(weight)
+    return torch.ops.lowbit.debinarize(packed, scales, ctx.non_negative, list(ctx.x_shape)).to(device), weight
 
 
 def _quantized_gradients(ctx: Any, gy: torch.Tensor, channel_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -125,29 +129,25 @@ def _quantized_gradients(ctx: Any, gy: torch.Tensor, channel_dim: int) -> Tuple[
     return per_sample, torch.ops.lowbit.agp_quantize(g, channel_dim, ctx.bits, _draw_seed(ctx.generator))
 
 
-def _weight_of(ctx: Any) -> torch.Tensor:
-    return ctx.saved_tensors[-1]
-
-
 class _Fqt1LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, scq: bool,
                 edge: bool, generator: torch.Generator) -> torch.Tensor:
         xq = _keep_1bit_input(ctx, x, weight, bias, bits, scq, edge, generator)
-        wq = weight if edge else torch.ops.lowbit.binarize_weight(weight.detach())
-        return F.linear(xq, wq, bias)
+        return F.linear(xq, _forward_weight(weight, edge), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         gy = grad_output
-        x, wq = _kept_input_and_weight(ctx, gy.device)
+        x, weight = _kept_input_and_weight(ctx, gy.device)
+        wq = _forward_weight(weight, ctx.edge)
         g_input, g_weight = _quantized_gradients(ctx, gy, gy.dim() - 1)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = torch.matmul(g_input, wq.float()).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = torch.matmul(g_weight.reshape(-1, gy.shape[-1]).t(), x.float().reshape(-1, x.shape[-1]))
-            dw = dw.to(_weight_of(ctx).dtype)
+            dw = dw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.reshape(-1, gy.shape[-1]).sum(0)
         return dx, dw, db, None, None, None, None
@@ -160,13 +160,13 @@ class _Fqt1Conv2dFunction(torch.autograd.Function):
                 generator: torch.Generator) -> torch.Tensor:
         xq = _keep_1bit_input(ctx, x, weight, bias, bits, scq, edge, generator)
         ctx.stride, ctx.padding = list(stride), list(padding)
-        wq = weight if edge else torch.ops.lowbit.binarize_weight(weight.detach())
-        return F.conv2d(xq, wq, bias, stride, padding)
+        return F.conv2d(xq, _forward_weight(weight, edge), bias, stride, padding)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         gy = grad_output
-        x, wq = _kept_input_and_weight(ctx, gy.device)
+        x, weight = _kept_input_and_weight(ctx, gy.device)
+        wq = _forward_weight(weight, ctx.edge)
         g_input, g_weight = _quantized_gradients(ctx, gy, 1)
 
         def product(g: torch.Tensor, mask):
@@ -177,7 +177,7 @@ class _Fqt1Conv2dFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = product(g_input, [True, False, False])[0].to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dw = product(g_weight, [False, True, False])[1].to(_weight_of(ctx).dtype)
+            dw = product(g_weight, [False, True, False])[1].to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.sum((0, 2, 3))
         return dx, dw, db, None, None, None, None, None, None
@@ -203,9 +203,6 @@ class _FqtLayer(_ArithLayer):
             raise TypeError(f"lowbit.{where}: scq and edge must be bool; got {scq!r}, {edge!r}")
         self.scq, self.edge = scq, edge
         self._init_arith(seed)
-
-    def _forward_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight if self.edge else torch.ops.lowbit.binarize_weight(weight.detach())
 
     def _forward_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.edge else binarize(x).to(x.dtype)
@@ -234,7 +231,7 @@ class Fqt1Linear(_FqtLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._records(x, self.weight, self.bias):
-            return F.linear(self._forward_input(x), self._forward_weight(self.weight), self.bias)
+            return F.linear(self._forward_input(x), _forward_weight(self.weight, self.edge), self.bias)
         self._record(x)
         return _Fqt1LinearFunction.apply(x, self.weight, self.bias, self.bits, self.scq, self.edge, self.generator)
 
@@ -261,7 +258,7 @@ class Fqt1Conv2d(_FqtLayer, nn.Conv2d):
         if unbatched:
             x = x.unsqueeze(0)
         if not self._records(x, self.weight, self.bias):
-            out = F.conv2d(self._forward_input(x), self._forward_weight(self.weight), self.bias, self.stride,
+            out = F.conv2d(self._forward_input(x), _forward_weight(self.weight, self.edge), self.bias, self.stride,
                            self._padding2)
         else:
             self._record(x)

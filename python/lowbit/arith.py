@@ -323,6 +323,11 @@ _LINEARS = (nn.Linear, Luq4Linear, Fqt1Linear, SketchedLinear)
 _CONVS = (nn.Conv2d, Luq4Conv2d, Fqt1Conv2d)
 
 
+def _swappable(m: nn.Module) -> bool:
+    """A layer convert replaces (exactly these types: subclasses are left alone)."""
+    return type(m) in _LINEARS or type(m) in _CONVS
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
                "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
@@ -412,12 +417,12 @@ def convert(model: nn.Module, arith: ArithName, *, rmm_keep: float = 0.25, luq_c
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             where = f"{prefix}.{name}" if prefix else name
-            if type(child) in _LINEARS or type(child) in _CONVS:
+            if _swappable(child):
                 found.append((parent, name, where, child))
             else:
                 visit(child, where)
 
-    if type(model) in _LINEARS or type(model) in _CONVS:
+    if _swappable(model):
         found.append((None, "", "", model))
     else:
         visit(model, "")

@@ -65,8 +65,7 @@ at::Tensor kept_input(AutogradContext* ctx) {
   c.scale = ctx->saved_data["x_scale"].toDouble();
   c.offset = ctx->saved_data["x_offset"].toInt();
   const std::vector<int64_t> shape = ctx->saved_data["x_shape"].toIntVector();
-  c.numel = 1;
-  for (const int64_t d : shape) c.numel *= d;
+  c.numel = c10::multiply_integers(shape);
   return uniform_dequantize(c, shape);
 }
 

@@ -3,7 +3,6 @@
 // optimizer reproduces them exactly (tested).
 #include <ATen/ATen.h>
 
-
 #include "optim/second_order/optimizer_support.h"
 #include "optim/shampoo_internal.h"
 
