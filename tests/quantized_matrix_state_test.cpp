@@ -3,6 +3,7 @@
 
 #include "expect_error.h"
 
+#include <cmath>
 #include <functional>
 #include <string>
 
@@ -74,7 +75,33 @@ TEST(QuantizedMatrixState, CorruptStatesAreRejectedWithTheEntryNamed) {
   expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["scale_group_max"] = at::ones({3}); })); },
                "\"scale_group_max\" must be float32 of shape [1]");
   expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["meta"][1] = 71; })); },
-               "keep_diagonal is set but the matrix is 70 x 71");
+               "\"meta\" sets keep_diagonal for a 70 x 71 matrix");
+  expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["meta"][0] = int64_t{1} << 61; })); },
+               "expected orders in [0, 2^40]");
+  expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["diagonal"][3] = NAN; })); },
+               "\"diagonal\" holds NaN or Inf");
+  expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["scale_group_max"][0] = -1.f; })); },
+               "\"scale_group_max\" holds a negative value");
+}
+
+// Found by python/tests/test_fuzz_codec.py: values that decoded silently to NaN, flipped
+// signs or an overwritten diagonal.
+TEST(QuantizedMatrixState, BadValuesAndUnusedEntriesAreRejected) {
+  const State good = QuantizedMatrix::quantize(at::randn({9, 9}), QuantOptions{}).state();
+  auto edited = [&](const std::function<void(State&)>& edit) {
+    State s = good;
+    for (auto& [k, v] : s) v = v.clone();
+    edit(s);
+    return s;
+  };
+  expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["scales"][0][0] = NAN; })); },
+               "\"scales\" holds NaN or Inf");
+  expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["scales"][1][0] = -2.f; })); },
+               "\"scales\" holds a negative value");
+  expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["diagonal"] = at::zeros({9}); })); },
+               "\"diagonal\" entry but \"meta\" says keep_diagonal is off");
+  expect_error([&] { QuantizedMatrix::from_state(edited([](State& s) { s["scale_group_max"] = at::ones({1}); })); },
+               "\"scale_group_max\" entry but \"meta\" says its scales are not double-quantized");
 }
 
 }  // namespace

@@ -138,13 +138,45 @@ def quantize(
                            block_size=block_size)
 
 
+_FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MAPPING_IDS = {"linear2": 0, "linear-2": 0, "dynamic": 1, "dt": 1, "linear": 2}  # lowbit::Mapping
+
+
+def _check_parts(q: QuantizedTensor) -> None:
+    """The fields of ``q`` against its C++ ``meta`` (shape and codec options): a
+    QuantizedTensor whose parts were swapped or edited must not decode into another matrix."""
+    who = "lowbit.dequantize: "
+    meta = q.meta
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or meta.shape != (7,):
+        return  # the C++ codec names what is wrong with it
+    rows, cols, bits, mapping, block_size, keep_diagonal, double_quant = meta.tolist()
+    shape = tuple(q.shape)
+    expected = (1, math.prod(shape)) if len(shape) < 2 else (shape[0], math.prod(shape[1:]))
+    if (rows, cols) != expected:
+        raise ValueError(who + f"meta holds a {rows} x {cols} matrix, but shape {list(shape)} is stored as a "
+                         f"{expected[0]} x {expected[1]} matrix")
+    claimed = {"bits": (bits, q.bits), "mapping": (mapping, _MAPPING_IDS.get(q.mapping)),
+               "block_size": (block_size, q.block_size),
+               "keep_diagonal": (keep_diagonal, int(q.diagonal is not None)),
+               "double_quant_scales": (double_quant, int(q.scale_group_max is not None))}
+    for name, (stored, field) in claimed.items():
+        if stored != field:
+            raise ValueError(who + f"meta says {name}={stored}, but the QuantizedTensor says "
+                             f"{name}={getattr(q, name, field)!r}")
+
+
 def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The tensor ``q`` approximates, in ``dtype`` (default: the original dtype), with its
-    original shape, on the device of ``q.codes``. Inconsistent parts raise ``ValueError``."""
+    original shape, on the device of ``q.codes``. Inconsistent parts raise ``ValueError``
+    naming them."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"lowbit.dequantize: expected a QuantizedTensor; got {type(q).__name__}")
+    out_dtype = dtype or q.dtype
+    if out_dtype not in _FLOATING:
+        raise ValueError(f"lowbit.dequantize: dtype must be float32, bfloat16, float16 or float64; got {out_dtype}")
+    _check_parts(q)
     try:
-        out = torch.ops.lowbit.dequantize_matrix(q.state(), dtype or q.dtype)
+        out = torch.ops.lowbit.dequantize_matrix(q.state(), out_dtype)
     except RuntimeError as e:
         raise ValueError(str(e).split("\n", 1)[0]) from None
     if out.numel() != math.prod(q.shape):

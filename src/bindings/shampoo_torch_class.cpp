@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bindings/shampoo_param.h"
+#include "quant/codec_checks.h"
 
 namespace lowbit::bindings {
 namespace {
@@ -60,6 +61,7 @@ c10::Dict<std::string, at::Tensor> quantize_matrix(const at::Tensor& matrix, int
 }
 
 at::Tensor dequantize_matrix(const c10::Dict<std::string, at::Tensor>& d, at::ScalarType dtype) {
+  checks::output_dtype("lowbit::dequantize_matrix", dtype);
   std::map<std::string, at::Tensor> state;
   for (const auto& entry : d) state[entry.key()] = entry.value();
   return QuantizedMatrix::from_state(state).dequantize(dtype);

@@ -117,9 +117,15 @@ void quantize_blockwise_args(const at::Tensor& input, const at::Tensor& table, i
   }
 }
 
-void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols) {
+void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols, at::ScalarType dtype) {
   TORCH_CHECK(codes.defined() && codes.dim() == 2, "lowbit::dequantize_blockwise: codes must be 2-D");
   TORCH_CHECK(cols >= 0, "lowbit::dequantize_blockwise: cols must be non-negative; got ", cols);
+  output_dtype("lowbit::dequantize_blockwise", dtype);
+}
+
+void output_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble, op,
+              ": dtype must be float32, bfloat16, float16 or float64; got ", dtype);
 }
 
 void dequantize_blockwise_out_args(const at::Tensor& codes, const at::Tensor& scales,
@@ -165,6 +171,17 @@ void dequantize_scales_args(const at::Tensor& codes, const at::Tensor& group_max
 void finite_input(const char* op, int64_t first_bad, int64_t cols) {
   TORCH_CHECK(first_bad < 0, op, ": input contains NaN or Inf (or a value beyond float32 range), "
               "first at [", first_bad / cols, ", ", first_bad % cols, "]; nothing was written");
+}
+
+void finite_values(const char* op, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0) return;
+  TORCH_CHECK(t.isfinite().all().item<bool>(), op, ": \"", name, "\" holds NaN or Inf");
+}
+
+void finite_nonnegative_values(const char* op, const char* name, const at::Tensor& t) {
+  finite_values(op, name, t);
+  if (t.numel() == 0) return;
+  TORCH_CHECK(!t.lt(0).any().item<bool>(), op, ": \"", name, "\" holds a negative value; scales are >= 0");
 }
 
 void finite_nonnegative_scale(const char* op, int64_t index, float value) {

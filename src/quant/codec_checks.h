@@ -31,7 +31,7 @@ void block_absmax_args(const at::Tensor& input, int64_t block_size, bool skip_di
 void quantize_blockwise_args(const at::Tensor& input, const at::Tensor& codebook, int64_t bits,
                              int64_t block_size, bool keep_diagonal,
                              const c10::optional<at::Tensor>& scales);
-void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols);
+void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols, at::ScalarType dtype);
 void dequantize_blockwise_out_args(const at::Tensor& codes, const at::Tensor& scales,
                                    const at::Tensor& codebook, const c10::optional<at::Tensor>& diagonal,
                                    int64_t bits, int64_t block_size, const at::Tensor& out);
@@ -44,5 +44,12 @@ void dequantize_scales_args(const at::Tensor& codes, const at::Tensor& group_max
 void finite_input(const char* op, int64_t first_bad, int64_t cols);
 // A block scale handed to double quantization must be finite and non-negative.
 void finite_nonnegative_scale(const char* op, int64_t index, float value);
+
+// Loaded state: a tensor named `name` (in messages) holds only finite values (and, for
+// scales, none below 0). One pass over the tensor: for loading, not for every step.
+void finite_values(const char* op, const char* name, const at::Tensor& t);
+void finite_nonnegative_values(const char* op, const char* name, const at::Tensor& t);
+// A dtype a dequantized matrix can be written in.
+void output_dtype(const char* op, at::ScalarType dtype);
 
 }  // namespace lowbit::checks

@@ -138,6 +138,10 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
               meta_t.toString(), " of shape ", meta_t.sizes());
   const at::Tensor meta_host = meta_t.cpu().contiguous();
   const int64_t* meta = meta_host.data_ptr<int64_t>();
+  // Orders beyond 2^40 are no real matrix; the bound keeps cols * bits (packed_row_bytes) from overflowing.
+  constexpr int64_t kMaxOrder = int64_t{1} << 40;
+  TORCH_CHECK(meta[kRows] >= 0 && meta[kRows] <= kMaxOrder && meta[kCols] >= 0 && meta[kCols] <= kMaxOrder, op,
+              ": \"meta\" holds a matrix shape of ", meta[kRows], " x ", meta[kCols], "; expected orders in [0, 2^40]");
   TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= 2, op, ": unknown mapping id ", meta[kMapping]);
   TORCH_CHECK(meta[kKeepDiagonal] == 0 || meta[kKeepDiagonal] == 1, op, ": bad keep_diagonal flag");
   TORCH_CHECK(meta[kDoubleQuant] == 0 || meta[kDoubleQuant] == 1, op, ": bad double_quant flag");
@@ -155,8 +159,14 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
   q.scales_ = get("scales", true);
   q.scale_group_max_ = get("scale_group_max", q.options_.double_quant_scales);
   q.diagonal_ = get("diagonal", q.options_.keep_diagonal);
+  // An entry the options do not use would be ignored (or, a diagonal, written over the
+  // decoded one): the state is not what it claims to be.
+  TORCH_CHECK(q.options_.double_quant_scales || !q.scale_group_max_.defined(), op,
+              ": the state has a \"scale_group_max\" entry but \"meta\" says its scales are not double-quantized");
+  TORCH_CHECK(q.options_.keep_diagonal || !q.diagonal_.defined(), op,
+              ": the state has a \"diagonal\" entry but \"meta\" says keep_diagonal is off");
   TORCH_CHECK(!q.options_.keep_diagonal || q.rows_ == q.cols_, op,
-              ": keep_diagonal is set but the matrix is ", q.rows_, " x ", q.cols_);
+              ": \"meta\" sets keep_diagonal for a ", q.rows_, " x ", q.cols_, " matrix; it needs a square one");
 
   checks::packed_codes(op, q.codes_, q.options_.bits, q.rows_, q.cols_);
   checks::block_scales(op, q.scales_, q.options_.double_quant_scales ? at::kByte : at::kFloat,
@@ -176,6 +186,12 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
   const at::Device device = q.codes_.device();
   checks::same_device(op, device, {{"scales", &q.scales_}, {"scale_group_max", &q.scale_group_max_},
                                    {"diagonal", &q.diagonal_}});
+  // Values: scales are block absmaxes (and group maxima of them), finite and >= 0; the kept
+  // diagonal was checked finite when it was quantized. A NaN or a negative scale would
+  // decode silently to NaN or to flipped signs.
+  if (!q.options_.double_quant_scales) checks::finite_nonnegative_values(op, "scales", q.scales_);
+  if (q.scale_group_max_.defined()) checks::finite_nonnegative_values(op, "scale_group_max", q.scale_group_max_);
+  if (q.diagonal_.defined()) checks::finite_values(op, "diagonal", q.diagonal_);
   return q;
 }
 
