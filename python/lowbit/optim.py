@@ -7,6 +7,7 @@ options, gradient checks, state dicts of plain tensors.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import defaultdict
 from collections.abc import Mapping
@@ -92,6 +93,8 @@ def _matched_state_dict(optimizer: Optimizer, state_dict: Dict[str, Any], who: s
     optimizer's groups, a copy of the saved groups and the map from saved parameter ids to
     this optimizer's parameters. Raises ``ValueError`` (prefixed with ``who``) before
     anything changed."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(who + f"expected a dict with 'state' and 'param_groups'; got a {type(state_dict).__name__}")
     state_dict = dict(state_dict)
     for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(optimizer, state_dict)
@@ -99,6 +102,25 @@ def _matched_state_dict(optimizer: Optimizer, state_dict: Dict[str, Any], who: s
             state_dict = result
     if "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError(who + "expected a dict with 'state' and 'param_groups'")
+    if not isinstance(state_dict["state"], Mapping):
+        raise ValueError(who + f"'state' must map parameter ids to their state; got a "
+                         f"{type(state_dict['state']).__name__}; nothing was loaded")
+    if not isinstance(state_dict["param_groups"], (list, tuple)):
+        raise ValueError(who + f"'param_groups' must be a list of dicts; got a "
+                         f"{type(state_dict['param_groups']).__name__}; nothing was loaded")
+    seen: Dict[Any, int] = {}
+    for gi, sg in enumerate(state_dict["param_groups"]):
+        if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
+            raise ValueError(who + f"param group {gi} of the state dict must be a dict with a 'params' list of "
+                             "parameter ids; nothing was loaded")
+        for pid in sg["params"]:
+            if isinstance(pid, bool) or not isinstance(pid, int):
+                raise ValueError(who + f"param group {gi} of the state dict lists {pid!r} as a parameter id; ids "
+                                 "are ints; nothing was loaded")
+            if pid in seen:
+                raise ValueError(who + f"parameter id {pid} appears twice in the state dict's param groups ("
+                                 f"{seen[pid]} and {gi}); nothing was loaded")
+            seen[pid] = gi
     groups = optimizer.param_groups
     saved_groups = deepcopy(state_dict["param_groups"])
     if len(groups) != len(saved_groups):
@@ -111,6 +133,21 @@ def _matched_state_dict(optimizer: Optimizer, state_dict: Dict[str, Any], who: s
     id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                       chain.from_iterable(g["params"] for g in groups)))
     return state_dict, groups, saved_groups, id_map
+
+
+def _check_entries(entries: Any, who: str, what: str) -> None:
+    """ValueError unless a parameter's saved state maps str names to tensors, naming the
+    first entry that does not."""
+    if not isinstance(entries, Mapping):
+        raise ValueError(who + f"the state of {what} must map names to tensors; got a {type(entries).__name__}; "
+                         "nothing was loaded")
+    for k, v in entries.items():
+        if not isinstance(k, str):
+            raise ValueError(who + f"the state of {what} must map names to tensors; it has an entry named {k!r}; "
+                             "nothing was loaded")
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(who + f"the state of {what} must map names to tensors; entry \"{k}\" is a "
+                             f"{type(v).__name__}; nothing was loaded")
 
 
 class StateBytes(NamedTuple):
@@ -143,15 +180,23 @@ def _convert(who: str, name: str, kind: str, value: Any, where: str) -> Any:
             fail("a number")
         return float(v)
 
+    def finite(v: float) -> float:
+        # inf passes range checks like ">= 0" and NaN none; either turns the parameters into NaN.
+        if not math.isfinite(v):
+            raise ValueError(f"{who}: {name} must be a finite number; got {value!r}{where}")
+        return v
+
     def integer(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             fail("an int")
+        if not -2 ** 63 <= v < 2 ** 63:  # the C++ options hold int64
+            raise ValueError(f"{who}: {name} must fit in an int64; got {value!r}{where}")
         return int(v)
 
     if kind == "number":
         if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-            return float(value.item())
-        return number(value)
+            return finite(float(value.item()))
+        return finite(number(value))
     if kind == "int":
         return integer(value)
     if kind == "bool":
@@ -165,7 +210,7 @@ def _convert(who: str, name: str, kind: str, value: Any, where: str) -> Any:
     # pairs
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         fail("a pair (a, b)")
-    convert = number if kind == "number pair" else integer
+    convert = (lambda v: finite(number(v))) if kind == "number pair" else integer
     return (convert(value[0]), convert(value[1]))
 
 
@@ -660,9 +705,7 @@ class Shampoo(Optimizer):
             p = id_map[key]
             gi, pi = position[id(p)]
             what = self._describe(gi, pi, p, groups[gi], shape=False)
-            if not isinstance(entries, Mapping) or not all(
-                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in entries.items()):
-                raise ValueError(who + f"the state of {what} must map names to tensors; nothing was loaded")
+            _check_entries(entries, who, what)
             if not entries:
                 continue
             cpp = _ShampooParam(p, configs[gi][1])

@@ -11,6 +11,7 @@ tensors in ``optimizer.state[p]``.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import defaultdict
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from ._library import load as _load_library
 _load_library()
 
 from .optim import (  # noqa: E402
-    ParamsT, StateBytes, _convert, _describe, _matched_state_dict, _message, _require_floating)
+    ParamsT, StateBytes, _check_entries, _convert, _describe, _matched_state_dict, _message, _require_floating)
 
 __all__ = ["Sophia", "AdaHessian", "MFAC", "NagGS", "hessian_vector_product", "hutchinson_diagonal"]
 
@@ -387,11 +388,15 @@ class _SecondOrderOptimizer(Optimizer):
             p = id_map[key]
             gi, pi = position[id(p)]
             what = _describe(gi, pi, p, groups[gi])
-            if not isinstance(entries, Mapping) or not all(
-                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in entries.items()):
-                raise ValueError(who + f"the state of {what} must map names to tensors; nothing was loaded")
+            _check_entries(entries, who, what)
             if not entries:
                 continue
+            nonfinite = [k for k, v in entries.items()
+                         if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+            if nonfinite:
+                # No state of these optimizers holds NaN or Inf after a step (NaN/Inf gradients
+                # are refused): a checkpoint that does is corrupt, and would make the parameters NaN.
+                raise ValueError(who + f"{what}: state \"{nonfinite[0]}\" holds NaN or Inf; nothing was loaded")
             try:
                 new_state[p] = self._load_state(p, dict(entries), validated[gi][1], what)
             except (RuntimeError, ValueError) as e:
@@ -402,8 +407,9 @@ class _SecondOrderOptimizer(Optimizer):
             steps = state_dict.get("lowbit_steps")
             if steps is None:  # a dict from elsewhere: every parameter stepped on every step
                 steps = max((int(s["step"]) for s in new_state.values()), default=0)
-            if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-                raise ValueError(who + f"lowbit_steps must be an int >= 0; got {steps!r}; nothing was loaded")
+            if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 0 <= steps < 2 ** 63:
+                raise ValueError(who + f"lowbit_steps must be an int >= 0 (and < 2^63); got {steps!r}; nothing was "
+                                 "loaded")
 
         self.state = new_state  # type: ignore[assignment]
         self.param_groups = new_groups
@@ -436,8 +442,9 @@ def _counter(entries: Mapping, name: str, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: state \"{name}\" must be a one-element tensor holding an int >= 0; got "
                          f"{t.dtype} of shape {list(t.shape)}")
     value = t.item()
-    if value != int(value) or value < 0:
-        raise ValueError(f"{what}: state \"{name}\" must hold an int >= 0; got {value}")
+    # NaN and Inf are no ints; a count beyond int64 would not fit the 0-d int64 state.
+    if not math.isfinite(value) or value != int(value) or not 0 <= value < 2 ** 63:
+        raise ValueError(f"{what}: state \"{name}\" must hold an int >= 0 (and < 2^63); got {value}")
     return torch.tensor(int(value), dtype=torch.int64)
 
 

@@ -586,8 +586,10 @@ def tampered(sd, index, name, value):
      r'parameter 0 of param group 0 \(shape \[5, 4\]\): state "exp_avg" has shape \[4, 5\] but the parameter'),
     ("sophia-gnb", lambda sd: tampered(sd, 2, "hessian_v2", torch.zeros(7)), "unknown state hessian_v2"),
     ("adahessian", lambda sd: tampered(sd, 1, "step", torch.tensor(-1)), 'state "step" must hold an int >= 0'),
-    ("nag_gs", lambda sd: tampered(sd, 0, "gamma", torch.tensor(float("nan"), dtype=torch.float64)),
+    ("nag_gs", lambda sd: tampered(sd, 0, "gamma", torch.tensor(-1.0, dtype=torch.float64)),
      'state "gamma" must be a one-element floating tensor, finite and > 0'),
+    ("nag_gs", lambda sd: tampered(sd, 0, "gamma", torch.tensor(float("nan"), dtype=torch.float64)),
+     'state "gamma" holds NaN or Inf'),
     ("mfac-4bit", lambda sd: tampered(sd, 0, "codes", torch.zeros(3, 5, dtype=torch.uint8)),
      r'M-FAC window tensor "codes" must be Byte of shape \[3, 10\]'),
     ("mfac", lambda sd: tampered(sd, 1, "gram", torch.zeros(3, 3)), 'M-FAC window tensor "gram" must be Double'),
@@ -598,7 +600,9 @@ def tampered(sd, index, name, value):
      "saved with different bits than this optimizer uses"),
     ("mfac", lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "damping": -1.0}]},
      r"damping must be > 0; got -1 \(saved param group 0\)"),
-    ("sophia-hutchinson", lambda sd: {**sd, "param_groups": sd["param_groups"] * 2}, "has 2 parameter groups"),
+    ("sophia-hutchinson", lambda sd: {**sd, "param_groups": sd["param_groups"] + [{**sd["param_groups"][0], "params": []}]},
+     "has 2 parameter groups"),
+    ("sophia-hutchinson", lambda sd: {**sd, "param_groups": sd["param_groups"] * 2}, "parameter id 0 appears twice"),
     ("sophia-hutchinson", lambda sd: {**sd, "lowbit_steps": -3}, "lowbit_steps must be an int >= 0"),
 ])
 def test_a_mismatched_state_dict_is_refused_and_changes_nothing(name, edit, message):

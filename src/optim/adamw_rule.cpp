@@ -79,9 +79,11 @@ void check_moments(const Moments& m, const MomentLayout& l, const at::Tensor& p,
     TORCH_CHECK(!m.exp_avg.defined() && !m.exp_avg_sq.defined(), who, ": a ", l.bits,
                 "-bit AdamW state has no fp32 \"exp_avg\" / \"exp_avg_sq\" (was it saved with bits=32, or with a "
                 "larger min_quant_numel?)");
-    for (const at::Tensor* s : {&m.exp_avg_scales, &m.exp_avg_sq_scales}) {
+    for (const auto& [s, name] : {std::make_pair(&m.exp_avg_scales, "exp_avg_scales"),
+                                  std::make_pair(&m.exp_avg_sq_scales, "exp_avg_sq_scales")}) {
       const bool ok = s->numel() == 0 || (s->ge(0).all().item<bool>() && s->isfinite().all().item<bool>());
-      TORCH_CHECK(ok, who, ": AdamW block scales must be finite and >= 0");
+      TORCH_CHECK(ok, who, ": AdamW state \"", name, "\" holds a NaN, Inf or negative block scale; scales are "
+                  "finite and >= 0");
     }
   } else {
     expect(m.exp_avg, "exp_avg", p.scalar_type(), p.sizes());

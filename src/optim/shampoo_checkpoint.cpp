@@ -46,6 +46,18 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
               "; expected 0 <= root_updates <= step");
   TORCH_CHECK(s.soap_v_start() >= 0 && s.soap_v_start() <= s.step(), who, "checkpoint of ", what,
               " has soap_v_start ", s.soap_v_start(), "; expected 0 <= soap_v_start <= step ", s.step());
+  // No state holds NaN or Inf after a step (non-finite gradients are refused or skipped):
+  // a checkpoint that does is corrupt and would turn the parameters into NaN.
+  auto require_finite = [&](const std::string& name, const torch::Tensor& t) {
+    if (!t.defined() || t.numel() == 0 || !at::isFloatingType(t.scalar_type())) return;
+    TORCH_CHECK(t.isfinite().all().item<bool>(), who, "checkpoint ", name, " of ", what,
+                " holds NaN or Inf; nothing was loaded");
+  };
+  for (const auto& [name, t] : std::initializer_list<std::pair<const char*, const torch::Tensor*>>{
+           {"momentum_buffer", &s.momentum_buffer()}, {"exp_avg", &s.exp_avg()}, {"exp_avg_sq", &s.exp_avg_sq()},
+           {"exp_avg_scales", &s.exp_avg_scales()}, {"exp_avg_sq_scales", &s.exp_avg_sq_scales()}})
+    require_finite(name, *t);
+  for (const auto& [name, t] : s.loaded_preconditioner) require_finite("preconditioner." + name, t);
   s.momentum_buffer(checked_buffer(s.momentum_buffer(), p, "momentum_buffer", who, what));
   const adamw::MomentLayout layout = graft_layout(p, options);
   const bool any_codes = s.exp_avg_codes().defined() || s.exp_avg_scales().defined() ||
