@@ -44,3 +44,14 @@ def _deterministic_threads():
     # The suite runs on small 2-core machines; one intra-op thread count for every test.
     torch.set_num_threads(2)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    # The property-based tests count the cases they generate (fuzz_support.CASES); CI shows it.
+    import sys
+
+    support = sys.modules.get("fuzz_support")
+    if support is not None and support.CASES:
+        total = sum(support.CASES.values())
+        parts = ", ".join(f"{name}: {n}" for name, n in sorted(support.CASES.items()))
+        terminalreporter.write_line(f"hypothesis: {total} generated cases run ({parts})")
