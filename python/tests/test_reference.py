@@ -156,17 +156,19 @@ def direction_errors(bits: int, eigen_update: str, steps: int = 30):
     return sum(errors) / len(errors), sum(gradient_errors) / len(gradient_errors)
 
 
-# Stated error of low-bit Shampoo: the mean relative error of the step direction against
-# exact (fp64, unquantized) Shampoo over 30 steps that update statistics and roots every
-# step (T1 = T2 = 1, the most re-quantization), blocks of 96/80 and 64/27.
-# Each inverse root alone has NRE ~0.06 from the 4-bit eigenvectors (docs/quant_error.md,
-# the paper's Table 1) and ~0.09 once its off-diagonal is stored at 4 bits too; two roots
-# per direction and a statistic that is itself rebuilt from quantized eigenvectors at
-# every update give ~0.28 (measured 0.28 with "eigh", 0.31 with the paper's QR step,
-# 0.02 at 8 bits). Bounds: 8-bit 0.05, 4-bit 0.35 ("eigh") / 0.40 ("qr"); and 4-bit must
-# be closer to Shampoo than the raw gradient is (measured ~0.5).
-@pytest.mark.parametrize("bits,eigen_update,bound", [(8, "eigh", 0.05), (4, "eigh", 0.35), (4, "qr", 0.40)])
-def test_low_bit_shampoo_is_within_the_stated_error_of_the_reference(bits, eigen_update, bound):
-    error, gradient_error = direction_errors(bits, eigen_update)
-    assert error < bound, f"mean direction error {error:.3f}"
-    assert error < gradient_error, f"{error:.3f} vs the raw gradient's {gradient_error:.3f}"
+# Error of low-bit Shampoo: the mean relative error of the step direction against exact
+# (fp64, unquantized) Shampoo over 30 steps that update statistics and roots every step
+# (T1 = T2 = 1, the most re-quantization), blocks of 96/80 and 64/27. Measured 0.28 with
+# "eigh", 0.31 with the paper's QR step, 0.02 at 8 bits; the raw gradient ~0.5. Each
+# inverse root has NRE ~0.06 from its 4-bit eigenvectors (docs/quant_error.md, the paper's
+# Table 1), ~0.09 with its 4-bit off-diagonal, and the error compounds through statistics
+# rebuilt from quantized eigenvectors, so no bound follows from the codec alone without a
+# fitted factor. What does follow, with no tolerance: 8-bit codes err at most 1/8 as much
+# per entry as 4-bit ones (the linear-2 tables' largest rounding errors: 0.0078 and 0.1244),
+# so 8-bit Shampoo is closer to exact Shampoo than 4-bit Shampoo is; and low-bit Shampoo is
+# closer to exact Shampoo than the raw gradient is (else preconditioning did nothing).
+def test_low_bit_shampoo_is_closer_to_the_reference_than_coarser_storage_and_the_gradient():
+    errors = {(bits, update): direction_errors(bits, update) for bits, update in ((8, "eigh"), (4, "eigh"), (4, "qr"))}
+    gradient_error = errors[(4, "eigh")][1]
+    assert errors[(8, "eigh")][0] < errors[(4, "eigh")][0] < gradient_error, errors
+    assert errors[(4, "qr")][0] < gradient_error, errors
