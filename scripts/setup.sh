@@ -22,7 +22,12 @@ if ! python3 -c 'import torch' 2>/dev/null; then
   echo "setup: installing torch==2.13.0 (CPU)"
   python3 -m pip install -q torch==2.13.0
 fi
-python3 -c 'import numpy, pytest, matplotlib' 2>/dev/null || python3 -m pip install -q numpy pytest matplotlib
+# The test suite (numpy, pytest, hypothesis for the property-based tests), the plots, and
+# scikit-build-core: the build backend of `python3 -m pip install --no-build-isolation .`
+# (README), which must come from this Python since build isolation is off.
+python3 -c 'import numpy, pytest, matplotlib, hypothesis' 2>/dev/null ||
+  python3 -m pip install -q numpy pytest matplotlib hypothesis
+python3 -c 'import scikit_build_core' 2>/dev/null || python3 -m pip install -q "scikit-build-core>=0.10"
 
 lowbit_configure_and_build
 echo "setup: built $LOWBIT_BUILD (LibTorch $(python3 -c 'import torch;print(torch.__version__)'))"
