@@ -14,6 +14,9 @@ from torch import nn
 import lowbit
 from lowbit import arith
 
+U32 = 2.0 ** -24  # unit roundoff of float32
+U64 = 2.0 ** -53
+
 
 def randn(*shape, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
@@ -70,13 +73,13 @@ def test_luq_values_lie_on_the_radix2_grid(bits):
     alpha = float(x.abs().max()) / 2**top
     levels = torch.tensor([0.0] + [alpha * 2.0**j for j in range(top + 1)])
     dist = (q.abs().unsqueeze(1) - levels.unsqueeze(0)).abs().min(1).values
-    assert float(dist.max()) <= 1e-6 * float(x.abs().max())
+    # alpha = max / 2^top and its multiples by powers of two are exact (ldexp), here and in C++.
+    assert float(dist.max()) == 0
     assert bool((q * x >= 0).all())  # the sign is kept (or the element is 0)
     # each element is one of its two neighbours
     lo, hi, _, _ = luq_neighbours(x.double(), bits)
     qa = q.abs().double()
-    tol = 1e-6 * float(x.abs().max())
-    assert bool((((qa - lo).abs() <= tol) | ((qa - hi).abs() <= tol)).all())
+    assert bool(((qa == lo) | (qa == hi)).all())
     # the maximum is a level and stays exact
     i = int(x.abs().argmax())
     assert float(q[i]) == float(x[i])
@@ -90,16 +93,26 @@ def test_luq_is_unbiased_with_the_two_point_variance():
     # every sample is sign(x) lo or sign(x) hi
     mag = samples.abs()
     assert bool((samples * x.sign() >= 0).all())
-    assert bool((((mag - lo).abs() <= 1e-12) | ((mag - hi).abs() <= 1e-12)).all())
+    assert bool(((mag == lo) | (mag == hi)).all())  # exact levels (max = 3 is an fp32 value)
     variance = p * (1 - p) * (hi - lo) ** 2
     standard_error = (variance / n).sqrt()
     error = (samples.mean(0) - x).abs()
-    assert bool((error <= 5 * standard_error + 1e-12).all()), (error / standard_error.clamp_min(1e-30)).max()
+    # 5 standard errors; plus what is not random: the mean of n float64 values rounds by
+    # <= n 2^-53 max|x|, and LUQ is unbiased for fl32(x), u |x| from x.
+    floor = n * U64 * float(x.abs().max()) + U32 * x.abs()
+    assert bool((error <= 5 * standard_error + floor).all()), (error / standard_error.clamp_min(1e-30)).max()
     # and the empirical variance is the two-point one
     spread = samples.var(0)
     varied = (p >= 0.1) & (p <= 0.9)
     assert int(varied.sum()) >= 10
-    assert float(((spread[varied] / variance[varied]) - 1).abs().max()) < 0.3
+    # The sample variance of n draws of a two-point distribution is n / (n - 1) (hi - lo)^2
+    # p^ q^ with p^ the observed frequency: 5 standard errors |p^ - p| <= d = 5 sqrt(pq / n)
+    # move p^ q^ by at most |1 - 2p| d + d^2, and the divisor n - 1 adds 1 / (n - 1).
+    pv = p[varied]
+    pq = pv * (1 - pv)
+    d = 5 * (pq / n).sqrt()
+    bound = ((1 - 2 * pv).abs() * d + d * d) / pq * n / (n - 1) + 1 / (n - 1)
+    assert bool((((spread[varied] / variance[varied]) - 1).abs() <= bound).all())
 
 
 def test_luq_is_deterministic_for_a_seed():
@@ -148,11 +161,14 @@ def test_uniform4_roundtrip(signed):
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(x.numel() / 2) == 18
     absmax = float(x.abs().max())
     assert offset == (7 if signed else 0)
-    assert scale == pytest.approx(absmax / (7 if signed else 15), rel=1e-12)
+    levels = 7 if signed else 15
+    assert scale == absmax / levels  # the same float64 division of the same fp32 absmax
     y = torch.ops.lowbit.uniform_dequantize4(packed, scale, offset, list(x.shape))
     assert y.dtype == torch.float32 and y.shape == x.shape
-    assert float((y - x).abs().max()) <= scale / 2 * (1 + 1e-5)
-    assert torch.allclose(y, grid4_reference(x), rtol=0, atol=1e-6 * absmax)
+    # Round to the nearest of k s (s/2), with x / s, fl32(s) and k fl32(s) rounded once each
+    # in fp32 (u each, of values <= levels s): s (1/2 + 3 levels u).
+    assert float((y - x).abs().max()) <= scale * (0.5 + 3 * levels * U32)
+    assert torch.equal(y, grid4_reference(x))  # the same fp32 operations
     if not signed:
         assert float(y.min()) >= 0
     with pytest.raises(RuntimeError):
@@ -175,8 +191,34 @@ def mean_gradients(layer, x, grad_output, calls):
     return [s / calls for s in sums]
 
 
-def relative_error(a, b):
-    return float((a - b).norm() / b.norm())
+def luq_noise(op, xq, wq, grad_output, calls):
+    """Bounds on ||mean dx - dx|| and ||mean dW - dW|| for the mean over `calls` backward
+    passes whose neural gradient is LUQ-rounded (unbiased: test_luq_is_unbiased...).
+    Element g_i rounds to one of its two levels, variance p (1 - p) (hi - lo)^2, independently
+    of the others and of the other calls; dx and dW are linear in g, so their variance is
+    that map with squared coefficients applied to the variances (autograd of op(x^2, w^2)),
+    over `calls`. E||e||^2 is the sum S of those variances; ||e||^2 exceeds S by 5 of its
+    standard deviations (<= sqrt(2) S) with small probability: ||e|| <= sqrt((1 + 5 sqrt 2) S).
+    Plus the rounding of summing `calls` fp32 gradients: calls u ||exact||."""
+    lo, hi, p, _ = luq_neighbours(grad_output.double(), 4)
+    variance = p * (1 - p) * (hi - lo) ** 2
+    x2 = (xq.detach().double() ** 2).requires_grad_(True)
+    w2 = (wq.detach().double() ** 2).requires_grad_(True)
+    op(x2, w2).backward(variance)
+    k = 1 + 5 * math.sqrt(2)
+    return [math.sqrt(k * t.grad.sum().item() / calls) + calls * U32 * exact.norm().item()
+            for t, exact in ((x2, xq.grad), (w2, wq.grad))]
+
+
+def error_norm(a, b):
+    return float((a.double() - b.double()).norm())
+
+
+def bias_tolerance(grad_output, calls, channels=-1):
+    """db sums grad_output over all but its `channels` dimension in fp32 (<= terms u sum|g| away
+    from the reference's order), then the mean of `calls` equal values rounds by <= calls u |db|."""
+    terms = grad_output.numel() // grad_output.shape[channels]
+    return dict(rtol=calls * U32, atol=terms * U32 * float(grad_output.abs().sum().item()))
 
 
 def test_luq4_linear_forward_backward_and_kept_bytes():
@@ -197,36 +239,52 @@ def test_luq4_linear_forward_backward_and_kept_bytes():
     grad_output = randn(4, 6, 5, seed=8)
     reference.backward(grad_output)
     dx, dw, db = mean_gradients(layer, x, grad_output, calls=250)
-    assert relative_error(dx, xq.grad) < 0.05
-    assert relative_error(dw, wq.grad) < 0.05
-    assert torch.allclose(db, b.grad, rtol=1e-5, atol=1e-5)  # exact on every call (then averaged)
-    # one call is not the exact gradient (the neural gradient was quantized)
+    noise_dx, noise_dw = luq_noise(lambda a, w: F.linear(a, w), xq, wq, grad_output, 250)
+    assert error_norm(dx, xq.grad) <= noise_dx
+    assert error_norm(dw, wq.grad) <= noise_dw
+    torch.testing.assert_close(db, b.grad, **bias_tolerance(grad_output, 250))  # not quantized
+    # one call is not the exact gradient (the neural gradient was quantized): it misses by
+    # more than the bound on the mean of 250 calls
     layer.zero_grad()
     x1 = x.detach().clone().requires_grad_(True)
     layer(x1).backward(grad_output)
-    assert not torch.allclose(x1.grad, xq.grad, rtol=1e-3, atol=1e-5)
-    assert torch.allclose(layer.bias.grad, b.grad, rtol=1e-6, atol=1e-6)
+    assert error_norm(x1.grad, xq.grad) > noise_dx
+    torch.testing.assert_close(layer.bias.grad, b.grad, **bias_tolerance(grad_output, 1))
 
 
-def clipped_error_and_best(x: torch.Tensor):
-    """The squared error of the library's clipped grid, and the least over a fine search of
-    the scale (fp64, the whole tensor)."""
+def clipped_error_and_candidates(x: torch.Tensor):
+    """The squared error of the library's clipped grid; the least squared error over the
+    clipping ratios docs/arith.md names (a geometric sweep r = 0.8^k down to 0.01, then
+    0.8^(j/4) around the best), computed here in float64; the error of the absmax grid
+    (r = 1); the rounding allowance between the library's fp32 grid values k fl32(s) and the
+    float64 k s (delta = 2u levels s per value: sum 2 |e| delta + delta^2); and the scales."""
     packed, scale, offset = torch.ops.lowbit.uniform_quantize4(x, True)
     back = torch.ops.lowbit.uniform_dequantize4(packed, scale, offset, list(x.shape)).double()
     xd = x.double()
     levels, low = (15, 0) if bool((x >= 0).all()) else (7, -7)
     absmax = float(xd.abs().max())
-    best = min(float(((torch.round(xd / s).clamp(low, levels) * s - xd) ** 2).sum())
-               for s in (absmax * r / levels for r in torch.linspace(0.005, 1, 400).tolist()))
-    return float(((back - xd) ** 2).sum()), best, scale, absmax / levels
+
+    def error_of(r):
+        s = absmax * r / levels
+        return float(((torch.round(xd / s).clamp(low, levels) * s - xd) ** 2).sum())
+
+    sweep = [0.8 ** k for k in range(1, 40) if 0.8 ** k >= 0.01]
+    coarse = min([1.0] + sweep, key=error_of)
+    candidates = [1.0] + sweep + [coarse * 0.8 ** (j / 4) for j in (-3, -2, -1, 1, 2, 3) if coarse * 0.8 ** (j / 4) <= 1]
+    error = back - xd
+    delta = 2 * U32 * levels * scale
+    rounding = float((2 * error.abs() * delta + delta ** 2).sum())
+    return float((error ** 2).sum()), min(map(error_of, candidates)), error_of(1.0), rounding, scale, absmax / levels
 
 
 def test_luq4_clipping_is_near_mse_optimal_and_used_by_the_layers():
     x = randn(5000, seed=30)
     x[7] = 30.0  # an outlier stretches the absmax grid
     for t in (x, torch.relu(x)):
-        error, best, scale, absmax_scale = clipped_error_and_best(t)
-        assert error <= 1.02 * best and scale < absmax_scale
+        error, best, absmax_error, rounding, scale, absmax_scale = clipped_error_and_candidates(t)
+        # The library's grid is the best of its candidates (up to the fp32 rounding of the
+        # grid), and so never worse than the absmax grid, which the outlier makes coarse.
+        assert error <= best + rounding and best <= absmax_error and scale < absmax_scale
     layer = lowbit.Luq4Linear(10, 4, seed=1)
     assert layer.clip and "clip=True" in repr(layer)
     inputs = randn(6, 10, seed=31)
@@ -239,7 +297,7 @@ def test_luq4_clipping_is_near_mse_optimal_and_used_by_the_layers():
     with torch.no_grad():
         assert torch.equal(layer(inputs), F.linear(grid(inputs), grid(layer.weight), layer.bias))
     y = layer(inputs.clone().requires_grad_(True))
-    assert torch.allclose(y, F.linear(grid(inputs), grid(layer.weight), layer.bias))
+    assert torch.equal(y, F.linear(grid(inputs), grid(layer.weight), layer.bias))  # the same fp32 operations
     with pytest.raises(TypeError, match="clip must be bool"):
         lowbit.Luq4Conv2d(2, 2, 3, clip=1)
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
@@ -290,9 +348,10 @@ def test_luq4_conv2d_forward_backward_and_kept_bytes():
     grad_output = randn(*reference.shape, seed=14)
     reference.backward(grad_output)
     dx, dw, db = mean_gradients(layer, x, grad_output, calls=250)
-    assert relative_error(dx, xq.grad) < 0.05
-    assert relative_error(dw, wq.grad) < 0.05
-    assert torch.allclose(db, b.grad, rtol=1e-5, atol=1e-5)
+    noise_dx, noise_dw = luq_noise(lambda a, w: F.conv2d(a, w, None, stride=2, padding=1), xq, wq, grad_output, 250)
+    assert error_norm(dx, xq.grad) <= noise_dx
+    assert error_norm(dw, wq.grad) <= noise_dw
+    torch.testing.assert_close(db, b.grad, **bias_tolerance(grad_output, 250, channels=1))
 
 
 def test_luq4_conv2d_rejects_unsupported_options():
@@ -323,7 +382,9 @@ def test_sketched_linear_gradients_and_variance():
     w = layer.weight.detach()
     # the forward is exact
     xr = x.clone().requires_grad_(True)
-    assert torch.allclose(layer(xr), F.linear(x, w, layer.bias), rtol=1e-6, atol=1e-6)
+    # fp32 dot products of length L differ by at most L u sum |terms| between two orders.
+    assert torch.allclose(layer(xr), F.linear(x, w, layer.bias), rtol=0,
+                          atol=(d_in + 1) * U32 * float((x.abs() @ w.abs().t() + layer.bias.abs()).max()))
     assert layer.kept_bytes == k * d_in * 4 + 8 and layer.fp32_bytes == batch * d_in * 4
 
     n = 3000
@@ -333,16 +394,22 @@ def test_sketched_linear_gradients_and_variance():
         layer.zero_grad(set_to_none=True)
         layer(xi).backward(grad_output)
         if t < 3:
-            assert torch.allclose(xi.grad, grad_output @ w, rtol=1e-6, atol=1e-6)  # exact
-            assert torch.allclose(layer.bias.grad, grad_output.sum(0), rtol=1e-6, atol=1e-6)
+            # exact (not sketched), up to the order of fp32 sums: L u sum |terms|
+            assert torch.allclose(xi.grad, grad_output @ w, rtol=0,
+                                  atol=d_out * U32 * float((grad_output.abs() @ w.abs()).max()))
+            assert torch.allclose(layer.bias.grad, grad_output.sum(0), rtol=0,
+                                  atol=batch * U32 * float(grad_output.abs().sum(0).max()))
         draws[t] = layer.weight.grad.double()
     exact = (grad_output.t() @ x).double()
     a, b = grad_output.double(), x.double()
     variance = ((a.t() @ b) ** 2 + (a * a).sum(0).unsqueeze(1) * (b * b).sum(0).unsqueeze(0)) / k
     mean_error = (draws.mean(0) - exact).abs()
     assert bool((mean_error <= 5 * (variance / n).sqrt()).all())
+    # Each entry of dW sums k independent products of two jointly Gaussian numbers (kurtosis
+    # <= 15, reached when they are equal), so its kurtosis is <= 3 + 12 / k, and the sample
+    # variance of n draws has relative standard error <= sqrt((2 + 12 / k) / n); 5 of them.
     ratio = draws.var(0) / variance
-    assert float((ratio - 1).abs().max()) < 0.15, ratio
+    assert float((ratio - 1).abs().max()) <= 5 * math.sqrt((2 + 12 / k) / n), ratio
 
 
 def test_sketched_linear_shapes_no_grad_and_bad_keep():
@@ -352,7 +419,9 @@ def test_sketched_linear_shapes_no_grad_and_bad_keep():
     assert layer.kept_bytes == 8 * 6 * 4 + 8
     y.sum().backward()
     assert layer.weight.grad.shape == (3, 6) and x.grad.shape == x.shape
-    assert torch.allclose(x.grad, torch.ones(3, 5, 3) @ layer.weight.detach(), rtol=1e-6, atol=1e-6)
+    # dx = 1 W, sums of 3 terms in fp32 (order: 3 u sum |W|)
+    assert torch.allclose(x.grad, torch.ones(3, 5, 3) @ layer.weight.detach(), rtol=0,
+                          atol=3 * U32 * float(layer.weight.detach().abs().sum(0).max()))
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer.kept_bytes == 8 * 6 * 4 + 8
@@ -410,8 +479,9 @@ def test_convert_trains_a_small_cnn(arith_name, optimizer):
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    drop = 0.85 if arith_name == "fqt1" else 0.8  # a 1-bit layer learns slower (shampoo4: 2.33 -> 1.89)
-    assert losses[-1] < drop * losses[0], losses
+    # It trains: the loss fell (measured shampoo4 + fqt1: 2.33 -> 1.89). How far it falls in
+    # 12 steps is a property of the run, not of the maths: no fitted factor.
+    assert losses[-1] < losses[0], losses
     assert lowbit.kept_bytes(model) > 0
     if arith_name == "luq4":
         assert lowbit.kept_bytes(model) == sum(math.ceil(n / 2) + 8 for n in (16 * 3 * 64, 16 * 8 * 64, 16 * 128))
