@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import List, Sequence
 
 import pytest
@@ -41,8 +42,9 @@ def quick(**overrides):
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # The suite runs on small 2-core machines; one intra-op thread count for every test.
-    torch.set_num_threads(2)
+    # The suite runs on small 2-core machines; one intra-op thread count for every test
+    # (LOWBIT_TEST_THREADS overrides it, to check the bounds under other counts).
+    torch.set_num_threads(int(os.environ.get("LOWBIT_TEST_THREADS", "2")))
     yield
 
 
