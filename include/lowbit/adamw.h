@@ -61,6 +61,7 @@ struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOption
   TORCH_ARG(int64_t, min_quant_numel) = 4096;           // smaller tensors keep fp32 moments
   TORCH_ARG(std::string, rounding) = "nearest";         // "nearest" | "stochastic"
   TORCH_ARG(int64_t, seed) = 0;                         // stochastic rounding
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;  // throws naming the option and what is allowed
@@ -104,6 +105,11 @@ class AdamW : public torch::optim::Optimizer {
   void load(torch::serialize::InputArchive& archive) override;  // validated; on error nothing changes
   // Moments count as first_order (preconditioner is 0).
   StateBytes state_bytes() const;
+  // Steps skipped (skip_nonfinite) because their gradients broke the rule of docs/second_order.md.
+  int64_t skipped_steps() const { return skipped_steps_; }
+
+ private:
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

@@ -32,6 +32,7 @@ struct MFACOptions : public torch::optim::OptimizerCloneableOptions<MFACOptions>
   TORCH_ARG(int64_t, bits) = 32;              // 32 (fp32 window), 8 or 4
   TORCH_ARG(std::string, mapping) = "dynamic";// code map of a quantized window
   TORCH_ARG(int64_t, quant_block_size) = 64;
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;
@@ -72,6 +73,11 @@ class MFAC : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
   StateBytes state_bytes() const;
+  // Steps skipped (skip_nonfinite) because their gradients broke the rule of docs/second_order.md.
+  int64_t skipped_steps() const { return skipped_steps_; }
+
+ private:
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

@@ -22,6 +22,7 @@ struct NagGSOptions : public torch::optim::OptimizerCloneableOptions<NagGSOption
   TORCH_ARG(double, lr) = 0.1;    // alpha
   TORCH_ARG(double, mu) = 1.0;    // >= 0
   TORCH_ARG(double, gamma) = 1.0; // > 0, initial value
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;
@@ -51,6 +52,11 @@ class NagGS : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
   StateBytes state_bytes() const;
+  // Steps skipped (skip_nonfinite) because their gradients broke the rule of docs/second_order.md.
+  int64_t skipped_steps() const { return skipped_steps_; }
+
+ private:
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

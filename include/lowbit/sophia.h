@@ -36,6 +36,7 @@ struct SophiaOptions : public torch::optim::OptimizerCloneableOptions<SophiaOpti
   TORCH_ARG(std::string, estimator) = "gnb"; // "gnb" | "hutchinson"
   TORCH_ARG(int64_t, hessian_interval) = 10; // k
   TORCH_ARG(int64_t, seed) = 0;              // Hutchinson probes (the first group's seed)
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;  // throws naming the option and what is allowed
@@ -73,11 +74,14 @@ class Sophia : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;  // validated; on error nothing changes
   StateBytes state_bytes() const;
+  // Steps skipped (skip_nonfinite) because their gradients broke the rule of docs/second_order.md.
+  int64_t skipped_steps() const { return skipped_steps_; }
 
  private:
   SophiaParamState& state_for(const torch::Tensor& p);
   int64_t steps_ = 0;
   at::Generator generator_;
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit
