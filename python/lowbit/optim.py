@@ -80,7 +80,8 @@ _LAYOUT = ("graft", "bits", "quantize", "mapping", "quant_block_size", "double_q
 
 _ShampooConfig = torch.classes.lowbit.ShampooConfig
 _ShampooParam = torch.classes.lowbit.ShampooParam
-_first_nonfinite = torch.ops.lowbit.first_nonfinite.default
+_squared_norms = torch.ops.lowbit.squared_norms.default
+_first_offence = torch.ops.lowbit.first_offence.default
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
 
@@ -552,15 +553,8 @@ class Shampoo(Optimizer):
 
         if self._sharding is not None and self._average_gradients:
             self._sharding.average(grads)  # equal gradients on every rank, so equal decisions below
-        bad = _first_nonfinite(grads)
-        if bad >= 0:
-            gi, pi = where[bad]
-            group = self.param_groups[gi]
-            if group["skip_nonfinite"]:
-                self.skipped_steps += 1
-                return loss
-            raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, group['params'][pi], group)} has a NaN "
-                               "or Inf gradient; nothing was updated (set skip_nonfinite=True to skip such steps)")
+        if not self._accepts(grads, where):
+            return loss
 
         # States first (a parameter's first step creates one), then the steps.
         prepared = [(config, [self._state_of(p, config)._cpp for p in ps], ps, gs) for config, ps, gs in work]
@@ -573,6 +567,48 @@ class Shampoo(Optimizer):
         for config, states, ps, gs in prepared:
             config.step(states, ps, gs)  # = torch.ops.lowbit.shampoo_step(states, ps, gs, config)
         return loss
+
+    def _accepts(self, grads: List[torch.Tensor], where: List[Tuple[int, int]]) -> bool:
+        """The overflow rule (docs/shampoo.md, Robustness), before anything is written: every
+        gradient's squared norm (fp64, one batched computation, read once) at most 2^104 and
+        finite, then the steps no bound guarantees (fp16 parameters, extreme options) tried on
+        copies. True when the step may go on; False when it is skipped (``skip_nonfinite`` of the
+        offending parameter's group; counted); raises ``RuntimeError`` otherwise."""
+        index, value = _first_offence(_squared_norms(grads))
+        if index >= 0:
+            gi, pi = where[index]
+            group = self.param_groups[gi]
+            p = group["params"][pi]
+            key = self._configs[gi][1].overflow_key(p)
+            return self._refuse(gi, torch.ops.lowbit.offence_message(self._describe(gi, pi, p, group), key, value))
+        bounded: Dict[int, bool] = {}
+        for (gi, pi), g in zip(where, grads):
+            config = self._configs[gi][1]
+            if gi not in bounded:
+                bounded[gi] = config.update_bounded()
+            group = self.param_groups[gi]
+            p = group["params"][pi]
+            if p.dtype != torch.float16 and bounded[gi]:
+                continue
+            state = self.state.get(p)
+            if isinstance(state, ShampooState):
+                cpp = state._cpp
+            else:  # no state yet (or plain entries): a temporary one, not kept
+                cpp = _ShampooParam(p, config)
+                if state:
+                    cpp.load_state_dict(p, {k: v.to(p.device) for k, v in state.items()}, "lowbit.Shampoo: ",
+                                        "a parameter")
+            problem = cpp.trial_step(p, g, config)
+            if problem:
+                return self._refuse(gi, f"{self._describe(gi, pi, p, group)}: {problem}")
+        return True
+
+    def _refuse(self, group_index: int, problem: str) -> bool:
+        if self.param_groups[group_index]["skip_nonfinite"]:
+            self.skipped_steps += 1
+            return False
+        raise RuntimeError(f"lowbit.Shampoo: {problem}; nothing was updated (set skip_nonfinite=True to skip such "
+                           "steps)")
 
     # ------------------------------------------------------------------ distributed
     def communication(self) -> Dict[str, int]:
