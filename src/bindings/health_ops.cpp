@@ -6,7 +6,7 @@
 //                                               rule (limit None: 2^104), or (-1, 0.0)
 //   offence_message(what, key, squared_norm)    "<what> has a NaN or Inf gradient" / "<what>:
 //                                               its gradient's squared norm ... exceeds 2^104: ..."
-//   overflow_problem(tensor, dtype)             "this step would overflow its <tensor> (...)"
+//   overflow_problem(tensor, dtype)             "this step would make its <tensor> non-finite (...)"
 //   max_magnitudes(tensors)                     fp64 largest |x| of each tensor, one tensor
 //   update_bounded(optimizer, options)          whether the options bound an fp32 / bf16
 //                                               parameter's update (else a step is tried first)

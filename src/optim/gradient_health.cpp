@@ -62,7 +62,7 @@ Offence first_offence(const at::Tensor& squared_norms, double limit) {
   const double* values = host.data_ptr<double>();
   Offence o;
   for (int64_t i = 0; i < host.numel(); ++i)
-    if (!(values[i] <= limit)) {  // also true for NaN
+    if (!std::isfinite(values[i]) || values[i] > limit) {
       o.index = i;
       o.squared_norm = values[i];
       return o;
@@ -134,7 +134,7 @@ Trial trial_update(const std::vector<at::Tensor>& writes,
 }
 
 std::string overflow_problem(const std::string& tensor, at::ScalarType dtype) {
-  return "this step would overflow its " + tensor + " (" + c10::toString(dtype) + ", largest finite value " +
+  return "this step would make its " + tensor + " non-finite (" + c10::toString(dtype) + ", largest finite value " +
          formatted("%.6g", largest_finite(dtype)) + ")";
 }
 

@@ -104,7 +104,8 @@ struct Trial {
 Trial trial_update(const std::vector<at::Tensor>& writes,
                    const std::function<void(std::vector<at::Tensor>& copies)>& update);
 
-// "this step would overflow its <tensor> (<dtype>, largest finite value <max>)"
+// "this step would make its <tensor> non-finite (<dtype>, largest finite value <max>)":
+// overflow, or NaN (0 / 0 where a small fp16 eps rounds to 0).
 std::string overflow_problem(const std::string& tensor, at::ScalarType dtype);
 
 }  // namespace lowbit::health
