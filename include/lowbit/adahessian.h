@@ -57,6 +57,10 @@ class AdaHessian : public torch::optim::Optimizer {
                       AdaHessianOptions defaults = {});
   explicit AdaHessian(std::vector<torch::Tensor> params, AdaHessianOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;  // closure required
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;

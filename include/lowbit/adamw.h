@@ -98,6 +98,10 @@ class AdamW : public torch::optim::Optimizer {
   explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults = {});
   explicit AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   // Gradients are checked (dense, floating, shaped like the parameter, finite) before
   // anything changes.
   torch::Tensor step(LossClosure closure = nullptr) override;

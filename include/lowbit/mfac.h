@@ -69,6 +69,10 @@ class MFAC : public torch::optim::Optimizer {
   explicit MFAC(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MFACOptions defaults = {});
   explicit MFAC(std::vector<torch::Tensor> params, MFACOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;

@@ -48,6 +48,10 @@ class NagGS : public torch::optim::Optimizer {
   explicit NagGS(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, NagGSOptions defaults = {});
   explicit NagGS(std::vector<torch::Tensor> params, NagGSOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;

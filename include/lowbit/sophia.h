@@ -62,6 +62,10 @@ class Sophia : public torch::optim::Optimizer {
   explicit Sophia(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, SophiaOptions defaults = {});
   explicit Sophia(std::vector<torch::Tensor> params, SophiaOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;
   // "gnb": folds B * grad * grad into h, grad being the gradient of the loss on sampled labels
   // (mean over a batch of B examples), now in each parameter's .grad.

@@ -78,11 +78,22 @@ void AdaHessianParamState::serialize(torch::serialize::InputArchive& archive) {
 AdaHessian::AdaHessian(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdaHessianOptions defaults)
     : Optimizer(param_groups, std::make_unique<AdaHessianOptions>(defaults)),
       generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(defaults.seed()))) {
+  support::keep_group_options<AdaHessianOptions>(*this, param_groups, kWho);
   support::validate_groups<AdaHessianOptions>(*this);
 }
 
 AdaHessian::AdaHessian(std::vector<torch::Tensor> params, AdaHessianOptions defaults)
     : AdaHessian({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+void AdaHessian::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const AdaHessianOptions*>(&param_group.options());
+    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::AdaHessianOptions");
+    options->validate();
+  }
+  Optimizer::add_param_group(param_group);
+  support::keep_group_options<AdaHessianOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+}
 
 bool AdaHessian::has_diagonal(const torch::Tensor& p) const {
   const auto found = state().find(p.unsafeGetTensorImpl());

@@ -60,11 +60,22 @@ void NagGSParamState::serialize(torch::serialize::InputArchive& archive) {
 
 NagGS::NagGS(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, NagGSOptions defaults)
     : Optimizer(param_groups, std::make_unique<NagGSOptions>(defaults)) {
+  support::keep_group_options<NagGSOptions>(*this, param_groups, kWho);
   support::validate_groups<NagGSOptions>(*this);
 }
 
 NagGS::NagGS(std::vector<torch::Tensor> params, NagGSOptions defaults)
     : NagGS({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+void NagGS::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const NagGSOptions*>(&param_group.options());
+    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::NagGSOptions");
+    options->validate();
+  }
+  Optimizer::add_param_group(param_group);
+  support::keep_group_options<NagGSOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+}
 
 torch::Tensor NagGS::step(LossClosure closure) {
   support::validate_groups<NagGSOptions>(*this);

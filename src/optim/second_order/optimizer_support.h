@@ -63,6 +63,21 @@ bool accept_trial(bool needed, const SteppedParam& param, const std::vector<torc
                   const std::function<void(std::vector<torch::Tensor>& copies)>& update, const std::string& who,
                   bool skip);
 
+// LibTorch's Optimizer keeps a param group's own options only for its own optimizer types
+// (Optimizer::_try_merge_all_optimizers) and gives any other type the defaults: this puts
+// the own options of `groups`, which became the optimizer's groups from `first` on, back.
+template <typename Options>
+void keep_group_options(torch::optim::Optimizer& optimizer,
+                        const std::vector<torch::optim::OptimizerParamGroup>& groups, const std::string& who,
+                        size_t first = 0) {
+  for (size_t i = 0; i < groups.size(); ++i) {
+    if (!groups[i].has_options()) continue;
+    const auto* options = dynamic_cast<const Options*>(&groups[i].options());
+    TORCH_CHECK(options != nullptr, who, ": a parameter group's options must be of the optimizer's options type");
+    optimizer.param_groups()[first + i].set_options(std::make_unique<Options>(*options));
+  }
+}
+
 // Checks each group's options with `validate` (which throws naming the option).
 template <typename Options>
 void validate_groups(const torch::optim::Optimizer& optimizer) {

@@ -79,11 +79,22 @@ void SophiaParamState::serialize(torch::serialize::InputArchive& archive) {
 Sophia::Sophia(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, SophiaOptions defaults)
     : Optimizer(param_groups, std::make_unique<SophiaOptions>(defaults)),
       generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(defaults.seed()))) {
+  support::keep_group_options<SophiaOptions>(*this, param_groups, kWho);
   support::validate_groups<SophiaOptions>(*this);
 }
 
 Sophia::Sophia(std::vector<torch::Tensor> params, SophiaOptions defaults)
     : Sophia({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+void Sophia::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const SophiaOptions*>(&param_group.options());
+    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::SophiaOptions");
+    options->validate();
+  }
+  Optimizer::add_param_group(param_group);
+  support::keep_group_options<SophiaOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+}
 
 SophiaParamState& Sophia::state_for(const torch::Tensor& p) {
   auto& slot = state()[p.unsafeGetTensorImpl()];
