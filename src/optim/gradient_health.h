@@ -48,8 +48,10 @@ constexpr double kMaxGradientSquaredNorm = 0x1p104;
 // always tried on copies first.
 constexpr double kMaxUncheckedUpdate = 0x1p101;
 
-// The squared Frobenius norm of every tensor, computed in fp64 (exact for any fp32, bf16
-// or fp16 input), as one [n] fp64 tensor on the tensors' device (CPU when there are none).
+// The squared Frobenius norm of every tensor, reduced in fp64 (no fp32, bf16 or fp16 input
+// can overflow it: at most numel * 1.2e77; relative error a few 1e-16, from the sum, the
+// square root linalg_vector_norm takes and the square), as one [n] fp64 tensor on the
+// tensors' device (CPU when there are none).
 // An entry is NaN or Inf when its tensor holds a NaN or an Inf (or an fp64 tensor's norm
 // overflows fp64). Launches the reductions; reads nothing back.
 at::Tensor squared_norms(at::TensorList tensors);
