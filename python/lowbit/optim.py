@@ -65,7 +65,7 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
     "rectify_steps": ((1, 4), "int pair", "(t1, t2) Bjorck steps", "each in [0, 100]"),
     "root_method": ("eigen", "str", "inverse root of 32-bit Shampoo", '"eigen", "newton"'),
     "eigen_update": ("qr", "str", "eigenbasis refresh of 4-bit Shampoo", '"qr", "eigh"'),
-    "skip_nonfinite": (False, "bool", "(lowbit) skip steps with NaN/Inf gradients", "bool"),
+    "skip_nonfinite": (False, "bool", "(lowbit) skip steps that would overflow, not raise", "bool"),
     "preconditioner": ("shampoo", "str", "Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)",
                        '"shampoo", "caspr", "soap" (needs graft "adamw")'),
     "graft_bits": (32, "int", "bits of the AdamW moments (graft, or SOAP's Adam)",
@@ -374,7 +374,7 @@ class Shampoo(Optimizer):
     ``rectify_steps``               (t1, t2) Bjorck steps                                    (1, 4)              each in [0, 100]
     ``root_method``                 inverse root of 32-bit Shampoo                           ``"eigen"``         ``"eigen"``, ``"newton"``
     ``eigen_update``                eigenbasis refresh of 4-bit Shampoo                      ``"qr"``            ``"qr"`` (paper), ``"eigh"``
-    ``skip_nonfinite``              (lowbit) skip steps with NaN/Inf gradients               False               bool
+    ``skip_nonfinite``              (lowbit) skip steps that would overflow, not raise       False               bool
     ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
     ``graft_bits``                  bits of the AdamW moments (graft, or SOAP's Adam)        32                  32, 8, 4 (8, 4: needs graft ``"adamw"``)
     ==============================  =======================================================  ==================  ==========================================
@@ -395,9 +395,13 @@ class Shampoo(Optimizer):
 
     Bad options raise ``TypeError`` (wrong type) or ``ValueError`` (bad value) naming the
     option, at construction, in :meth:`add_param_group`, and at the next :meth:`step` after
-    a group was edited. A sparse or NaN/Inf gradient raises ``RuntimeError`` naming the
-    parameter before anything changes (with ``skip_nonfinite=True`` the whole step is
-    skipped and counted in :attr:`skipped_steps`).
+    a group was edited. A sparse gradient, and a step that would overflow, raise
+    ``RuntimeError`` naming the parameter before anything changes (with
+    ``skip_nonfinite=True`` the whole step is skipped and counted in :attr:`skipped_steps`).
+    The overflow rule (docs/shampoo.md, Robustness): every gradient's squared norm, in fp64,
+    must be finite and at most 2^104 (beyond it the G G^T statistics, or the graft's moments,
+    could overflow fp32), and the steps of fp16 parameters (and of options that bound no
+    update) are tried on a copy first and refused if it came out NaN or Inf.
 
     ``state_dict()`` holds only tensors and numbers (``torch.load(..., weights_only=True)``
     reads it, on any ``map_location``); :meth:`load_state_dict` checks every group, option
@@ -515,10 +519,12 @@ class Shampoo(Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
         """One optimizer step. ``closure`` (optional) re-evaluates the model and returns the loss.
 
-        Every gradient is checked before anything is written: a sparse, misshapen or
-        NaN/Inf gradient raises ``RuntimeError`` naming the parameter (NaN/Inf: unless
-        ``skip_nonfinite``, which skips the whole step), and the parameters and state are
-        left as they were. (The C++ step runs without autograd; no ``torch.no_grad`` needed.)
+        Every gradient is checked before anything is written: a sparse or misshapen gradient,
+        or a step that would overflow (a gradient's squared norm NaN, Inf or above 2^104; an
+        fp16 step that would leave NaN or Inf) raises ``RuntimeError`` naming the parameter
+        (the overflow: unless ``skip_nonfinite``, which skips the whole step), and the
+        parameters and state are left as they were. (The C++ step runs without autograd; no
+        ``torch.no_grad`` needed.)
         """
         loss = None
         if closure is not None:
