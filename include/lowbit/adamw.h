@@ -102,14 +102,15 @@ class AdamW : public torch::optim::Optimizer {
   // does not know the defaults).
   void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
 
-  // Gradients are checked (dense, floating, shaped like the parameter, finite) before
-  // anything changes.
+  // Gradients are checked (dense, floating, shaped like the parameter) and the overflow rule
+  // applied (squared norm finite and at most 2^104; fp16 steps tried on copies first) before
+  // anything changes: a step that breaks it raises naming the parameter, or is skipped.
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;  // validated; on error nothing changes
   // Moments count as first_order (preconditioner is 0).
   StateBytes state_bytes() const;
-  // Steps skipped (skip_nonfinite) because their gradients broke the rule of docs/second_order.md.
+  // Steps skipped by skip_nonfinite: they would have overflowed (docs/lowbit_adamw.md).
   int64_t skipped_steps() const { return skipped_steps_; }
 
  private:

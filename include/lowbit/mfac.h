@@ -77,7 +77,8 @@ class MFAC : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
   StateBytes state_bytes() const;
-  // Steps skipped (skip_nonfinite) because their gradients broke the rule of docs/second_order.md.
+  // Steps skipped by skip_nonfinite: they would have overflowed (docs/second_order.md,
+  // "Steps that would overflow").
   int64_t skipped_steps() const { return skipped_steps_; }
 
  private:

@@ -203,7 +203,7 @@ torch::Tensor AdamW::step(LossClosure closure) {
       adamw::Moments m{c[1], c[2], c[3], c[4], c[5], c[6]};
       adamw::update(c[0], grad, m, layout, step, o.lr(), beta1, beta2, o.eps(), o.weight_decay(), encoding);
     };
-    if (!support::accept_trial(true, sp,
+    if (!support::accept_trial(sp,
                                {sp.param, moments.exp_avg, moments.exp_avg_sq, moments.exp_avg_codes,
                                 moments.exp_avg_scales, moments.exp_avg_sq_codes, moments.exp_avg_sq_scales},
                                {"values", "exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_scales",

@@ -172,7 +172,7 @@ torch::Tensor AdaHessian::step(LossClosure closure) {
       rules::adahessian_update(c[0], grad, c[1], c[2], diagonal, step, o.lr(), beta1, beta2, o.eps(), o.weight_decay(),
                                o.hessian_power());
     };
-    if (!support::accept_trial(true, sp,
+    if (!support::accept_trial(sp,
                                {sp.param, fresh ? zeros : s->exp_avg(), fresh ? zeros : s->exp_hessian_diag_sq()},
                                {"values", "exp_avg", "exp_hessian_diag_sq"}, update, kWho, skips(sp.group))) {
       ++skipped_steps_;

@@ -195,7 +195,7 @@ torch::Tensor MFAC::step(LossClosure closure) {
       rules::mfac_update(c[0], grad, w, layout, c[1], o.lr(), o.momentum(), o.weight_decay(), o.damping());
     };
     if (!support::accept_trial(
-            true, sp,
+            sp,
             {sp.param, fresh ? torch::Tensor() : s->momentum_buffer(), window.rows, window.codes, window.scales,
              window.gram},
             {"values", "momentum_buffer", "window rows", "window codes", "window scales", "window Gram matrix"}, update,

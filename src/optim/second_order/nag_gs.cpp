@@ -110,7 +110,7 @@ torch::Tensor NagGS::step(LossClosure closure) {
       continue;
     const torch::Tensor grad = sp.param.grad().detach();
     const auto update = [&](std::vector<torch::Tensor>& c) { rules::nag_gs_update(c[0], grad, c[1], gamma, o.lr(), o.mu()); };
-    if (!support::accept_trial(true, sp, {sp.param, states[k] ? states[k]->velocity() : sp.param},
+    if (!support::accept_trial(sp, {sp.param, states[k] ? states[k]->velocity() : sp.param},
                                {"values", "velocity"}, update, kWho, skips(sp.group))) {
       ++skipped_steps_;
       return loss;

@@ -69,11 +69,10 @@ bool accept_gradients(const torch::optim::Optimizer& optimizer, const std::strin
   return accept(params, grads, who, key, skips);
 }
 
-bool accept_trial(bool needed, const SteppedParam& param, const std::vector<torch::Tensor>& writes,
+bool accept_trial(const SteppedParam& param, const std::vector<torch::Tensor>& writes,
                   const std::vector<std::string>& names,
                   const std::function<void(std::vector<torch::Tensor>& copies)>& update, const std::string& who,
                   bool skip) {
-  if (!needed) return true;
   const health::Trial t = health::trial_update(writes, update);
   if (!t.failed()) return true;
   return refuse(skip, who,

@@ -55,10 +55,11 @@ std::function<bool(size_t)> skip_option(const torch::optim::Optimizer& optimizer
   };
 }
 
-// The parameter's step tried on copies first (health::trial_update) when `needed` (fp16, or
-// options that bound nothing: optim/gradient_health.h): refuse() naming the first of `names`
-// whose copy came out non-finite. `writes` are the tensors the update writes, as `names`.
-bool accept_trial(bool needed, const SteppedParam& param, const std::vector<torch::Tensor>& writes,
+// The parameter's step tried on copies first (health::trial_update; for fp16 parameters and
+// options that bound nothing: optim/gradient_health.h): true when every copy stayed finite,
+// else refuse() naming the first of `names` whose copy did not. `writes` are the tensors the
+// update writes, in the order of `names`.
+bool accept_trial(const SteppedParam& param, const std::vector<torch::Tensor>& writes,
                   const std::vector<std::string>& names,
                   const std::function<void(std::vector<torch::Tensor>& copies)>& update, const std::string& who,
                   bool skip);

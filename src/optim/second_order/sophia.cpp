@@ -169,7 +169,7 @@ torch::Tensor Sophia::step(LossClosure closure) {
       if (estimate != estimates.end()) rules::ema(c[2], estimate->second, std::get<1>(o.betas()));
       rules::sophia_update(c[0], grad, c[1], c[2], o.lr(), std::get<0>(o.betas()), o.rho(), o.eps(), o.weight_decay());
     };
-    if (!support::accept_trial(true, sp, {sp.param, fresh ? zeros : s->exp_avg(), fresh ? zeros : s->hessian()},
+    if (!support::accept_trial(sp, {sp.param, fresh ? zeros : s->exp_avg(), fresh ? zeros : s->hessian()},
                                {"values", "exp_avg", "hessian"}, update, kWho, skips(sp.group))) {
       ++skipped_steps_;
       return loss;
@@ -231,7 +231,7 @@ void Sophia::update_hessian(int64_t batch_size) {
                                 ? torch::zeros_like(stepped[k].param, at::MemoryFormat::Preserve)
                                 : static_cast<const SophiaParamState&>(*found->second).hessian();
     const auto update = [&](std::vector<torch::Tensor>& c) { rules::ema(c[0], estimates[k], std::get<1>(o.betas())); };
-    if (!support::accept_trial(true, stepped[k], {h}, {"hessian"}, update, kWho, skips(stepped[k].group))) {
+    if (!support::accept_trial(stepped[k], {h}, {"hessian"}, update, kWho, skips(stepped[k].group))) {
       ++skipped_steps_;
       return;
     }
