@@ -8,7 +8,7 @@ Three variants, one step each, in a random order every round:
 - python: ``lowbit.Shampoo.step()`` (torch.optim's step wrapper and hooks, option and
   gradient checks in Python, one call into C++ per param group);
 - direct: the C++ calls that step makes, made directly on the same optimizer state
-  (``torch.ops.lowbit.first_nonfinite`` + ``ShampooConfig.step``): the pure C++ work;
+  (``torch.ops.lowbit.squared_norms`` / ``first_offence`` + ``ShampooConfig.step``): the pure C++ work;
 - C++ opt: the C++ optimizer ``lowbit::Shampoo::step`` on its own copy of the same
   parameters and gradients, driven from a small extension compiled here with
   torch.utils.cpp_extension against include/ and liblowbit (about half a minute the first
@@ -115,15 +115,18 @@ def measure(case: str, shapes, bits: int, graft: str, rounds: int, cpp_module):
     opt.param_groups[0]["root_interval"] = 1 << 40
     opt.step()  # the new options' config is built here, outside the timing
 
-    # The C++ work of opt.step() on the same state, called directly: the finiteness check
-    # and the per-group step (what lowbit.Shampoo.step calls after its Python checks).
+    # The C++ work of opt.step() on the same state, called directly: the overflow rule's
+    # gradient check (squared norms, read once), the group's bound, and the per-group step (what
+    # lowbit.Shampoo.step calls after its Python checks).
     config = opt._config(0, opt.param_groups[0])
     states = [opt.state[p]._cpp for p in py_params]
-    first_nonfinite = torch.ops.lowbit.first_nonfinite.default
+    squared_norms = torch.ops.lowbit.squared_norms.default
+    first_offence = torch.ops.lowbit.first_offence.default
 
     def direct() -> float:
         start = time.perf_counter()
-        first_nonfinite(grads)
+        first_offence(squared_norms(grads))
+        config.update_bounded()
         config.step(states, py_params, grads)
         return time.perf_counter() - start
 
@@ -198,7 +201,7 @@ def main() -> None:
                else f"{'-':>10} {'-':>11} {'-':>12}")
         print(f"{r['case']:12} {r['params']:6d} {r['numel']:9d} {r['python_ms']:10.3f} {r['direct_ms']:10.3f} "
               f"{r['overhead_ms']:11.3f} {r['overhead_per_param_us']:9.1f} {r['ratio']:6.3f} {cpp}", flush=True)
-    print("direct: the same optimizer's C++ calls (first_nonfinite + ShampooConfig.step) made directly; "
+    print("direct: the same optimizer's C++ calls (squared_norms / first_offence + ShampooConfig.step) made directly; "
           "overhead = median of paired (python - direct); C++ opt: a lowbit::Shampoo of the same shapes; "
           "C++ 2 - 1: a second identical lowbit::Shampoo against the first")
 

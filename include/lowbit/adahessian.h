@@ -29,6 +29,7 @@ struct AdaHessianOptions : public torch::optim::OptimizerCloneableOptions<AdaHes
   TORCH_ARG(double, hessian_power) = 1.0;   // k in (0, 1]
   TORCH_ARG(int64_t, hessian_interval) = 1; // refresh D every this many steps (reused between)
   TORCH_ARG(int64_t, seed) = 0;             // Hutchinson probes (the first group's seed)
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;
@@ -56,16 +57,24 @@ class AdaHessian : public torch::optim::Optimizer {
                       AdaHessianOptions defaults = {});
   explicit AdaHessian(std::vector<torch::Tensor> params, AdaHessianOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;  // closure required
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
   StateBytes state_bytes() const;
+  // Steps skipped by skip_nonfinite: they would have overflowed (docs/second_order.md,
+  // "Steps that would overflow").
+  int64_t skipped_steps() const { return skipped_steps_; }
 
  private:
   AdaHessianParamState& state_for(const torch::Tensor& p);
   bool has_diagonal(const torch::Tensor& p) const;
   int64_t steps_ = 0;
   at::Generator generator_;
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

@@ -61,6 +61,7 @@ struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOption
   TORCH_ARG(int64_t, min_quant_numel) = 4096;           // smaller tensors keep fp32 moments
   TORCH_ARG(std::string, rounding) = "nearest";         // "nearest" | "stochastic"
   TORCH_ARG(int64_t, seed) = 0;                         // stochastic rounding
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;  // throws naming the option and what is allowed
@@ -97,13 +98,23 @@ class AdamW : public torch::optim::Optimizer {
   explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults = {});
   explicit AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults = {});
 
-  // Gradients are checked (dense, floating, shaped like the parameter, finite) before
-  // anything changes.
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
+  // Gradients are checked (dense, floating, shaped like the parameter) and the overflow rule
+  // applied (squared norm finite and at most 2^104; fp16 steps tried on copies first) before
+  // anything changes: a step that breaks it raises naming the parameter, or is skipped.
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;  // validated; on error nothing changes
   // Moments count as first_order (preconditioner is 0).
   StateBytes state_bytes() const;
+  // Steps skipped by skip_nonfinite: they would have overflowed (docs/lowbit_adamw.md).
+  int64_t skipped_steps() const { return skipped_steps_; }
+
+ private:
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

@@ -32,6 +32,7 @@ struct MFACOptions : public torch::optim::OptimizerCloneableOptions<MFACOptions>
   TORCH_ARG(int64_t, bits) = 32;              // 32 (fp32 window), 8 or 4
   TORCH_ARG(std::string, mapping) = "dynamic";// code map of a quantized window
   TORCH_ARG(int64_t, quant_block_size) = 64;
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;
@@ -68,10 +69,20 @@ class MFAC : public torch::optim::Optimizer {
   explicit MFAC(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MFACOptions defaults = {});
   explicit MFAC(std::vector<torch::Tensor> params, MFACOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
   StateBytes state_bytes() const;
+  // Steps skipped by skip_nonfinite: they would have overflowed (docs/second_order.md,
+  // "Steps that would overflow").
+  int64_t skipped_steps() const { return skipped_steps_; }
+
+ private:
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

@@ -22,6 +22,7 @@ struct NagGSOptions : public torch::optim::OptimizerCloneableOptions<NagGSOption
   TORCH_ARG(double, lr) = 0.1;    // alpha
   TORCH_ARG(double, mu) = 1.0;    // >= 0
   TORCH_ARG(double, gamma) = 1.0; // > 0, initial value
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;
@@ -47,10 +48,20 @@ class NagGS : public torch::optim::Optimizer {
   explicit NagGS(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, NagGSOptions defaults = {});
   explicit NagGS(std::vector<torch::Tensor> params, NagGSOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
   StateBytes state_bytes() const;
+  // Steps skipped by skip_nonfinite: they would have overflowed (docs/second_order.md,
+  // "Steps that would overflow").
+  int64_t skipped_steps() const { return skipped_steps_; }
+
+ private:
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

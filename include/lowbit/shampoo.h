@@ -58,7 +58,7 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   TORCH_ARG(rectify_t, rectify_steps) = std::make_tuple(1, 4);  // t1, t2 (Björck steps)
   TORCH_ARG(std::string, root_method) = "eigen";     // "eigen" | "newton" (fp32 Shampoo)
   TORCH_ARG(std::string, eigen_update) = "qr";       // 4-bit: "qr" (paper: one subspace step) | "eigh" (full)
-  TORCH_ARG(bool, skip_nonfinite) = false;           // skip a step with a NaN/Inf gradient instead of raising
+  TORCH_ARG(bool, skip_nonfinite) = false;           // skip (and count) a step that would overflow instead of raising
   // "shampoo": L^(-1/4) G R^(-1/4); "caspr" (Duvvuri et al. 2024): with L~ = L^(-1/2),
   // R~ = R^(-1/2), J = L~ G + G R~ and U = L~ J + J R~. Same factors and state layout; the
   // stored roots are L^(-1/4) for one and L^(-1/2) for the other, so a checkpoint must agree.
@@ -121,7 +121,7 @@ class Shampoo : public torch::optim::Optimizer {
   void load(torch::serialize::InputArchive& archive) override;
 
   StateBytes state_bytes() const;
-  int64_t skipped_steps() const { return skipped_steps_; }
+  int64_t skipped_steps() const { return skipped_steps_; }  // by skip_nonfinite
   int64_t root_failures() const;  // failed decompositions that kept the last good root
   int64_t root_updates() const;   // largest number of root refreshes of any parameter
 
@@ -141,7 +141,9 @@ class Shampoo : public torch::optim::Optimizer {
  private:
   ShampooParamState& state_for(const torch::Tensor& p, const ShampooOptions& options);
   void check_gradients() const;
-  bool gradients_finite() const;
+  // The overflow rule (docs/shampoo.md, Robustness): true when the step may go on, false
+  // when it is to be skipped (skip_nonfinite); throws naming the parameter otherwise.
+  bool accepts_step() const;
   void distributed_step();
   int64_t skipped_steps_ = 0;
   EighSolver eigh_;

@@ -36,6 +36,7 @@ struct SophiaOptions : public torch::optim::OptimizerCloneableOptions<SophiaOpti
   TORCH_ARG(std::string, estimator) = "gnb"; // "gnb" | "hutchinson"
   TORCH_ARG(int64_t, hessian_interval) = 10; // k
   TORCH_ARG(int64_t, seed) = 0;              // Hutchinson probes (the first group's seed)
+  TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
  public:
   void validate() const;  // throws naming the option and what is allowed
@@ -61,6 +62,10 @@ class Sophia : public torch::optim::Optimizer {
   explicit Sophia(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, SophiaOptions defaults = {});
   explicit Sophia(std::vector<torch::Tensor> params, SophiaOptions defaults = {});
 
+  // Validates the group's options and keeps them (LibTorch's own would give a group of a type it
+  // does not know the defaults).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   torch::Tensor step(LossClosure closure = nullptr) override;
   // "gnb": folds B * grad * grad into h, grad being the gradient of the loss on sampled labels
   // (mean over a batch of B examples), now in each parameter's .grad.
@@ -73,11 +78,15 @@ class Sophia : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;  // validated; on error nothing changes
   StateBytes state_bytes() const;
+  // Steps skipped by skip_nonfinite: they would have overflowed (docs/second_order.md,
+  // "Steps that would overflow").
+  int64_t skipped_steps() const { return skipped_steps_; }
 
  private:
   SophiaParamState& state_for(const torch::Tensor& p);
   int64_t steps_ = 0;
   at::Generator generator_;
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace lowbit

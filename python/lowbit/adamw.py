@@ -6,7 +6,7 @@ State is plain tensors in ``optimizer.state[p]``; options are validated by the C
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import torch
 
@@ -55,6 +55,7 @@ class AdamW(_SecondOrderOptimizer):
     """
 
     _NAME = "AdamW"
+    _OVERFLOW_KEY = "adamw"
     _TABLE = {
         "lr": _Option(1e-3, "number", "learning rate", ">= 0"),
         "betas": _Option((0.9, 0.999), "number pair", "(b1, b2)", "each in [0, 1)"),
@@ -68,6 +69,7 @@ class AdamW(_SecondOrderOptimizer):
         "min_quant_numel": _Option(4096, "int", "smaller tensors keep fp32 moments", ">= 0"),
         "rounding": _Option("nearest", "str", "re-encoding of the moments", '``"nearest"``, ``"stochastic"``'),
         "seed": _Option(0, "int", "stochastic rounding's random numbers", ">= 0"),
+        "skip_nonfinite": _Option(False, "bool", "skip (and count) a step that would overflow", "bool"),
     }
     _LAYOUT = ("bits", "mapping", "second_moment_mapping", "block_size", "min_quant_numel")
     _FIRST_ORDER = _MOMENTS
@@ -77,11 +79,12 @@ class AdamW(_SecondOrderOptimizer):
                  mapping: Literal["dynamic", "linear2"] = "dynamic",
                  second_moment_mapping: Literal["auto", "linear", "dynamic", "linear2"] = "auto",
                  block_size: int = 0, min_quant_numel: int = 4096,
-                 rounding: Literal["nearest", "stochastic"] = "nearest", seed: int = 0) -> None:
+                 rounding: Literal["nearest", "stochastic"] = "nearest", seed: int = 0,
+                 skip_nonfinite: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=bits,
                                       mapping=mapping, second_moment_mapping=second_moment_mapping,
                                       block_size=block_size, min_quant_numel=min_quant_numel,
-                                      rounding=rounding, seed=seed))
+                                      rounding=rounding, seed=seed, skip_nonfinite=skip_nonfinite))
 
     def _checked(self, values: Any, where: str) -> Dict[str, Any]:
         converted = {name: _convert(self._who, name, row.kind, values[name], where)
@@ -137,13 +140,32 @@ class AdamW(_SecondOrderOptimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
         """One step; ``closure`` (optional) computes the loss (``loss.backward()``) and returns it.
         Gradients are checked before anything is written (``RuntimeError`` naming the
-        parameter; nothing changes)."""
+        parameter, or a skipped step with ``skip_nonfinite``; nothing changes): NaN/Inf, and the
+        overflow rule (squared norm at most 2^104, fp16 steps tried on copies first)."""
         options = self._all_options()
         loss = self._evaluate(closure)
         work = self._gradients()
+        if work is None:
+            return loss
         # The parameter's position over all groups: stochastic rounding's stream (as in C++).
         position = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         with torch.no_grad():
+            for items, o in zip(work, options):
+                bounded = _ops.update_bounded("adamw", o)
+                for p, g in items:
+                    if not self._needs_trial(p, bounded):
+                        continue
+                    s = self.state.get(p) or self._new_state(p, o)
+                    step = s["step"].clone()
+
+                    def run(c: List[Any], p: torch.Tensor = p, g: torch.Tensor = g, o: Dict[str, Any] = o,
+                            step: torch.Tensor = step) -> None:
+                        _ops.adamw_update_(c[0], g.detach(), *c[1:], step, o["lr"], o["betas"][0], o["betas"][1],
+                                           o["eps"], o["weight_decay"], *self._layout_args(o), o["rounding"],
+                                           o["seed"], position[id(p)])
+
+                    if not self._trial(p, [p, *(s.get(n) for n in _MOMENTS)], ("values",) + _MOMENTS, run):
+                        return loss
             for items, o in zip(work, options):
                 for p, g in items:
                     s = self._state_for(p, o)

@@ -66,7 +66,7 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
     "rectify_steps": ((1, 4), "int pair", "(t1, t2) Bjorck steps", "each in [0, 100]"),
     "root_method": ("eigen", "str", "inverse root of 32-bit Shampoo", '"eigen", "newton"'),
     "eigen_update": ("qr", "str", "eigenbasis refresh of 4-bit Shampoo", '"qr", "eigh"'),
-    "skip_nonfinite": (False, "bool", "(lowbit) skip steps with NaN/Inf gradients", "bool"),
+    "skip_nonfinite": (False, "bool", "(lowbit) skip steps that would overflow, not raise", "bool"),
     "preconditioner": ("shampoo", "str", "Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)",
                        '"shampoo", "caspr", "soap" (needs graft "adamw")'),
     "graft_bits": (32, "int", "bits of the AdamW moments (graft, or SOAP's Adam)",
@@ -81,7 +81,8 @@ _LAYOUT = ("graft", "bits", "quantize", "mapping", "quant_block_size", "double_q
 
 _ShampooConfig = torch.classes.lowbit.ShampooConfig
 _ShampooParam = torch.classes.lowbit.ShampooParam
-_first_nonfinite = torch.ops.lowbit.first_nonfinite.default
+_squared_norms = torch.ops.lowbit.squared_norms.default
+_first_offence = torch.ops.lowbit.first_offence.default
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
 
@@ -418,7 +419,7 @@ class Shampoo(Optimizer):
     ``rectify_steps``               (t1, t2) Bjorck steps                                    (1, 4)              each in [0, 100]
     ``root_method``                 inverse root of 32-bit Shampoo                           ``"eigen"``         ``"eigen"``, ``"newton"``
     ``eigen_update``                eigenbasis refresh of 4-bit Shampoo                      ``"qr"``            ``"qr"`` (paper), ``"eigh"``
-    ``skip_nonfinite``              (lowbit) skip steps with NaN/Inf gradients               False               bool
+    ``skip_nonfinite``              (lowbit) skip steps that would overflow, not raise       False               bool
     ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
     ``graft_bits``                  bits of the AdamW moments (graft, or SOAP's Adam)        32                  32, 8, 4 (8, 4: needs graft ``"adamw"``)
     ==============================  =======================================================  ==================  ==========================================
@@ -439,9 +440,13 @@ class Shampoo(Optimizer):
 
     Bad options raise ``TypeError`` (wrong type) or ``ValueError`` (bad value) naming the
     option, at construction, in :meth:`add_param_group`, and at the next :meth:`step` after
-    a group was edited. A sparse or NaN/Inf gradient raises ``RuntimeError`` naming the
-    parameter before anything changes (with ``skip_nonfinite=True`` the whole step is
-    skipped and counted in :attr:`skipped_steps`).
+    a group was edited. A sparse gradient, and a step that would overflow, raise
+    ``RuntimeError`` naming the parameter before anything changes (with
+    ``skip_nonfinite=True`` the whole step is skipped and counted in :attr:`skipped_steps`).
+    The overflow rule (docs/shampoo.md, Robustness): every gradient's squared norm, in fp64,
+    must be finite and at most 2^104 (beyond it the G G^T statistics, or the graft's moments,
+    could overflow fp32), and the steps of fp16 parameters (and of options that bound no
+    update) are tried on a copy first and refused if it came out NaN or Inf.
 
     ``state_dict()`` holds only tensors and numbers (``torch.load(..., weights_only=True)``
     reads it, on any ``map_location``); :meth:`load_state_dict` checks every group, option
@@ -559,10 +564,12 @@ class Shampoo(Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
         """One optimizer step. ``closure`` (optional) re-evaluates the model and returns the loss.
 
-        Every gradient is checked before anything is written: a sparse, misshapen or
-        NaN/Inf gradient raises ``RuntimeError`` naming the parameter (NaN/Inf: unless
-        ``skip_nonfinite``, which skips the whole step), and the parameters and state are
-        left as they were. (The C++ step runs without autograd; no ``torch.no_grad`` needed.)
+        Every gradient is checked before anything is written: a sparse or misshapen gradient,
+        or a step that would overflow (a gradient's squared norm NaN, Inf or above 2^104; an
+        fp16 step that would leave NaN or Inf) raises ``RuntimeError`` naming the parameter
+        (the overflow: unless ``skip_nonfinite``, which skips the whole step), and the
+        parameters and state are left as they were. (The C++ step runs without autograd; no
+        ``torch.no_grad`` needed.)
         """
         loss = None
         if closure is not None:
@@ -597,15 +604,8 @@ class Shampoo(Optimizer):
 
         if self._sharding is not None and self._average_gradients:
             self._sharding.average(grads)  # equal gradients on every rank, so equal decisions below
-        bad = _first_nonfinite(grads)
-        if bad >= 0:
-            gi, pi = where[bad]
-            group = self.param_groups[gi]
-            if group["skip_nonfinite"]:
-                self.skipped_steps += 1
-                return loss
-            raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, group['params'][pi], group)} has a NaN "
-                               "or Inf gradient; nothing was updated (set skip_nonfinite=True to skip such steps)")
+        if not self._accepts(grads, where):
+            return loss
 
         # States first (a parameter's first step creates one), then the steps.
         prepared = [(config, [self._state_of(p, config)._cpp for p in ps], ps, gs) for config, ps, gs in work]
@@ -618,6 +618,48 @@ class Shampoo(Optimizer):
         for config, states, ps, gs in prepared:
             config.step(states, ps, gs)  # = torch.ops.lowbit.shampoo_step(states, ps, gs, config)
         return loss
+
+    def _accepts(self, grads: List[torch.Tensor], where: List[Tuple[int, int]]) -> bool:
+        """The overflow rule (docs/shampoo.md, Robustness), before anything is written: every
+        gradient's squared norm (fp64, one batched computation, read once) at most 2^104 and
+        finite, then the steps no bound guarantees (fp16 parameters, extreme options) tried on
+        copies. True when the step may go on; False when it is skipped (``skip_nonfinite`` of the
+        offending parameter's group; counted); raises ``RuntimeError`` otherwise."""
+        index, value = _first_offence(_squared_norms(grads))
+        if index >= 0:
+            gi, pi = where[index]
+            group = self.param_groups[gi]
+            p = group["params"][pi]
+            key = self._configs[gi][1].overflow_key(p)
+            return self._refuse(gi, torch.ops.lowbit.offence_message(self._describe(gi, pi, p, group), key, value))
+        bounded: Dict[int, bool] = {}
+        for (gi, pi), g in zip(where, grads):
+            config = self._configs[gi][1]
+            if gi not in bounded:
+                bounded[gi] = config.update_bounded()
+            group = self.param_groups[gi]
+            p = group["params"][pi]
+            if p.dtype != torch.float16 and bounded[gi]:
+                continue
+            state = self.state.get(p)
+            if isinstance(state, ShampooState):
+                cpp = state._cpp
+            else:  # no state yet (or plain entries): a temporary one, not kept
+                cpp = _ShampooParam(p, config)
+                if state:
+                    cpp.load_state_dict(p, {k: v.to(p.device) for k, v in state.items()}, "lowbit.Shampoo: ",
+                                        "a parameter")
+            problem = cpp.trial_step(p, g, config)
+            if problem:
+                return self._refuse(gi, f"{self._describe(gi, pi, p, group)}: {problem}")
+        return True
+
+    def _refuse(self, group_index: int, problem: str) -> bool:
+        if self.param_groups[group_index]["skip_nonfinite"]:
+            self.skipped_steps += 1
+            return False
+        raise RuntimeError(f"lowbit.Shampoo: {problem}; nothing was updated (set skip_nonfinite=True to skip such "
+                           "steps)")
 
     # ------------------------------------------------------------------ distributed
     def communication(self) -> Dict[str, int]:

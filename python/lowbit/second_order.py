@@ -129,11 +129,14 @@ class _SecondOrderOptimizer(Optimizer):
     _OPTIONAL: Tuple[str, ...] = ()
     _PRECONDITIONER: Tuple[str, ...] = ()     # which entries state_bytes() counts where
     _FIRST_ORDER: Tuple[str, ...] = ()
+    _OVERFLOW_KEY = ""                        # what a gradient beyond the overflow rule would overflow
 
     def __init__(self, params: ParamsT, options: Dict[str, Any]) -> None:
         # Per param group: (option values the check ran on, the checked options).
         self._validated: List[Tuple[Tuple[Any, ...], Optional[Dict[str, Any]]]] = []
         self._steps = 0  # step() calls so far: the schedule of Hessian refreshes and the probes' seed
+        self._where: Dict[int, Tuple[int, int]] = {}  # id(p) -> (group, index) of this step's parameters
+        self.skipped_steps = 0  # steps skipped by skip_nonfinite
         defaults = self._checked(options, " (defaults)")
         super().__init__(params, defaults)
 
@@ -199,12 +202,13 @@ class _SecondOrderOptimizer(Optimizer):
         return [self._group_options(i, g) for i, g in enumerate(self.param_groups)]
 
     # ------------------------------------------------------------------ gradients and state
-    def _gradients(self) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    def _gradients(self, key: str = "") -> Optional[List[List[Tuple[torch.Tensor, torch.Tensor]]]]:
         """(parameter, gradient) of each group, every gradient checked (dense, floating, shaped
-        and placed like its parameter, finite) before anything is written."""
+        and placed like its parameter, and the overflow rule: see :meth:`_accept`) before
+        anything is written; None when the step is to be skipped (``skip_nonfinite``)."""
         work: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
         flat: List[torch.Tensor] = []
-        where: List[Tuple[int, int]] = []
+        self._where = {}
         for gi, group in enumerate(self.param_groups):
             items = []
             for pi, p in enumerate(group["params"]):
@@ -222,15 +226,57 @@ class _SecondOrderOptimizer(Optimizer):
                                        f"of shape {list(g.shape)} on {g.device}")
                 items.append((p, g))
                 flat.append(g)
-                where.append((gi, pi))
+                self._where[id(p)] = (gi, pi)
             work.append(items)
-        bad = _ops.first_nonfinite(flat)
-        if bad >= 0:
-            gi, pi = where[bad]
-            group = self.param_groups[gi]
-            raise RuntimeError(f"{self._who}: {_describe(gi, pi, group['params'][pi], group)} has a NaN or Inf "
-                               "gradient; nothing was updated")
+        if not self._accept([p for items in work for p, _ in items], flat, key or self._OVERFLOW_KEY):
+            return None
         return work
+
+    # ------------------------------------------------------------------ the overflow rule
+    # docs/second_order.md: gradients and Hessian estimates of squared norm beyond 2^104 (or
+    # NaN / Inf) are refused, and steps no bound guarantees (fp16 parameters, extreme options,
+    # NAG-GS's state) are tried on copies first; nothing is written before every check passed.
+    # The rule, its bounds and its messages are the C++ ones (optim/gradient_health.h).
+    def _what(self, p: torch.Tensor) -> Tuple[int, str]:
+        gi, pi = self._where[id(p)]
+        group = self.param_groups[gi]
+        return gi, _describe(gi, pi, p, group)
+
+    def _refuse(self, group_index: int, problem: str) -> bool:
+        """False (the step is skipped and counted) with the group's ``skip_nonfinite``; raises
+        otherwise."""
+        if self.param_groups[group_index]["skip_nonfinite"]:
+            self.skipped_steps += 1
+            return False
+        raise RuntimeError(f"{self._who}: {problem}; nothing was updated (set skip_nonfinite=True to skip such "
+                           "steps)")
+
+    def _accept(self, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], key: str) -> bool:
+        """The rule on ``tensors`` (gradients, or Hessian estimates, of ``params``): one batched
+        fp64 squared norm each, read once. True when all pass."""
+        index, value = _ops.first_offence(_ops.squared_norms(list(tensors)))
+        if index < 0:
+            return True
+        gi, what = self._what(params[index])
+        return self._refuse(gi, _ops.offence_message(what, key, value))
+
+    def _trial(self, p: torch.Tensor, writes: Sequence[Optional[torch.Tensor]], names: Sequence[str],
+               run: Callable[[List[Optional[torch.Tensor]]], None]) -> bool:
+        """``run`` (p's update) applied to copies of ``writes`` (what it writes in place); True when
+        every copy stayed finite. Nothing of p or its state changes."""
+        copies = [None if t is None else t.detach().to(p.device, copy=True) for t in writes]
+        run(copies)
+        checked = [(i, c) for i, c in enumerate(copies) if c is not None and c.is_floating_point()]
+        index, _ = _ops.first_offence(_ops.squared_norms([c for _, c in checked]), math.inf)
+        if index < 0:
+            return True
+        i, c = checked[index]
+        gi, what = self._what(p)
+        return self._refuse(gi, f"{what}: {_ops.overflow_problem(names[i], c.dtype)}")
+
+    def _needs_trial(self, p: torch.Tensor, bounded: bool) -> bool:
+        """fp16 parameters, and parameters whose options bound nothing (``bounded`` False)."""
+        return p.dtype == torch.float16 or not bounded
 
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -424,11 +470,14 @@ class _SecondOrderOptimizer(Optimizer):
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state["_steps"] = self._steps
+        state["skipped_steps"] = self.skipped_steps
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._steps = state.get("_steps", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self._where = {}
         self._validated = [((), None) for _ in self.param_groups]  # checked again at the next step
 
 
@@ -525,6 +574,7 @@ class Sophia(_SecondOrderOptimizer):
     """
 
     _NAME = "Sophia"
+    _OVERFLOW_KEY = "sophia"
     _CPP = "sophia"
     _SEEDED = True
     _TABLE = {
@@ -536,6 +586,7 @@ class Sophia(_SecondOrderOptimizer):
         "estimator": _Option("gnb", "str", "Hessian estimator", '``"gnb"``, ``"hutchinson"``'),
         "hessian_interval": _Option(10, "int", "k: Hessian refresh every k steps", ">= 1"),
         "seed": _Option(0, "int", "seed of the Hutchinson probes (whole optimizer)", ">= 0"),
+        "skip_nonfinite": _Option(False, "bool", "skip (and count) a step that would overflow", "bool"),
     }
     _REQUIRED = ("exp_avg", "hessian")
     _PRECONDITIONER = ("hessian",)
@@ -544,9 +595,10 @@ class Sophia(_SecondOrderOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-4, *, betas: Tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, eps: float = 1e-12, weight_decay: float = 0.1,
                  estimator: Literal["gnb", "hutchinson"] = "gnb", hessian_interval: int = 10,
-                 seed: int = 0) -> None:
+                 seed: int = 0, skip_nonfinite: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay,
-                                      estimator=estimator, hessian_interval=hessian_interval, seed=seed))
+                                      estimator=estimator, hessian_interval=hessian_interval, seed=seed,
+                                      skip_nonfinite=skip_nonfinite))
 
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return {"step": _step0(), "exp_avg": _zeros(p), "hessian": _zeros(p)}
@@ -564,17 +616,40 @@ class Sophia(_SecondOrderOptimizer):
         """One step. ``closure``: computes the loss, calls ``loss.backward(create_graph=True)``
         (``"hutchinson"``; required) or ``loss.backward()`` (``"gnb"``; optional), returns the loss.
 
-        Gradients are checked before anything is written (sparse, NaN/Inf, ... raise
-        ``RuntimeError`` naming the parameter; parameters and state are unchanged)."""
+        Gradients and this step's Hessian estimates are checked before anything is written
+        (sparse, NaN/Inf, beyond the overflow rule, ... raise ``RuntimeError`` naming the
+        parameter, or skip the step with ``skip_nonfinite``; parameters and state are unchanged)."""
         options = self._all_options()
         if any(o["estimator"] == "hutchinson" for o in options):
             self._require_closure(closure, 'estimator="hutchinson"')
         loss = self._evaluate(closure)
         work = self._gradients()
+        if work is None:
+            return loss
         refresh = [o["estimator"] == "hutchinson" and self._due(o) for o in options]
-        estimates = self._hutchinson([pg for items, r in zip(work, refresh) if r for pg in items],
-                                     'estimator="hutchinson"')
+        due = [pg for items, r in zip(work, refresh) if r for pg in items]
+        estimates = self._hutchinson(due, 'estimator="hutchinson"')
+        if due and not self._accept([p for p, _ in due], estimates, "sophia.hutchinson"):
+            return loss
+        estimate_of = {id(p): e for (p, _), e in zip(due, estimates)}
         with torch.no_grad():
+            for items, o in zip(work, options):
+                bounded = _ops.update_bounded("sophia", o)
+                for p, g in items:
+                    if not self._needs_trial(p, bounded):
+                        continue
+                    s = self.state.get(p) or self._new_state(p, o)
+                    e, step = estimate_of.get(id(p)), s["step"].clone()
+
+                    def run(c: List[Any], e: Any = e, g: torch.Tensor = g, o: Dict[str, Any] = o,
+                            step: torch.Tensor = step) -> None:
+                        if e is not None:
+                            _ops.ema_([c[2]], [e], o["betas"][1])
+                        _ops.sophia_update_([c[0]], [g.detach()], [c[1]], [c[2]], [step], o["lr"], o["betas"][0],
+                                            o["rho"], o["eps"], o["weight_decay"])
+
+                    if not self._trial(p, [p, s["exp_avg"], s["hessian"]], ("values", "exp_avg", "hessian"), run):
+                        return loss
             k = 0
             for items, o, r in zip(work, options, refresh):
                 if not items:
@@ -594,7 +669,8 @@ class Sophia(_SecondOrderOptimizer):
         """``"gnb"``: folds ``B * g * g`` into ``h`` (``h = b2 h + (1 - b2) B g g``), ``g`` being the
         gradient, now in each ``p.grad``, of the loss (mean over ``batch_size`` = ``B``
         examples) on labels sampled from the model's output distribution. Every group's
-        Hessian is updated (call it when :meth:`hessian_due`)."""
+        Hessian is updated (call it when :meth:`hessian_due`). The gradients and the
+        estimates ``B g g`` are checked first, as in :meth:`step`."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"{self._who}.update_hessian: batch_size must be an int >= 1; got {batch_size!r}")
         options = self._all_options()
@@ -602,13 +678,31 @@ class Sophia(_SecondOrderOptimizer):
             if o["estimator"] != "gnb":
                 raise RuntimeError(f"{self._who}.update_hessian is the Gauss-Newton-Bartlett estimator; param group "
                                    f"{gi} has estimator=\"{o['estimator']}\", which refreshes inside step(closure)")
-        work = self._gradients()
+        work = self._gradients("sophia.gnb")
+        if work is None:
+            return
         with torch.no_grad():
-            for items, o in zip(work, options):
+            # B * g * g, the C++ estimate (Sophia::update_hessian, sophia_gnb_hessian_), checked
+            # before it is folded in.
+            estimates = [[g.detach() * g.detach() * float(batch_size) for _, g in items] for items in work]
+            if not self._accept([p for items in work for p, _ in items], [e for es in estimates for e in es],
+                                "sophia.gnb_estimate"):
+                return
+            for items, es, o in zip(work, estimates, options):
+                for (p, _), e in zip(items, es):
+                    if p.dtype != torch.float16:
+                        continue
+                    s = self.state.get(p) or self._new_state(p, o)
+
+                    def run(c: List[Any], e: torch.Tensor = e, o: Dict[str, Any] = o) -> None:
+                        _ops.ema_([c[0]], [e], o["betas"][1])
+
+                    if not self._trial(p, [s["hessian"]], ("hessian",), run):
+                        return
+            for items, es, o in zip(work, estimates, options):
                 if items:
                     states = [self._state_for(p, o) for p, _ in items]
-                    _ops.sophia_gnb_hessian_([s["hessian"] for s in states], [g.detach() for _, g in items],
-                                             int(batch_size), o["betas"][1])
+                    _ops.ema_([s["hessian"] for s in states], es, o["betas"][1])
 
 
 # ---------------------------------------------------------------------------- AdaHessian
@@ -645,6 +739,7 @@ class AdaHessian(_SecondOrderOptimizer):
     """
 
     _NAME = "AdaHessian"
+    _OVERFLOW_KEY = "adahessian"
     _CPP = "adahessian"
     _SEEDED = True
     _TABLE = {
@@ -655,6 +750,7 @@ class AdaHessian(_SecondOrderOptimizer):
         "hessian_power": _Option(1.0, "number", "k: power of the denominator", "(0, 1]"),
         "hessian_interval": _Option(1, "int", "refresh D every this many steps", ">= 1"),
         "seed": _Option(0, "int", "seed of the Hutchinson probes (whole optimizer)", ">= 0"),
+        "skip_nonfinite": _Option(False, "bool", "skip (and count) a step that would overflow", "bool"),
     }
     _REQUIRED = ("exp_avg", "exp_hessian_diag_sq")
     _OPTIONAL = ("hessian_diag",)
@@ -663,26 +759,50 @@ class AdaHessian(_SecondOrderOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 0.15, *, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 1.0,
-                 hessian_interval: int = 1, seed: int = 0) -> None:
+                 hessian_interval: int = 1, seed: int = 0, skip_nonfinite: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      hessian_power=hessian_power, hessian_interval=hessian_interval, seed=seed))
+                                      hessian_power=hessian_power, hessian_interval=hessian_interval, seed=seed,
+                                      skip_nonfinite=skip_nonfinite))
 
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return {"step": _step0(), "exp_avg": _zeros(p), "exp_hessian_diag_sq": _zeros(p)}
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
         """One step; ``closure`` (required) computes the loss, calls
-        ``loss.backward(create_graph=True)`` and returns the loss. Gradients are checked before
-        anything is written (``RuntimeError`` naming the parameter; nothing changes)."""
+        ``loss.backward(create_graph=True)`` and returns the loss. Gradients and this step's
+        Hessian diagonals are checked before anything is written (``RuntimeError`` naming the
+        parameter, or a skipped step with ``skip_nonfinite``; nothing changes)."""
         options = self._all_options()
         self._require_closure(closure, "step()")
         loss = self._evaluate(closure)
         work = self._gradients()
+        if work is None:
+            return loss
         due = [(p, g) for items, o in zip(work, options) for p, g in items
                if self._steps % o["hessian_interval"] == 0 or "hessian_diag" not in self.state.get(p, {})]
         estimates = self._hutchinson(due, "step()")
         with torch.no_grad():
             diagonals = {p: _ops.adahessian_diagonal(e) for (p, _), e in zip(due, estimates)}
+            if due and not self._accept([p for p, _ in due], [diagonals[p] for p, _ in due], "adahessian.hutchinson"):
+                return loss
+            for items, o in zip(work, options):
+                bounded = _ops.update_bounded("adahessian", o)
+                for p, g in items:
+                    if not self._needs_trial(p, bounded):
+                        continue
+                    s = self.state.get(p) or self._new_state(p, o)
+                    diagonal = diagonals[p] if p in diagonals else s["hessian_diag"]
+                    step = s["step"].clone()
+
+                    def run(c: List[Any], g: torch.Tensor = g, o: Dict[str, Any] = o, diagonal: Any = diagonal,
+                            step: torch.Tensor = step) -> None:
+                        _ops.adahessian_update_([c[0]], [g.detach()], [c[1]], [c[2]], [diagonal.to(c[0].device)],
+                                                [step], o["lr"], o["betas"][0], o["betas"][1], o["eps"],
+                                                o["weight_decay"], o["hessian_power"])
+
+                    if not self._trial(p, [p, s["exp_avg"], s["exp_hessian_diag_sq"]],
+                                       ("values", "exp_avg", "exp_hessian_diag_sq"), run):
+                        return loss
             for items, o in zip(work, options):
                 if not items:
                     continue
@@ -728,6 +848,7 @@ class MFAC(_SecondOrderOptimizer):
     """
 
     _NAME = "MFAC"
+    _OVERFLOW_KEY = "mfac"
     _CPP = "mfac"
     _TABLE = {
         "lr": _Option(1e-3, "number", "learning rate", ">= 0"),
@@ -739,6 +860,7 @@ class MFAC(_SecondOrderOptimizer):
         "mapping": _Option("dynamic", "str", "code map of a quantized window",
                            '``"linear2"``, ``"dynamic"``, ``"linear"``'),
         "quant_block_size": _Option(64, "int", "codec block size", "power of two, 16..4096"),
+        "skip_nonfinite": _Option(False, "bool", "skip (and count) a step that would overflow", "bool"),
     }
     _LAYOUT = ("window", "bits", "mapping", "quant_block_size")
     _PRECONDITIONER = ("rows", "codes", "scales", "gram")
@@ -747,9 +869,11 @@ class MFAC(_SecondOrderOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  window: int = 32, damping: float = 1e-3, bits: Literal[32, 8, 4] = 32,
-                 mapping: Literal["linear2", "dynamic", "linear"] = "dynamic", quant_block_size: int = 64) -> None:
+                 mapping: Literal["linear2", "dynamic", "linear"] = "dynamic", quant_block_size: int = 64,
+                 skip_nonfinite: bool = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, window=window,
-                                      damping=damping, bits=bits, mapping=mapping, quant_block_size=quant_block_size))
+                                      damping=damping, bits=bits, mapping=mapping, quant_block_size=quant_block_size,
+                                      skip_nonfinite=skip_nonfinite))
 
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         window = dict(_ops.mfac_window(p, options["window"], options["bits"], options["mapping"],
@@ -785,11 +909,34 @@ class MFAC(_SecondOrderOptimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
         """One step; ``closure`` (optional) computes the loss (``loss.backward()``) and returns it.
         Gradients are checked before anything is written (``RuntimeError`` naming the
-        parameter; nothing changes)."""
+        parameter, or a skipped step with ``skip_nonfinite``; nothing changes)."""
         options = self._all_options()
         loss = self._evaluate(closure)
         work = self._gradients()
+        if work is None:
+            return loss
         with torch.no_grad():
+            for items, o in zip(work, options):
+                bounded = _ops.update_bounded("mfac", o)
+                for p, g in items:
+                    if not self._needs_trial(p, bounded):
+                        continue
+                    s = self.state.get(p) or self._new_state(p, o)
+                    buffer = s.get("momentum_buffer")
+                    if o["momentum"] != 0 and buffer is None:
+                        buffer = _zeros(p)
+                    count, step = s["count"].clone(), s["step"].clone()
+
+                    def run(c: List[Any], g: torch.Tensor = g, o: Dict[str, Any] = o, count: torch.Tensor = count,
+                            step: torch.Tensor = step) -> None:
+                        _ops.mfac_update_(c[0], g.detach(), c[2], c[3], c[4], c[5], count, step, c[1], o["window"],
+                                          o["bits"], o["mapping"], o["quant_block_size"], o["lr"], o["momentum"],
+                                          o["weight_decay"], o["damping"])
+
+                    if not self._trial(p, [p, buffer, s.get("rows"), s.get("codes"), s.get("scales"), s["gram"]],
+                                       ("values", "momentum_buffer", "window rows", "window codes", "window scales",
+                                        "window Gram matrix"), run):
+                        return loss
             for items, o in zip(work, options):
                 for p, g in items:
                     s = self._state_for(p, o)
@@ -825,17 +972,20 @@ class NagGS(_SecondOrderOptimizer):
     """
 
     _NAME = "NagGS"
+    _OVERFLOW_KEY = "nag_gs"
     _CPP = "nag_gs"
     _TABLE = {
         "lr": _Option(0.1, "number", "alpha: step size", "> 0"),
         "mu": _Option(1.0, "number", "mu: convexity parameter", ">= 0"),
         "gamma": _Option(1.0, "number", "gamma: initial value", "> 0"),
+        "skip_nonfinite": _Option(False, "bool", "skip (and count) a step that would overflow", "bool"),
     }
     _REQUIRED = ("velocity",)
     _FIRST_ORDER = ("velocity",)
 
-    def __init__(self, params: ParamsT, lr: float = 0.1, *, mu: float = 1.0, gamma: float = 1.0) -> None:
-        super().__init__(params, dict(lr=lr, mu=mu, gamma=gamma))
+    def __init__(self, params: ParamsT, lr: float = 0.1, *, mu: float = 1.0, gamma: float = 1.0,
+                 skip_nonfinite: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, mu=mu, gamma=gamma, skip_nonfinite=skip_nonfinite))
 
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return {"step": _step0(), "gamma": torch.tensor(options["gamma"], dtype=torch.float64),
@@ -857,12 +1007,35 @@ class NagGS(_SecondOrderOptimizer):
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
         """One step; ``closure`` (optional) computes the loss (``loss.backward()``) and returns it.
-        Gradients are checked before anything is written (``RuntimeError`` naming the
-        parameter; nothing changes)."""
+        Gradients, and the velocity and parameter the step would make, are checked before
+        anything is written (``RuntimeError`` naming the parameter, or a skipped step with
+        ``skip_nonfinite``; nothing changes)."""
         options = self._all_options()
         loss = self._evaluate(closure)
         work = self._gradients()
+        if work is None:
+            return loss
         with torch.no_grad():
+            for items, o in zip(work, options):
+                if not items:
+                    continue
+                # NAG-GS's state is not bounded by the gradient: bounded from the largest
+                # magnitudes (one read per group), else tried on copies.
+                states = [self.state.get(p) or self._new_state(p, o) for p, _ in items]
+                bounded = _ops.nag_gs_bounded([p for p, _ in items],
+                                              [s["velocity"].to(p.device) for (p, _), s in zip(items, states)],
+                                              [g for _, g in items], [s["gamma"] for s in states], o["lr"], o["mu"])
+                for (p, g), s, ok in zip(items, states, bounded):
+                    if ok:
+                        continue
+                    gamma, step = s["gamma"].clone(), s["step"].clone()
+
+                    def run(c: List[Any], g: torch.Tensor = g, o: Dict[str, Any] = o, gamma: torch.Tensor = gamma,
+                            step: torch.Tensor = step) -> None:
+                        _ops.nag_gs_update_([c[0]], [g.detach()], [c[1]], [gamma], [step], o["lr"], o["mu"])
+
+                    if not self._trial(p, [p, s["velocity"]], ("values", "velocity"), run):
+                        return loss
             for items, o in zip(work, options):
                 if items:
                     states = [self._state_for(p, o) for p, _ in items]

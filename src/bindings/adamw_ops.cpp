@@ -26,7 +26,8 @@ constexpr const char* kAdamW = "lowbit.AdamW: ";
 c10::Dict<std::string, c10::IValue> adamw_options(const c10::Dict<std::string, c10::IValue>& given) {
   AdamWOptions o;
   const char* names =
-      "lr, betas, eps, weight_decay, bits, mapping, second_moment_mapping, block_size, min_quant_numel, rounding, seed";
+      "lr, betas, eps, weight_decay, bits, mapping, second_moment_mapping, block_size, min_quant_numel, rounding, seed, "
+      "skip_nonfinite";
   for (const auto& e : given) {
     const std::string& n = e.key();
     const c10::IValue& v = e.value();
@@ -43,6 +44,7 @@ c10::Dict<std::string, c10::IValue> adamw_options(const c10::Dict<std::string, c
     else if (n == "min_quant_numel") o.min_quant_numel(as_int(n, v, kAdamW));
     else if (n == "rounding") o.rounding(as_string(n, v, kAdamW));
     else if (n == "seed") o.seed(as_int(n, v, kAdamW));
+    else if (n == "skip_nonfinite") o.skip_nonfinite(as_bool(n, v, kAdamW));
     else TORCH_CHECK(false, kAdamW, "unknown option \"", n, "\"; the options are ", names);
   }
   try {
@@ -65,6 +67,7 @@ c10::Dict<std::string, c10::IValue> adamw_options(const c10::Dict<std::string, c
   d.insert("min_quant_numel", o.min_quant_numel());
   d.insert("rounding", o.rounding());
   d.insert("seed", o.seed());
+  d.insert("skip_nonfinite", o.skip_nonfinite());
   return c10::impl::toTypedDict<std::string, c10::IValue>(std::move(d));
 }
 

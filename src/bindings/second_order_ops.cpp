@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "bindings/options_dict.h"
+#include "optim/gradient_health.h"
 #include "optim/second_order/gradient_window.h"
 #include "optim/second_order/optimizer_support.h"
 #include "optim/second_order/update_rules.h"
@@ -87,6 +88,7 @@ c10::impl::GenericDict empty_dict() { return c10::impl::GenericDict(c10::StringT
 c10::Dict<std::string, c10::IValue> sophia_options(const c10::Dict<std::string, c10::IValue>& given) {
   constexpr const char* who = "lowbit.Sophia: ";
   static const std::map<std::string, OptionSetter<SophiaOptions>> setters = {
+      {"skip_nonfinite", [](auto& o, auto& n, auto& v) { o.skip_nonfinite(as_bool(n, v, who)); }},
       {"lr", [](auto& o, auto& n, auto& v) { o.lr(as_number(n, v, who)); }},
       {"betas", [](auto& o, auto& n, auto& v) { o.betas(number_pair(n, v, who)); }},
       {"rho", [](auto& o, auto& n, auto& v) { o.rho(as_number(n, v, who)); }},
@@ -106,12 +108,14 @@ c10::Dict<std::string, c10::IValue> sophia_options(const c10::Dict<std::string, 
   d.insert("estimator", o.estimator());
   d.insert("hessian_interval", o.hessian_interval());
   d.insert("seed", o.seed());
+  d.insert("skip_nonfinite", o.skip_nonfinite());
   return typed(std::move(d));
 }
 
 c10::Dict<std::string, c10::IValue> adahessian_options(const c10::Dict<std::string, c10::IValue>& given) {
   constexpr const char* who = "lowbit.AdaHessian: ";
   static const std::map<std::string, OptionSetter<AdaHessianOptions>> setters = {
+      {"skip_nonfinite", [](auto& o, auto& n, auto& v) { o.skip_nonfinite(as_bool(n, v, who)); }},
       {"lr", [](auto& o, auto& n, auto& v) { o.lr(as_number(n, v, who)); }},
       {"betas", [](auto& o, auto& n, auto& v) { o.betas(number_pair(n, v, who)); }},
       {"eps", [](auto& o, auto& n, auto& v) { o.eps(as_number(n, v, who)); }},
@@ -129,12 +133,14 @@ c10::Dict<std::string, c10::IValue> adahessian_options(const c10::Dict<std::stri
   d.insert("hessian_power", o.hessian_power());
   d.insert("hessian_interval", o.hessian_interval());
   d.insert("seed", o.seed());
+  d.insert("skip_nonfinite", o.skip_nonfinite());
   return typed(std::move(d));
 }
 
 c10::Dict<std::string, c10::IValue> mfac_options(const c10::Dict<std::string, c10::IValue>& given) {
   constexpr const char* who = "lowbit.MFAC: ";
   static const std::map<std::string, OptionSetter<MFACOptions>> setters = {
+      {"skip_nonfinite", [](auto& o, auto& n, auto& v) { o.skip_nonfinite(as_bool(n, v, who)); }},
       {"lr", [](auto& o, auto& n, auto& v) { o.lr(as_number(n, v, who)); }},
       {"momentum", [](auto& o, auto& n, auto& v) { o.momentum(as_number(n, v, who)); }},
       {"weight_decay", [](auto& o, auto& n, auto& v) { o.weight_decay(as_number(n, v, who)); }},
@@ -154,12 +160,14 @@ c10::Dict<std::string, c10::IValue> mfac_options(const c10::Dict<std::string, c1
   d.insert("bits", o.bits());
   d.insert("mapping", o.mapping());
   d.insert("quant_block_size", o.quant_block_size());
+  d.insert("skip_nonfinite", o.skip_nonfinite());
   return typed(std::move(d));
 }
 
 c10::Dict<std::string, c10::IValue> nag_gs_options(const c10::Dict<std::string, c10::IValue>& given) {
   constexpr const char* who = "lowbit.NagGS: ";
   static const std::map<std::string, OptionSetter<NagGSOptions>> setters = {
+      {"skip_nonfinite", [](auto& o, auto& n, auto& v) { o.skip_nonfinite(as_bool(n, v, who)); }},
       {"lr", [](auto& o, auto& n, auto& v) { o.lr(as_number(n, v, who)); }},
       {"mu", [](auto& o, auto& n, auto& v) { o.mu(as_number(n, v, who)); }},
       {"gamma", [](auto& o, auto& n, auto& v) { o.gamma(as_number(n, v, who)); }},
@@ -169,6 +177,7 @@ c10::Dict<std::string, c10::IValue> nag_gs_options(const c10::Dict<std::string, 
   d.insert("lr", o.lr());
   d.insert("mu", o.mu());
   d.insert("gamma", o.gamma());
+  d.insert("skip_nonfinite", o.skip_nonfinite());
   return typed(std::move(d));
 }
 
@@ -322,6 +331,31 @@ void nag_gs_update_(const std::vector<at::Tensor>& params, const std::vector<at:
   }
 }
 
+// The overflow rule's bound on a NAG-GS step of each parameter (rules::nag_gs_step_bounded),
+// from the largest magnitudes of parameters, velocities and gradients, read in one go.
+c10::List<bool> nag_gs_bounded(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& velocities,
+                                 const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& gammas,
+                                 double alpha, double mu) {
+  constexpr const char* op = "nag_gs_bounded";
+  check_lengths(op, {{"parameter", params.size()}, {"velocity", velocities.size()}, {"gradient", grads.size()},
+                     {"gamma", gammas.size()}});
+  std::vector<at::Tensor> tensors;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param(op, params[i], i);
+    check_like(op, velocities[i], params[i], "velocity", i);
+    check_like(op, grads[i], params[i], "grad", i);
+    check_scalar(op, gammas[i], "gamma", i, at::kDouble);
+    tensors.insert(tensors.end(), {params[i], velocities[i], grads[i]});
+  }
+  const at::Tensor magnitudes = health::max_magnitudes(tensors).cpu();
+  const double* m = magnitudes.data_ptr<double>();
+  c10::List<bool> out;
+  for (size_t i = 0; i < params.size(); ++i)
+    out.push_back(rules::nag_gs_step_bounded(m[3 * i], m[3 * i + 1], m[3 * i + 2], gammas[i].item<double>(), alpha,
+                                             mu, params[i].scalar_type()));
+  return out;
+}
+
 // ------------------------------------------------------------------ M-FAC
 
 mfac::WindowLayout window_layout(const char* op, const at::Tensor& param, int64_t window, int64_t bits,
@@ -443,6 +477,10 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       "nag_gs_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] velocities, Tensor(c!)[] gammas, "
       "Tensor(d!)[] steps, float alpha, float mu) -> ()",
       &nag_gs_update_);
+  m.def(
+      "nag_gs_bounded(Tensor[] params, Tensor[] velocities, Tensor[] grads, Tensor[] gammas, float alpha, float mu) "
+      "-> bool[]",
+      &nag_gs_bounded);
   m.def(
       "mfac_window(Tensor param, int window, int bits=32, str mapping=\"dynamic\", int block_size=64) "
       "-> Dict(str, Tensor)",

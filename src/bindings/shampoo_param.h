@@ -19,6 +19,10 @@ constexpr const char* kPreconditionerPrefix = "preconditioner.";
 struct ShampooConfig : torch::CustomClassHolder {
   explicit ShampooConfig(const c10::Dict<std::string, c10::IValue>& dict) : options(options_from_dict(dict)) {}
   c10::Dict<std::string, c10::IValue> to_dict() const { return options_to_dict(options); }
+  // The overflow rule (shampoo_internal.h): whether these options bound an fp32 / bf16
+  // parameter's update, and the health::consequence key of a gradient beyond the rule.
+  bool update_bounded() const { return shampoo_update_bounded(options); }
+  std::string overflow_key(const at::Tensor& p) const { return shampoo_overflow_key(p, options); }
   ShampooOptions options;
 };
 
@@ -38,15 +42,21 @@ class ShampooParam : public torch::CustomClassHolder {
     shampoo_param_step(p, grad, state, config->options);
   }
 
+  // The step of p tried on copies (shampoo_trial_step), this state and p left as they are:
+  // "" when everything stays finite, else what would overflow.
+  std::string trial_step(const at::Tensor& p, const at::Tensor& grad, const c10::intrusive_ptr<ShampooConfig>& config) {
+    check_param(p);
+    check_layout(config->options);
+    at::NoGradGuard no_grad;
+    return shampoo_trial_step(p, grad, &state_, config->options, {});
+  }
+
   // The state, ready for a step of p with these options: layout checked, preconditioner
   // rebuilt for changed settings, state moved to p's device.
   ShampooParamState& prepare(const at::Tensor& p, const c10::intrusive_ptr<ShampooConfig>& config) {
     check_param(p);
     const ShampooOptions& o = config->options;
-    const std::vector<std::string> layout = structural_differences(options_, o);
-    TORCH_CHECK(layout.empty(), kWho, "cannot change ", join(layout),
-                " after the first step (they decide the layout of the state); make a new optimizer, or "
-                "load a checkpoint into one built with the new options");
+    check_layout(o);
     if (!preconditioner_differences(options_, o).empty()) reconfigure(p, o);
     if (p.device() != device_) install(state_dict(), p, kWho, "the state moving to " + p.device().str());
     return state_;
@@ -96,6 +106,13 @@ class ShampooParam : public torch::CustomClassHolder {
             {"exp_avg_scales", &s.exp_avg_scales()},
             {"exp_avg_sq_codes", &s.exp_avg_sq_codes()},
             {"exp_avg_sq_scales", &s.exp_avg_sq_scales()}};
+  }
+
+  void check_layout(const ShampooOptions& o) const {
+    const std::vector<std::string> layout = structural_differences(options_, o);
+    TORCH_CHECK(layout.empty(), kWho, "cannot change ", join(layout),
+                " after the first step (they decide the layout of the state); make a new optimizer, or "
+                "load a checkpoint into one built with the new options");
   }
 
   void check_param(const at::Tensor& p) const {

@@ -7,18 +7,21 @@
 //   ShampooParam(param, config)     one parameter's ShampooParamState, with step(),
 //                                   state_dict() / load_state_dict() of plain tensors
 //   lowbit::shampoo_step            one step of a list of ShampooParams (one call per group)
-//   lowbit::first_nonfinite         index of the first tensor holding NaN/Inf, or -1
+//   lowbit::first_nonfinite         index of the first tensor holding NaN/Inf, or -1 (the
+//                                   optimizers use squared_norms / first_offence: health_ops.cpp)
 //   lowbit::quantize_matrix / dequantize_matrix   QuantizedMatrix as a dict of tensors
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <lowbit/quantized_matrix.h>
 
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "bindings/shampoo_param.h"
+#include "optim/gradient_health.h"
 #include "quant/codec_checks.h"
 
 namespace lowbit::bindings {
@@ -37,9 +40,7 @@ void shampoo_step(const std::vector<c10::intrusive_ptr<ShampooParam>>& states, c
 }
 
 int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
-  for (size_t i = 0; i < tensors.size(); ++i)
-    if (!all_finite(tensors[i])) return static_cast<int64_t>(i);
-  return -1;
+  return health::first_offence(health::squared_norms(tensors), std::numeric_limits<double>::infinity()).index;
 }
 
 c10::Dict<std::string, at::Tensor> quantize_matrix(const at::Tensor& matrix, int64_t bits, c10::string_view mapping,
@@ -75,10 +76,13 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   using lowbit::bindings::ShampooParam;
   auto config = m.class_<ShampooConfig>("ShampooConfig")
                     .def(torch::init<c10::Dict<std::string, c10::IValue>>())
-                    .def("to_dict", &ShampooConfig::to_dict);
+                    .def("to_dict", &ShampooConfig::to_dict)
+                    .def("update_bounded", &ShampooConfig::update_bounded)
+                    .def("overflow_key", &ShampooConfig::overflow_key);
   m.class_<ShampooParam>("ShampooParam")
       .def(torch::init<at::Tensor, c10::intrusive_ptr<ShampooConfig>>())
       .def("step", &ShampooParam::step)
+      .def("trial_step", &ShampooParam::trial_step)
       .def("state_dict", &ShampooParam::state_dict)
       .def("load_state_dict", &ShampooParam::load_state_dict)
       .def("state_bytes", &ShampooParam::state_bytes)

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "optim/gradient_health.h"
 #include "optim/second_order/optimizer_support.h"
 #include "quant/codec_ops.h"
 
@@ -193,6 +194,10 @@ void update_with_tables(at::Tensor& p, const at::Tensor& grad, Moments& s, const
                        e.stochastic ? encoding_seed(e, step, 0) : 0);
   quantize_moment_into(v, second_table, l, s.exp_avg_sq_codes, s.exp_avg_sq_scales, e.stochastic,
                        e.stochastic ? encoding_seed(e, step, 1) : 0);
+}
+
+bool update_bounded(double lr, double beta1, double eps, double weight_decay) {
+  return lr * 0x1p52 / ((1 - beta1) * eps) <= health::kMaxUncheckedUpdate && lr * weight_decay <= 2;
 }
 
 void update(at::Tensor& p, const at::Tensor& grad, Moments& s, const MomentLayout& l, int64_t step, double lr,

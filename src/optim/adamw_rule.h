@@ -107,6 +107,14 @@ void write_moments(const at::Tensor& m, const at::Tensor& v, Moments& moments, c
 // Quantized: m and v are decoded first, updated and used in fp32, then re-encoded.
 void update(at::Tensor& p, const at::Tensor& grad, Moments& moments, const MomentLayout& layout, int64_t step,
             double lr, double beta1, double beta2, double eps, double weight_decay, const Encoding& encoding = {});
+// Whether the options bound the change of an fp32 / bf16 parameter by
+// health::kMaxUncheckedUpdate when every gradient obeys the rule of optim/gradient_health.h
+// (so |g| <= 2^52): the step is lr / (1 - b1^t) * m / (sqrt(v_hat) + eps) with |m| <= 2^52 (an
+// EMA of such gradients, or a code times a block absmax of one), 1 - b1^t >= 1 - b1 and a
+// denominator >= eps, so at most lr 2^52 / ((1 - b1) eps); the decoupled decay
+// p (1 - lr wd) does not grow |p| when lr wd <= 2. Otherwise a step is tried on copies first.
+bool update_bounded(double lr, double beta1, double eps, double weight_decay);
+
 // The same with given code tables (tests: a second-moment table with a zero).
 void update_with_tables(at::Tensor& p, const at::Tensor& grad, Moments& moments, const MomentLayout& layout,
                         int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,

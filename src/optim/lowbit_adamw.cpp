@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include "optim/adamw_rule.h"
+#include "optim/gradient_health.h"
 #include "optim/second_order/optimizer_support.h"
 
 namespace lowbit {
@@ -20,6 +21,14 @@ adamw::MomentLayout layout_of(const AdamWOptions& o, const torch::Tensor& p) {
 
 using adamw::moments_of;
 using adamw::store_moments;
+
+adamw::Encoding encoding_of(const AdamWOptions& o, int64_t position) {
+  adamw::Encoding encoding;
+  encoding.stochastic = o.rounding() == "stochastic";
+  encoding.seed = o.seed();
+  encoding.param_index = position;
+  return encoding;
+}
 
 std::string map_name(const adamw::MomentLayout& l, bool second) {
   if (!l.quantized()) return "";
@@ -76,6 +85,7 @@ void AdamWOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(min_quant_numel);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rounding);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skip_nonfinite);
 }
 
 void AdamWOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -90,13 +100,16 @@ void AdamWOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, min_quant_numel);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, rounding);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  // Absent from checkpoints made before the option existed: those used the default.
+  c10::IValue skip;
+  skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
 }
 
 bool operator==(const AdamWOptions& a, const AdamWOptions& b) {
   return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() &&
          a.bits() == b.bits() && a.mapping() == b.mapping() && a.second_moment_mapping() == b.second_moment_mapping() &&
          a.block_size() == b.block_size() && a.min_quant_numel() == b.min_quant_numel() &&
-         a.rounding() == b.rounding() && a.seed() == b.seed();
+         a.rounding() == b.rounding() && a.seed() == b.seed() && a.skip_nonfinite() == b.skip_nonfinite();
 }
 
 double AdamWOptions::get_lr() const { return lr(); }
@@ -130,11 +143,22 @@ void AdamWParamState::serialize(torch::serialize::InputArchive& archive) {
 
 AdamW::AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults)
     : Optimizer(param_groups, std::make_unique<AdamWOptions>(defaults)) {
+  support::keep_group_options<AdamWOptions>(*this, param_groups, kWho);
   support::validate_groups<AdamWOptions>(*this);
 }
 
 AdamW::AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults)
     : AdamW({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+void AdamW::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const AdamWOptions*>(&param_group.options());
+    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::AdamWOptions");
+    options->validate();
+  }
+  Optimizer::add_param_group(param_group);
+  support::keep_group_options<AdamWOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+}
 
 torch::Tensor AdamW::step(LossClosure closure) {
   support::validate_groups<AdamWOptions>(*this);
@@ -153,6 +177,42 @@ torch::Tensor AdamW::step(LossClosure closure) {
     }
   }
   torch::NoGradGuard no_grad;
+  // The overflow rule (optim/gradient_health.h): gradients first, then a trial on copies of
+  // the parameters whose update no bound guarantees (fp16, extreme options). Nothing is
+  // written before every check passed.
+  const auto skips = support::skip_option<AdamWOptions>(*this);
+  if (!support::accept_gradients(*this, kWho, [](const auto&) { return "adamw"; }, skips)) {
+    ++skipped_steps_;
+    return loss;
+  }
+  for (const support::SteppedParam& sp : support::stepped_params(*this)) {
+    const auto& o = static_cast<const AdamWOptions&>(param_groups()[sp.group].options());
+    const auto [beta1, beta2] = o.betas();
+    const bool needed = health::reduced_range(sp.param.scalar_type()) ||
+                        !adamw::update_bounded(o.lr(), beta1, o.eps(), o.weight_decay());
+    if (!needed) continue;
+    const adamw::MomentLayout layout = layout_of(o, sp.param);
+    const auto found = state().find(sp.param.unsafeGetTensorImpl());
+    const bool fresh = found == state().end();
+    const adamw::Moments moments =
+        fresh ? adamw::make_moments(layout, sp.param) : moments_of(static_cast<const AdamWParamState&>(*found->second));
+    const int64_t step = fresh ? 1 : static_cast<const AdamWParamState&>(*found->second).step() + 1;
+    const adamw::Encoding encoding = encoding_of(o, support::position(*this, sp));
+    const torch::Tensor grad = sp.param.grad().detach();
+    const auto update = [&](std::vector<torch::Tensor>& c) {
+      adamw::Moments m{c[1], c[2], c[3], c[4], c[5], c[6]};
+      adamw::update(c[0], grad, m, layout, step, o.lr(), beta1, beta2, o.eps(), o.weight_decay(), encoding);
+    };
+    if (!support::accept_trial(sp,
+                               {sp.param, moments.exp_avg, moments.exp_avg_sq, moments.exp_avg_codes,
+                                moments.exp_avg_scales, moments.exp_avg_sq_codes, moments.exp_avg_sq_scales},
+                               {"values", "exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_scales",
+                                "exp_avg_sq_codes", "exp_avg_sq_scales"},
+                               update, kWho, skips(sp.group))) {
+      ++skipped_steps_;
+      return loss;
+    }
+  }
   int64_t index = -1;  // the parameter's position over all groups (stochastic rounding's stream)
   for (auto& group : param_groups()) {
     const auto& o = static_cast<const AdamWOptions&>(group.options());
@@ -173,12 +233,8 @@ torch::Tensor AdamW::step(LossClosure closure) {
       s.step(s.step() + 1);
       adamw::Moments moments = moments_of(s);
       torch::Tensor param = p;
-      adamw::Encoding encoding;
-      encoding.stochastic = o.rounding() == "stochastic";
-      encoding.seed = o.seed();
-      encoding.param_index = index;
       adamw::update(param, p.grad().detach(), moments, layout, s.step(), o.lr(), std::get<0>(o.betas()),
-                    std::get<1>(o.betas()), o.eps(), o.weight_decay(), encoding);
+                    std::get<1>(o.betas()), o.eps(), o.weight_decay(), encoding_of(o, index));
     }
   }
   return loss;

@@ -4,6 +4,8 @@
 #include <torch/serialize/archive.h>
 #include <torch/types.h>
 
+#include "optim/gradient_health.h"
+#include "optim/second_order/optimizer_support.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -59,17 +61,24 @@ void Shampoo::check_gradients() const {
   }
 }
 
-bool Shampoo::gradients_finite() const {
-  for (size_t gi = 0; gi < param_groups().size(); ++gi) {
-    const auto& group = param_groups()[gi];
-    for (size_t pi = 0; pi < group.params().size(); ++pi) {
-      const torch::Tensor& g = group.params()[pi].grad();
-      if (!g.defined() || all_finite(g)) continue;
-      TORCH_CHECK(static_cast<const ShampooOptions&>(group.options()).skip_nonfinite(),
-                  "lowbit::Shampoo: parameter ", pi, " of group ", gi,
-                  " has a NaN or Inf gradient; nothing was updated (set skip_nonfinite to skip such steps)");
-      return false;
-    }
+bool Shampoo::accepts_step() const {
+  // The overflow rule (optim/gradient_health.h): every gradient, then a trial on copies of
+  // the parameters whose update no bound guarantees (fp16, extreme options).
+  constexpr const char* who = "lowbit::Shampoo";
+  const auto options_of = [this](size_t g) -> const ShampooOptions& {
+    return static_cast<const ShampooOptions&>(param_groups()[g].options());
+  };
+  const auto skips = [&](size_t g) { return options_of(g).skip_nonfinite(); };
+  const auto key = [&](const support::SteppedParam& sp) { return shampoo_overflow_key(sp.param, options_of(sp.group)); };
+  if (!support::accept_gradients(*this, who, key, skips)) return false;
+  for (const support::SteppedParam& sp : support::stepped_params(*this)) {
+    const ShampooOptions& o = options_of(sp.group);
+    if (!health::reduced_range(sp.param.scalar_type()) && shampoo_update_bounded(o)) continue;
+    const auto found = state().find(sp.param.unsafeGetTensorImpl());
+    const auto* s = found == state().end() ? nullptr : static_cast<const ShampooParamState*>(found->second.get());
+    const std::string problem = shampoo_trial_step(sp.param, sp.param.grad(), s, o, eigh_);
+    if (!problem.empty())
+      return support::refuse(o.skip_nonfinite(), who, support::describe("parameter", sp.group, sp.index) + ": " + problem);
   }
   return true;
 }
@@ -93,7 +102,7 @@ torch::Tensor Shampoo::step(LossClosure closure) {
     distributed_step();
     return loss;
   }
-  if (!gradients_finite()) {
+  if (!accepts_step()) {
     ++skipped_steps_;
     return loss;
   }

@@ -26,7 +26,7 @@ void Shampoo::distributed_step() {
     communicator_->average(grads);
   }
   // Gradients are equal on every rank now, so every rank takes the same decision here.
-  if (!gradients_finite()) {
+  if (!accepts_step()) {
     ++skipped_steps_;
     return;
   }

@@ -37,10 +37,18 @@ ShampooParamState make_param_state(const torch::Tensor& p, const ShampooOptions&
 void install_checkpoint_state(ShampooParamState& state, const torch::Tensor& p, const ShampooOptions& options,
                               const Shampoo::EighSolver& eigh, const std::string& who, const std::string& what);
 
-// Whether every element of t is finite. One summation pass in the common case: a NaN or
-// Inf element makes the sum non-finite; only a non-finite sum (which finite values can
-// also give, by overflow) takes the exact elementwise check.
-bool all_finite(const torch::Tensor& t);
+// Shampoo's part of the overflow rule (optim/gradient_health.h; shampoo_overflow.cpp):
+// - the health::consequence key of a gradient beyond the rule: "shampoo" (p has a
+//   preconditioner: the G G^T statistics), else "shampoo.adamw" / "shampoo.sgdm" (the graft);
+std::string shampoo_overflow_key(const torch::Tensor& p, const ShampooOptions& options);
+// - whether the options bound the update of an fp32 / bf16 parameter by
+//   health::kMaxUncheckedUpdate (else, and for fp16 parameters, a step is tried first);
+bool shampoo_update_bounded(const ShampooOptions& options);
+// - a step of p tried on copies of its state (`state` null: a fresh one), nothing of p or
+//   the state written: "" when everything stays finite, else health::overflow_problem of
+//   the first tensor that would not ("values", "exp_avg_sq", ...).
+std::string shampoo_trial_step(const torch::Tensor& p, const torch::Tensor& grad, const ShampooParamState* state,
+                               const ShampooOptions& options, const Shampoo::EighSolver& eigh);
 
 // One Shampoo step of one parameter (the gradient already checked): statistics every
 // T1 steps, roots every T2 steps, grafted preconditioned direction, first-order update.

@@ -15,11 +15,6 @@ ShampooParamState make_param_state(const torch::Tensor& p, const ShampooOptions&
   return s;
 }
 
-bool all_finite(const torch::Tensor& t) {
-  if (at::isFloatingType(t.scalar_type()) && std::isfinite(t.sum().item<double>())) return true;
-  return t.isfinite().all().item<bool>();
-}
-
 ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
   s.step(s.step() + 1);
   ParamStepPlan plan;

@@ -6,6 +6,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <map>
+
+#include "optim/gradient_health.h"
 #include "optim/second_order/optimizer_support.h"
 #include "optim/second_order/update_rules.h"
 
@@ -33,6 +36,7 @@ void AdaHessianOptions::serialize(torch::serialize::OutputArchive& archive) cons
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(hessian_power);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(hessian_interval);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skip_nonfinite);
 }
 
 void AdaHessianOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -43,12 +47,15 @@ void AdaHessianOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, hessian_power);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, hessian_interval);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  // Absent from checkpoints made before the option existed: those used the default.
+  c10::IValue skip;
+  skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
 }
 
 bool operator==(const AdaHessianOptions& a, const AdaHessianOptions& b) {
   return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() &&
          a.hessian_power() == b.hessian_power() && a.hessian_interval() == b.hessian_interval() &&
-         a.seed() == b.seed();
+         a.seed() == b.seed() && a.skip_nonfinite() == b.skip_nonfinite();
 }
 
 double AdaHessianOptions::get_lr() const { return lr(); }
@@ -71,11 +78,22 @@ void AdaHessianParamState::serialize(torch::serialize::InputArchive& archive) {
 AdaHessian::AdaHessian(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdaHessianOptions defaults)
     : Optimizer(param_groups, std::make_unique<AdaHessianOptions>(defaults)),
       generator_(at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(defaults.seed()))) {
+  support::keep_group_options<AdaHessianOptions>(*this, param_groups, kWho);
   support::validate_groups<AdaHessianOptions>(*this);
 }
 
 AdaHessian::AdaHessian(std::vector<torch::Tensor> params, AdaHessianOptions defaults)
     : AdaHessian({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+void AdaHessian::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const AdaHessianOptions*>(&param_group.options());
+    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::AdaHessianOptions");
+    options->validate();
+  }
+  Optimizer::add_param_group(param_group);
+  support::keep_group_options<AdaHessianOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+}
 
 bool AdaHessian::has_diagonal(const torch::Tensor& p) const {
   const auto found = state().find(p.unsafeGetTensorImpl());
@@ -99,36 +117,81 @@ torch::Tensor AdaHessian::step(LossClosure closure) {
               "loss.backward(create_graph=true) (Python: loss.backward(create_graph=True))");
   const torch::Tensor loss = support::evaluate(closure);
   support::check_gradients(*this, kWho);
-  std::vector<torch::Tensor> params, grads;
-  for (auto& group : param_groups()) {
-    const auto& o = static_cast<const AdaHessianOptions&>(group.options());
-    for (auto& p : group.params())
-      if (p.grad().defined() && (steps_ % o.hessian_interval() == 0 || !has_diagonal(p))) {
-        params.push_back(p);
-        grads.push_back(p.grad());
-      }
+  // The overflow rule (optim/gradient_health.h), before anything is written: gradients, this
+  // step's Hessian diagonals D (squared into v), then a trial of the parameters whose update
+  // no bound guarantees (fp16, extreme options).
+  const auto skips = support::skip_option<AdaHessianOptions>(*this);
+  if (!support::accept_gradients(*this, kWho, [](const auto&) { return "adahessian"; }, skips)) {
+    ++skipped_steps_;
+    return loss;
   }
+  const std::vector<support::SteppedParam> stepped = support::stepped_params(*this);
+  std::vector<support::SteppedParam> due;
+  std::vector<torch::Tensor> params, grads;
+  for (const support::SteppedParam& sp : stepped) {
+    const auto& o = static_cast<const AdaHessianOptions&>(param_groups()[sp.group].options());
+    if (steps_ % o.hessian_interval() == 0 || !has_diagonal(sp.param)) {
+      due.push_back(sp);
+      params.push_back(sp.param);
+      grads.push_back(sp.param.grad());
+    }
+  }
+  std::map<c10::TensorImpl*, torch::Tensor> diagonals;  // this step's D of the due parameters
   if (!params.empty()) {
     const int64_t seed = static_cast<const AdaHessianOptions&>(param_groups()[0].options()).seed();
     generator_.set_current_seed(support::probe_seed(seed, steps_));
     const std::vector<torch::Tensor> estimates = hutchinson_diagonal(grads, params, 1, generator_);
     torch::NoGradGuard no_grad;
-    for (size_t k = 0; k < params.size(); ++k) state_for(params[k]).hessian_diag(rules::adahessian_diagonal(estimates[k]));
+    std::vector<torch::Tensor> computed;
+    for (const torch::Tensor& e : estimates) computed.push_back(rules::adahessian_diagonal(e));
+    if (!support::accept(due, computed, kWho, [](const auto&) { return "adahessian.hutchinson"; }, skips)) {
+      ++skipped_steps_;
+      return loss;
+    }
+    for (size_t k = 0; k < params.size(); ++k) diagonals[params[k].unsafeGetTensorImpl()] = computed[k];
   }
   torch::NoGradGuard no_grad;
-  for (auto& group : param_groups()) {
-    const auto& o = static_cast<const AdaHessianOptions&>(group.options());
-    for (auto& p : group.params()) {
-      if (!p.grad().defined()) continue;
-      const torch::Tensor grad = p.grad().detach();
-      if (p.grad().requires_grad()) p.mutable_grad() = grad;  // release the double-backward graph
-      AdaHessianParamState& s = state_for(p);
-      s.step(s.step() + 1);
-      torch::Tensor param = p, exp_avg = s.exp_avg(), exp_sq = s.exp_hessian_diag_sq();
-      const auto [beta1, beta2] = o.betas();
-      rules::adahessian_update(param, grad, exp_avg, exp_sq, s.hessian_diag(), s.step(), o.lr(), beta1, beta2, o.eps(),
-                               o.weight_decay(), o.hessian_power());
+  const auto diagonal_of = [&](const torch::Tensor& p) {
+    const auto found = diagonals.find(p.unsafeGetTensorImpl());
+    if (found != diagonals.end()) return found->second;
+    return static_cast<const AdaHessianParamState&>(*state().at(p.unsafeGetTensorImpl())).hessian_diag();
+  };
+  for (const support::SteppedParam& sp : stepped) {
+    const auto& o = static_cast<const AdaHessianOptions&>(param_groups()[sp.group].options());
+    const auto [beta1, beta2] = o.betas();
+    const bool needed = health::reduced_range(sp.param.scalar_type()) ||
+                        !rules::adahessian_update_bounded(o.lr(), beta1, o.eps(), o.weight_decay());
+    if (!needed) continue;
+    const auto found = state().find(sp.param.unsafeGetTensorImpl());
+    const bool fresh = found == state().end();
+    const auto* s = fresh ? nullptr : static_cast<const AdaHessianParamState*>(found->second.get());
+    const torch::Tensor zeros = torch::zeros_like(sp.param, at::MemoryFormat::Preserve).detach();
+    const torch::Tensor grad = sp.param.grad().detach(), diagonal = diagonal_of(sp.param);
+    const int64_t step = fresh ? 1 : s->step() + 1;
+    const auto update = [&](std::vector<torch::Tensor>& c) {
+      rules::adahessian_update(c[0], grad, c[1], c[2], diagonal, step, o.lr(), beta1, beta2, o.eps(), o.weight_decay(),
+                               o.hessian_power());
+    };
+    if (!support::accept_trial(sp,
+                               {sp.param, fresh ? zeros : s->exp_avg(), fresh ? zeros : s->exp_hessian_diag_sq()},
+                               {"values", "exp_avg", "exp_hessian_diag_sq"}, update, kWho, skips(sp.group))) {
+      ++skipped_steps_;
+      return loss;
     }
+  }
+  for (size_t k = 0; k < params.size(); ++k)
+    state_for(params[k]).hessian_diag(diagonals.at(params[k].unsafeGetTensorImpl()));
+  for (const support::SteppedParam& sp : stepped) {
+    const auto& o = static_cast<const AdaHessianOptions&>(param_groups()[sp.group].options());
+    torch::Tensor p = sp.param;
+    const torch::Tensor grad = p.grad().detach();
+    if (p.grad().requires_grad()) p.mutable_grad() = grad;  // release the double-backward graph
+    AdaHessianParamState& s = state_for(p);
+    s.step(s.step() + 1);
+    torch::Tensor exp_avg = s.exp_avg(), exp_sq = s.exp_hessian_diag_sq();
+    const auto [beta1, beta2] = o.betas();
+    rules::adahessian_update(p, grad, exp_avg, exp_sq, s.hessian_diag(), s.step(), o.lr(), beta1, beta2, o.eps(),
+                             o.weight_decay(), o.hessian_power());
   }
   ++steps_;
   return loss;

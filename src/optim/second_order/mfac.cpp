@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include "optim/gradient_health.h"
 #include "optim/second_order/gradient_window.h"
 #include "optim/second_order/optimizer_support.h"
 #include "optim/second_order/update_rules.h"
@@ -85,6 +86,7 @@ void MFACOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(bits);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(mapping);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(quant_block_size);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skip_nonfinite);
 }
 
 void MFACOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -96,12 +98,16 @@ void MFACOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, bits);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mapping);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, quant_block_size);
+  // Absent from checkpoints made before the option existed: those used the default.
+  c10::IValue skip;
+  skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
 }
 
 bool operator==(const MFACOptions& a, const MFACOptions& b) {
   return a.lr() == b.lr() && a.momentum() == b.momentum() && a.weight_decay() == b.weight_decay() &&
          a.window() == b.window() && a.damping() == b.damping() && a.bits() == b.bits() &&
-         a.mapping() == b.mapping() && a.quant_block_size() == b.quant_block_size();
+         a.mapping() == b.mapping() && a.quant_block_size() == b.quant_block_size() &&
+         a.skip_nonfinite() == b.skip_nonfinite();
 }
 
 double MFACOptions::get_lr() const { return lr(); }
@@ -133,43 +139,91 @@ void MFACParamState::serialize(torch::serialize::InputArchive& archive) {
 
 MFAC::MFAC(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MFACOptions defaults)
     : Optimizer(param_groups, std::make_unique<MFACOptions>(defaults)) {
+  support::keep_group_options<MFACOptions>(*this, param_groups, kWho);
   support::validate_groups<MFACOptions>(*this);
 }
 
 MFAC::MFAC(std::vector<torch::Tensor> params, MFACOptions defaults)
     : MFAC({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
+void MFAC::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const MFACOptions*>(&param_group.options());
+    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::MFACOptions");
+    options->validate();
+  }
+  Optimizer::add_param_group(param_group);
+  support::keep_group_options<MFACOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+}
+
 torch::Tensor MFAC::step(LossClosure closure) {
   support::validate_groups<MFACOptions>(*this);
   const torch::Tensor loss = support::evaluate(closure);
   support::check_gradients(*this, kWho);
+  const std::vector<support::SteppedParam> stepped = support::stepped_params(*this);
+  // The options may have changed since a window was made: checked for every parameter
+  // before any is stepped.
+  for (const support::SteppedParam& sp : stepped) {
+    const auto& o = static_cast<const MFACOptions&>(param_groups()[sp.group].options());
+    const auto found = state().find(sp.param.unsafeGetTensorImpl());
+    if (found != state().end())
+      check_layout(static_cast<const MFACParamState&>(*found->second), layout_of(o, sp.param), o,
+                   std::string(kWho) + ": " + support::describe("parameter", sp.group, sp.index));
+  }
   torch::NoGradGuard no_grad;
-  for (size_t g = 0; g < param_groups().size(); ++g) {
-    auto& group = param_groups()[g];
-    const auto& o = static_cast<const MFACOptions&>(group.options());
-    for (size_t i = 0; i < group.params().size(); ++i) {
-      torch::Tensor& p = group.params()[i];
-      if (!p.grad().defined()) continue;
-      const mfac::WindowLayout layout = layout_of(o, p);
-      auto& slot = state()[p.unsafeGetTensorImpl()];
-      if (!slot) {
-        auto s = std::make_unique<MFACParamState>();
-        store_window(*s, mfac::make_window(layout, p.options()));
-        s->mapping(o.mapping());
-        s->shape(torch::tensor(p.sizes(), at::kLong));
-        slot = std::move(s);
-      }
-      auto& s = static_cast<MFACParamState&>(*slot);
-      // The options may have changed since the window was made.
-      check_layout(s, layout, o, std::string(kWho) + ": " + support::describe("parameter", g, i));
-      mfac::WindowTensors window = window_of(s);
-      torch::Tensor param = p, momentum_buffer = s.momentum_buffer();
-      rules::mfac_update(param, p.grad().detach(), window, layout, momentum_buffer, o.lr(), o.momentum(),
-                         o.weight_decay(), o.damping());
-      store_window(s, window);
-      s.momentum_buffer(momentum_buffer);
-      s.step(s.step() + 1);
+  // The overflow rule (optim/gradient_health.h): gradients, then a trial of the parameters
+  // whose update no bound guarantees (fp16, a damping or lr that bound nothing). Nothing is
+  // written before every check passed.
+  const auto skips = support::skip_option<MFACOptions>(*this);
+  if (!support::accept_gradients(*this, kWho, [](const auto&) { return "mfac"; }, skips)) {
+    ++skipped_steps_;
+    return loss;
+  }
+  for (const support::SteppedParam& sp : stepped) {
+    const auto& o = static_cast<const MFACOptions&>(param_groups()[sp.group].options());
+    const bool needed = health::reduced_range(sp.param.scalar_type()) ||
+                        !rules::mfac_update_bounded(o.lr(), o.momentum(), o.weight_decay(), o.damping());
+    if (!needed) continue;
+    const mfac::WindowLayout layout = layout_of(o, sp.param);
+    const auto found = state().find(sp.param.unsafeGetTensorImpl());
+    const bool fresh = found == state().end();
+    const auto* s = fresh ? nullptr : static_cast<const MFACParamState*>(found->second.get());
+    const mfac::WindowTensors window = fresh ? mfac::make_window(layout, sp.param.options()) : window_of(*s);
+    const torch::Tensor grad = sp.param.grad().detach();
+    const auto update = [&](std::vector<torch::Tensor>& c) {
+      mfac::WindowTensors w{c[2], c[3], c[4], c[5], window.count};
+      rules::mfac_update(c[0], grad, w, layout, c[1], o.lr(), o.momentum(), o.weight_decay(), o.damping());
+    };
+    if (!support::accept_trial(
+            sp,
+            {sp.param, fresh ? torch::Tensor() : s->momentum_buffer(), window.rows, window.codes, window.scales,
+             window.gram},
+            {"values", "momentum_buffer", "window rows", "window codes", "window scales", "window Gram matrix"}, update,
+            kWho, skips(sp.group))) {
+      ++skipped_steps_;
+      return loss;
     }
+  }
+  for (const support::SteppedParam& sp : stepped) {
+    const auto& o = static_cast<const MFACOptions&>(param_groups()[sp.group].options());
+    torch::Tensor p = sp.param;
+    const mfac::WindowLayout layout = layout_of(o, p);
+    auto& slot = state()[p.unsafeGetTensorImpl()];
+    if (!slot) {
+      auto s = std::make_unique<MFACParamState>();
+      store_window(*s, mfac::make_window(layout, p.options()));
+      s->mapping(o.mapping());
+      s->shape(torch::tensor(p.sizes(), at::kLong));
+      slot = std::move(s);
+    }
+    auto& s = static_cast<MFACParamState&>(*slot);
+    mfac::WindowTensors window = window_of(s);
+    torch::Tensor momentum_buffer = s.momentum_buffer();
+    rules::mfac_update(p, p.grad().detach(), window, layout, momentum_buffer, o.lr(), o.momentum(), o.weight_decay(),
+                       o.damping());
+    store_window(s, window);
+    s.momentum_buffer(momentum_buffer);
+    s.step(s.step() + 1);
   }
   return loss;
 }

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "optim/gradient_health.h"
 #include "optim/second_order/optimizer_support.h"
 #include "optim/second_order/update_rules.h"
 
@@ -26,16 +27,20 @@ void NagGSOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(mu);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(gamma);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(skip_nonfinite);
 }
 
 void NagGSOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, mu);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, gamma);
+  // Absent from checkpoints made before the option existed: those used the default.
+  c10::IValue skip;
+  skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
 }
 
 bool operator==(const NagGSOptions& a, const NagGSOptions& b) {
-  return a.lr() == b.lr() && a.mu() == b.mu() && a.gamma() == b.gamma();
+  return a.lr() == b.lr() && a.mu() == b.mu() && a.gamma() == b.gamma() && a.skip_nonfinite() == b.skip_nonfinite();
 }
 
 double NagGSOptions::get_lr() const { return lr(); }
@@ -55,33 +60,76 @@ void NagGSParamState::serialize(torch::serialize::InputArchive& archive) {
 
 NagGS::NagGS(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, NagGSOptions defaults)
     : Optimizer(param_groups, std::make_unique<NagGSOptions>(defaults)) {
+  support::keep_group_options<NagGSOptions>(*this, param_groups, kWho);
   support::validate_groups<NagGSOptions>(*this);
 }
 
 NagGS::NagGS(std::vector<torch::Tensor> params, NagGSOptions defaults)
     : NagGS({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
+void NagGS::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const NagGSOptions*>(&param_group.options());
+    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::NagGSOptions");
+    options->validate();
+  }
+  Optimizer::add_param_group(param_group);
+  support::keep_group_options<NagGSOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+}
+
 torch::Tensor NagGS::step(LossClosure closure) {
   support::validate_groups<NagGSOptions>(*this);
   const torch::Tensor loss = support::evaluate(closure);
   support::check_gradients(*this, kWho);
   torch::NoGradGuard no_grad;
-  for (auto& group : param_groups()) {
-    const auto& o = static_cast<const NagGSOptions&>(group.options());
-    for (auto& p : group.params()) {
-      if (!p.grad().defined()) continue;
-      auto& slot = state()[p.unsafeGetTensorImpl()];
-      if (!slot) {
-        auto s = std::make_unique<NagGSParamState>();
-        s->velocity(p.detach().clone());
-        s->gamma(o.gamma());
-        slot = std::move(s);
-      }
-      auto& s = static_cast<NagGSParamState&>(*slot);
-      torch::Tensor param = p, velocity = s.velocity();
-      s.gamma(rules::nag_gs_update(param, p.grad().detach(), velocity, s.gamma(), o.lr(), o.mu()));
-      s.step(s.step() + 1);
+  // The overflow rule (optim/gradient_health.h): gradients, then NAG-GS's state, which the
+  // gradient does not bound (rules::nag_gs_step_bounded): from the largest magnitudes of
+  // parameters, velocities and gradients (one read), and where that bound fails, a trial on
+  // copies. Nothing is written before every check passed.
+  const auto skips = support::skip_option<NagGSOptions>(*this);
+  if (!support::accept_gradients(*this, kWho, [](const auto&) { return "nag_gs"; }, skips)) {
+    ++skipped_steps_;
+    return loss;
+  }
+  const std::vector<support::SteppedParam> stepped = support::stepped_params(*this);
+  std::vector<torch::Tensor> magnitudes_of;  // per parameter: x, v (x again when it has none yet), g
+  std::vector<const NagGSParamState*> states;
+  for (const support::SteppedParam& sp : stepped) {
+    const auto found = state().find(sp.param.unsafeGetTensorImpl());
+    states.push_back(found == state().end() ? nullptr : static_cast<const NagGSParamState*>(found->second.get()));
+    magnitudes_of.insert(magnitudes_of.end(),
+                         {sp.param, states.back() ? states.back()->velocity() : sp.param, sp.param.grad()});
+  }
+  const at::Tensor magnitudes = health::max_magnitudes(magnitudes_of).cpu();
+  const double* m = magnitudes.data_ptr<double>();
+  for (size_t k = 0; k < stepped.size(); ++k) {
+    const support::SteppedParam& sp = stepped[k];
+    const auto& o = static_cast<const NagGSOptions&>(param_groups()[sp.group].options());
+    const double gamma = states[k] ? states[k]->gamma() : o.gamma();
+    if (rules::nag_gs_step_bounded(m[3 * k], m[3 * k + 1], m[3 * k + 2], gamma, o.lr(), o.mu(), sp.param.scalar_type()))
+      continue;
+    const torch::Tensor grad = sp.param.grad().detach();
+    const auto update = [&](std::vector<torch::Tensor>& c) { rules::nag_gs_update(c[0], grad, c[1], gamma, o.lr(), o.mu()); };
+    if (!support::accept_trial(sp, {sp.param, states[k] ? states[k]->velocity() : sp.param},
+                               {"values", "velocity"}, update, kWho, skips(sp.group))) {
+      ++skipped_steps_;
+      return loss;
     }
+  }
+  for (const support::SteppedParam& sp : stepped) {
+    const auto& o = static_cast<const NagGSOptions&>(param_groups()[sp.group].options());
+    torch::Tensor p = sp.param;
+    auto& slot = state()[p.unsafeGetTensorImpl()];
+    if (!slot) {
+      auto s = std::make_unique<NagGSParamState>();
+      s->velocity(p.detach().clone());
+      s->gamma(o.gamma());
+      slot = std::move(s);
+    }
+    auto& s = static_cast<NagGSParamState&>(*slot);
+    torch::Tensor velocity = s.velocity();
+    s.gamma(rules::nag_gs_update(p, p.grad().detach(), velocity, s.gamma(), o.lr(), o.mu()));
+    s.step(s.step() + 1);
   }
   return loss;
 }

@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
-#include "optim/shampoo_internal.h"
+#include "optim/gradient_health.h"
 
 namespace lowbit::support {
 
@@ -24,9 +24,60 @@ void check_gradients(const torch::optim::Optimizer& optimizer, const std::string
                   " gradient; expected a floating type");
       TORCH_CHECK(g.sizes() == p.sizes(), who, ": ", what, " has shape ", p.sizes(), " but its gradient has shape ",
                   g.sizes());
-      TORCH_CHECK(all_finite(g.detach()), who, ": ", what, " has a NaN or Inf gradient; nothing was updated");
     }
   }
+}
+
+std::vector<SteppedParam> stepped_params(const torch::optim::Optimizer& optimizer) {
+  std::vector<SteppedParam> out;
+  for (size_t gi = 0; gi < optimizer.param_groups().size(); ++gi) {
+    const auto& params = optimizer.param_groups()[gi].params();
+    for (size_t pi = 0; pi < params.size(); ++pi)
+      if (params[pi].grad().defined()) out.push_back({gi, pi, params[pi]});
+  }
+  return out;
+}
+
+int64_t position(const torch::optim::Optimizer& optimizer, const SteppedParam& param) {
+  int64_t position = static_cast<int64_t>(param.index);
+  for (size_t g = 0; g < param.group; ++g) position += static_cast<int64_t>(optimizer.param_groups()[g].params().size());
+  return position;
+}
+
+bool refuse(bool skip, const std::string& who, const std::string& problem) {
+  TORCH_CHECK(skip, who, ": ", problem, "; nothing was updated (set skip_nonfinite to skip such steps)");
+  return false;
+}
+
+bool accept(const std::vector<SteppedParam>& params, const std::vector<torch::Tensor>& tensors,
+            const std::string& who, const std::function<std::string(const SteppedParam&)>& key,
+            const std::function<bool(size_t group)>& skips) {
+  const health::Offence o = health::first_offence(health::squared_norms(tensors));
+  if (!o.found()) return true;
+  const SteppedParam& p = params[static_cast<size_t>(o.index)];
+  return refuse(skips(p.group), who,
+                health::offence_message(describe("parameter", p.group, p.index), health::consequence(key(p)),
+                                        o.squared_norm));
+}
+
+bool accept_gradients(const torch::optim::Optimizer& optimizer, const std::string& who,
+                      const std::function<std::string(const SteppedParam&)>& key,
+                      const std::function<bool(size_t group)>& skips) {
+  const std::vector<SteppedParam> params = stepped_params(optimizer);
+  std::vector<torch::Tensor> grads;
+  for (const SteppedParam& p : params) grads.push_back(p.param.grad());
+  return accept(params, grads, who, key, skips);
+}
+
+bool accept_trial(const SteppedParam& param, const std::vector<torch::Tensor>& writes,
+                  const std::vector<std::string>& names,
+                  const std::function<void(std::vector<torch::Tensor>& copies)>& update, const std::string& who,
+                  bool skip) {
+  const health::Trial t = health::trial_update(writes, update);
+  if (!t.failed()) return true;
+  return refuse(skip, who,
+                describe("parameter", param.group, param.index) + ": " +
+                    health::overflow_problem(names[static_cast<size_t>(t.index)], t.dtype));
 }
 
 torch::Tensor evaluate(const torch::optim::Optimizer::LossClosure& closure) {

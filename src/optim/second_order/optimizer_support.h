@@ -15,10 +15,69 @@
 
 namespace lowbit::support {
 
-// Throws (naming `who`, the parameter and group) if a gradient is sparse, not floating,
-// shaped unlike its parameter, or holds NaN/Inf. Called before any update, so a bad
-// gradient leaves the optimizer and the parameters untouched.
+// Throws (naming `who`, the parameter and group) if a gradient is sparse, not floating or
+// shaped unlike its parameter. Called before any update, so a bad gradient leaves the
+// optimizer and the parameters untouched. Values are judged by accept_gradients.
 void check_gradients(const torch::optim::Optimizer& optimizer, const std::string& who);
+
+// A parameter that has a gradient, with its place.
+struct SteppedParam {
+  size_t group, index;
+  torch::Tensor param;
+};
+std::vector<SteppedParam> stepped_params(const torch::optim::Optimizer& optimizer);
+// Its position over all groups.
+int64_t position(const torch::optim::Optimizer& optimizer, const SteppedParam& param);
+
+// A step that must not happen: throws "<who>: <problem>; nothing was updated (set
+// skip_nonfinite to skip such steps)", or, with `skip`, returns false (the caller counts the
+// skipped step and returns without writing).
+bool refuse(bool skip, const std::string& who, const std::string& problem);
+
+// The rule of optim/gradient_health.h on `tensors` (gradients, or Hessian estimates), one per
+// entry of `params`: true when every one passes; otherwise refuse() for the first offender,
+// with the message of health::consequence(key(param)) and `skips(group)` its group's
+// skip_nonfinite.
+bool accept(const std::vector<SteppedParam>& params, const std::vector<torch::Tensor>& tensors,
+            const std::string& who, const std::function<std::string(const SteppedParam&)>& key,
+            const std::function<bool(size_t group)>& skips);
+
+// accept() on the gradients of every stepped parameter.
+bool accept_gradients(const torch::optim::Optimizer& optimizer, const std::string& who,
+                      const std::function<std::string(const SteppedParam&)>& key,
+                      const std::function<bool(size_t group)>& skips);
+
+// A group's skip_nonfinite.
+template <typename Options>
+std::function<bool(size_t)> skip_option(const torch::optim::Optimizer& optimizer) {
+  return [&optimizer](size_t g) {
+    return static_cast<const Options&>(optimizer.param_groups()[g].options()).skip_nonfinite();
+  };
+}
+
+// The parameter's step tried on copies first (health::trial_update; for fp16 parameters and
+// options that bound nothing: optim/gradient_health.h): true when every copy stayed finite,
+// else refuse() naming the first of `names` whose copy did not. `writes` are the tensors the
+// update writes, in the order of `names`.
+bool accept_trial(const SteppedParam& param, const std::vector<torch::Tensor>& writes,
+                  const std::vector<std::string>& names,
+                  const std::function<void(std::vector<torch::Tensor>& copies)>& update, const std::string& who,
+                  bool skip);
+
+// LibTorch's Optimizer keeps a param group's own options only for its own optimizer types
+// (Optimizer::_try_merge_all_optimizers) and gives any other type the defaults: this puts
+// the own options of `groups`, which became the optimizer's groups from `first` on, back.
+template <typename Options>
+void keep_group_options(torch::optim::Optimizer& optimizer,
+                        const std::vector<torch::optim::OptimizerParamGroup>& groups, const std::string& who,
+                        size_t first = 0) {
+  for (size_t i = 0; i < groups.size(); ++i) {
+    if (!groups[i].has_options()) continue;
+    const auto* options = dynamic_cast<const Options*>(&groups[i].options());
+    TORCH_CHECK(options != nullptr, who, ": a parameter group's options must be of the optimizer's options type");
+    optimizer.param_groups()[first + i].set_options(std::make_unique<Options>(*options));
+  }
+}
 
 // Checks each group's options with `validate` (which throws naming the option).
 template <typename Options>

@@ -37,4 +37,20 @@ double nag_gs_update(at::Tensor& p, const at::Tensor& grad, at::Tensor& velocity
 void mfac_update(at::Tensor& p, const at::Tensor& grad, mfac::WindowTensors& window, const mfac::WindowLayout& layout,
                  at::Tensor& momentum_buffer, double lr, double momentum, double weight_decay, double damping);
 
+// Whether the options bound the change of an fp32 / bf16 parameter (of magnitude below 2^126)
+// by health::kMaxUncheckedUpdate, every gradient and Hessian estimate obeying the rule of
+// optim/gradient_health.h (entries at most 2^52); the derivations are next to the
+// definitions. Where they do not, a step is tried on copies before anything is written.
+bool sophia_update_bounded(double lr, double weight_decay);
+bool adahessian_update_bounded(double lr, double beta1, double eps, double weight_decay);
+bool mfac_update_bounded(double lr, double momentum, double weight_decay, double damping);
+
+// Whether a NAG-GS step of a parameter of `dtype` stays at most half the dtype's largest
+// value, given the largest magnitudes of the parameter x, its velocity v (x's when it has
+// none yet) and its gradient g. NAG-GS's state is not bounded by the gradient: with mu = 0,
+// gamma decays like (1 + alpha)^-k and the gradient's weight alpha / (alpha mu + gamma)
+// grows without bound.
+bool nag_gs_step_bounded(double x_max, double v_max, double g_max, double gamma, double alpha, double mu,
+                         at::ScalarType dtype);
+
 }  // namespace lowbit::rules
