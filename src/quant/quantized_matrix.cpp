@@ -138,9 +138,17 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
               meta_t.toString(), " of shape ", meta_t.sizes());
   const at::Tensor meta_host = meta_t.cpu().contiguous();
   const int64_t* meta = meta_host.data_ptr<int64_t>();
-  TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= 2, op, ": unknown mapping id ", meta[kMapping]);
-  TORCH_CHECK(meta[kKeepDiagonal] == 0 || meta[kKeepDiagonal] == 1, op, ": bad keep_diagonal flag");
-  TORCH_CHECK(meta[kDoubleQuant] == 0 || meta[kDoubleQuant] == 1, op, ": bad double_quant flag");
+  TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= 2, op, ": \"meta\" holds an unknown mapping id ",
+              meta[kMapping]);
+  TORCH_CHECK(meta[kKeepDiagonal] == 0 || meta[kKeepDiagonal] == 1, op,
+              ": \"meta\" holds a bad keep_diagonal flag ", meta[kKeepDiagonal], " (expected 0 or 1)");
+  TORCH_CHECK(meta[kDoubleQuant] == 0 || meta[kDoubleQuant] == 1, op,
+              ": \"meta\" holds a bad double_quant flag ", meta[kDoubleQuant], " (expected 0 or 1)");
+  TORCH_CHECK(meta[kRows] >= 0 && meta[kCols] >= 0, op, ": \"meta\" holds a negative shape ", meta[kRows], " x ",
+              meta[kCols]);
+  // Checked as int64, before the narrowing to QuantOptions.bits.
+  check_bits(meta[kBits], (std::string(op) + ": \"meta\" bits").c_str());
+  check_block_size(meta[kBlockSize], (std::string(op) + ": \"meta\" block_size").c_str());
 
   QuantizedMatrix q;
   q.rows_ = meta[kRows];
@@ -150,7 +158,6 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
   q.options_.block_size = meta[kBlockSize];
   q.options_.keep_diagonal = meta[kKeepDiagonal] == 1;
   q.options_.double_quant_scales = meta[kDoubleQuant] == 1;
-  q.options_.validate();
   q.codes_ = get("codes", true);
   q.scales_ = get("scales", true);
   q.scale_group_max_ = get("scale_group_max", q.options_.double_quant_scales);
@@ -176,6 +183,16 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
   const at::Device device = q.codes_.device();
   checks::same_device(op, device, {{"scales", &q.scales_}, {"scale_group_max", &q.scale_group_max_},
                                    {"diagonal", &q.diagonal_}});
+  // The values quantize() produces: block absmax values are finite and >= 0, the kept
+  // diagonal is finite. Anything else would decode to NaN/Inf or to mirrored values.
+  const at::Tensor& fp32_scales = q.options_.double_quant_scales ? q.scale_group_max_ : q.scales_;
+  const char* scales_name = q.options_.double_quant_scales ? "scale_group_max" : "scales";
+  if (fp32_scales.numel() > 0)
+    TORCH_CHECK(fp32_scales.isfinite().all().item<bool>() && fp32_scales.ge(0).all().item<bool>(), op, ": \"",
+                scales_name, "\" must be finite and >= 0 (block absmax values); the state is corrupt");
+  if (q.diagonal_.defined() && q.diagonal_.numel() > 0)
+    TORCH_CHECK(q.diagonal_.isfinite().all().item<bool>(), op,
+                ": \"diagonal\" must be finite; the state is corrupt");
   return q;
 }
 
