@@ -521,6 +521,7 @@ TEST(CheckpointFuzz, TheUneditedTreeRoundTripResumesLikeTheCheckpoint) {
 // How the cases ended, for the printed summary.
 struct Tally {
   int64_t unwritable = 0, rejected_by_torch = 0, rejected = 0, loaded = 0, loaded_extreme = 0;
+  int64_t extreme_not_finite = 0;  // of loaded_extreme: the next steps overflowed or raised
 };
 Tally tally;
 
@@ -597,6 +598,7 @@ void checkpoint_case(uint64_t seed) {
   });
   if (is_extreme) {
     EXPECT_TRUE(!stepped.threw || stepped.c10) << "not a c10::Error: " << stepped.message;
+    if (stepped.threw || !all_finite(params)) ++tally.extreme_not_finite;
     return;
   }
   ASSERT_FALSE(stepped.threw) << "the checkpoint was accepted but the next step fails: " << stepped.message
@@ -612,7 +614,8 @@ TEST(CheckpointFuzz, EveryCorruptionIsAClearErrorOrLoadsAndStepsFinitely) {
   EXPECT_GE(ran, 1);
   std::cout << "checkpoint fuzz outcomes: " << tally.rejected << " rejected by lowbit, " << tally.rejected_by_torch
             << " rejected by torch's archive reader, " << tally.loaded << " loaded and stepped finitely, "
-            << tally.loaded_extreme << " loaded with extreme values, " << tally.unwritable
+            << tally.loaded_extreme << " loaded with extreme values (" << tally.extreme_not_finite
+            << " of them overflowed in the next steps), " << tally.unwritable
             << " edited trees torch could not write" << std::endl;
   for (const auto& [name, value] : {std::pair<const char*, int64_t>{"rejected", tally.rejected},
                                     {"rejected_by_torch", tally.rejected_by_torch}, {"loaded", tally.loaded},
