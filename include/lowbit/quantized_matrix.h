@@ -66,10 +66,12 @@ class QuantizedMatrix {
   at::Tensor diagonal_;
 };
 
-// Bytes of one packed row of `cols` codes at `bits` bits.
-inline int64_t packed_row_bytes(int64_t cols, int64_t bits) { return (cols * bits + 7) / 8; }
+// Bytes of one packed row of `cols` codes at `bits` bits (bits <= 8), ceil(cols * bits / 8),
+// and blocks of a row, ceil(cols / block_size); for any cols >= 0 (sizes read from a
+// checkpoint included) without overflowing int64.
+inline int64_t packed_row_bytes(int64_t cols, int64_t bits) { return cols / 8 * bits + (cols % 8 * bits + 7) / 8; }
 inline int64_t blocks_per_row(int64_t cols, int64_t block_size) {
-  return (cols + block_size - 1) / block_size;
+  return cols / block_size + (cols % block_size != 0 ? 1 : 0);
 }
 
 }  // namespace lowbit

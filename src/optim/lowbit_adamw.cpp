@@ -89,17 +89,17 @@ void AdamWOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void AdamWOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, bits);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mapping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, second_moment_mapping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, block_size);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, min_quant_numel);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, rounding);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  LOWBIT_DESERIALIZE_ARG(double, lr);
+  LOWBIT_DESERIALIZE_ARG(betas_t, betas);
+  LOWBIT_DESERIALIZE_ARG(double, eps);
+  LOWBIT_DESERIALIZE_ARG(double, weight_decay);
+  LOWBIT_DESERIALIZE_ARG(int64_t, bits);
+  LOWBIT_DESERIALIZE_ARG(std::string, mapping);
+  LOWBIT_DESERIALIZE_ARG(std::string, second_moment_mapping);
+  LOWBIT_DESERIALIZE_ARG(int64_t, block_size);
+  LOWBIT_DESERIALIZE_ARG(int64_t, min_quant_numel);
+  LOWBIT_DESERIALIZE_ARG(std::string, rounding);
+  LOWBIT_DESERIALIZE_ARG(int64_t, seed);
   // Absent from checkpoints made before the option existed: those used the default.
   c10::IValue skip;
   skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
@@ -129,16 +129,16 @@ void AdamWParamState::serialize(torch::serialize::OutputArchive& archive) const 
 }
 
 void AdamWParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mapping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, second_moment_mapping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, shape);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_codes);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_scales);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq_codes);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq_scales);
+  LOWBIT_DESERIALIZE_ARG(int64_t, step);
+  LOWBIT_DESERIALIZE_ARG(std::string, mapping);
+  LOWBIT_DESERIALIZE_ARG(std::string, second_moment_mapping);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, shape);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_codes);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_scales);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq_codes);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq_scales);
 }
 
 AdamW::AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults)
@@ -253,7 +253,13 @@ void AdamW::load(torch::serialize::InputArchive& archive) {
                               &m.exp_avg_sq_scales})
           if (t->defined()) *t = t->to(p.device());
         store_moments(s, m);
+        checkpoint::check_count(s.step(), what, "step");
         check_state(s, layout, p, what);
+        // (Quantized moments: check_moments has checked their block scales.)
+        if (!layout.quantized()) {
+          support::check_finite_state(s.exp_avg(), "exp_avg", what);
+          support::check_finite_state(s.exp_avg_sq(), "exp_avg_sq", what, /*non_negative=*/true);
+        }
       });
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "optim/checkpoint_reader.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -34,7 +35,10 @@ torch::Tensor checked_buffer(const torch::Tensor& buffer, const torch::Tensor& p
               " but the parameter has shape ", p.sizes());
   TORCH_CHECK(at::isFloatingType(buffer.scalar_type()), who, "checkpoint ", name, " of ", what,
               " must be a floating tensor; got ", buffer.scalar_type());
-  return buffer.to(p.options());
+  const torch::Tensor out = buffer.to(p.options());
+  TORCH_CHECK(all_finite(out), who, "checkpoint ", name, " of ", what, " holds NaN or Inf values; the checkpoint is "
+              "corrupt");
+  return out;
 }
 
 }  // namespace
@@ -44,6 +48,7 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
   TORCH_CHECK(s.step() >= 0 && s.root_updates() >= 0 && s.root_updates() <= s.step(), who, "checkpoint of ",
               what, " has step ", s.step(), " and root_updates ", s.root_updates(),
               "; expected 0 <= root_updates <= step");
+  checkpoint::check_count(s.step(), who + "checkpoint of " + what, "step");
   TORCH_CHECK(s.soap_v_start() >= 0 && s.soap_v_start() <= s.step(), who, "checkpoint of ", what,
               " has soap_v_start ", s.soap_v_start(), "; expected 0 <= soap_v_start <= step ", s.step());
   // No state holds NaN or Inf after a step (non-finite gradients are refused or skipped):
@@ -75,7 +80,15 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
     s.exp_avg_sq(checked_buffer(s.exp_avg_sq(), p, "exp_avg_sq", who, what));
     TORCH_CHECK(s.exp_avg().defined() == s.exp_avg_sq().defined(), who, "checkpoint of ", what,
                 " has only one of exp_avg and exp_avg_sq");
+    TORCH_CHECK(!s.exp_avg_sq().defined() || s.exp_avg_sq().ge(0).all().item<bool>(), who, "checkpoint exp_avg_sq of ",
+                what, " holds negative values (it is a running mean of squares); the checkpoint is corrupt");
   }
+  // Preconditioner state: every floating entry finite (the factors check their own shapes,
+  // and the codec its block scales).
+  for (const auto& [name, t] : s.loaded_preconditioner)
+    if (t.defined() && at::isFloatingType(t.scalar_type()))
+      TORCH_CHECK(all_finite(t), who, "checkpoint entry \"", to_archive_key(name), "\" of ", what,
+                  " holds NaN or Inf values; the checkpoint is corrupt");
   auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(p.sizes(), p.options(),
                                                                            preconditioner_config(options, eigh));
   if (preconditioner->active()) {
@@ -113,23 +126,23 @@ void ShampooParamState::serialize(torch::serialize::OutputArchive& archive) cons
 }
 
 void ShampooParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, root_updates);
-  c10::IValue v_start;  // absent from checkpoints written before SOAP
-  soap_v_start_ = archive.try_read("soap_v_start", v_start) ? v_start.toInt() : 0;
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_codes);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_scales);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq_codes);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg_sq_scales);
+  LOWBIT_DESERIALIZE_ARG(int64_t, step);
+  LOWBIT_DESERIALIZE_ARG(int64_t, root_updates);
+  soap_v_start_ = checkpoint::read_field_or<int64_t>(archive, "soap_v_start", 0);  // absent before SOAP
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, momentum_buffer);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_codes);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_scales);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq_codes);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq_scales);
   loaded_preconditioner.clear();
   for (const std::string& key : archive.keys()) {
     if (key.rfind(kPreconditionerPrefix, 0) != 0) continue;
-    torch::Tensor t;
+    c10::IValue t;
     archive.read(key, t);
-    loaded_preconditioner[from_archive_key(key)] = t;
+    TORCH_CHECK(t.isTensor(), "the entry \"", key, "\" must be a tensor; got ", checkpoint::kind_of(t));
+    loaded_preconditioner[from_archive_key(key)] = t.toTensor();
   }
 }
 
@@ -142,7 +155,13 @@ void Shampoo::load(torch::serialize::InputArchive& archive) {
   for (const auto& g : param_groups()) groups.emplace_back(g.params(), g.options().clone());
   Shampoo staged(groups, static_cast<const ShampooOptions&>(defaults()));
   staged.eigh_ = eigh_;
-  torch::optim::serialize<ShampooParamState, ShampooOptions>(archive, staged);
+  try {
+    checkpoint::read_optimizer_archive<ShampooParamState, ShampooOptions>(archive, staged);
+  } catch (const std::exception& e) {
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+    TORCH_CHECK(false, "lowbit::Shampoo::load: cannot read the checkpoint: ",
+                c10_error ? c10_error->what_without_backtrace() : e.what(), "; nothing was loaded");
+  }
 
   for (size_t gi = 0; gi < staged.param_groups().size(); ++gi) {
     const auto& saved = static_cast<const ShampooOptions&>(staged.param_groups()[gi].options());
@@ -154,7 +173,12 @@ void Shampoo::load(torch::serialize::InputArchive& archive) {
       TORCH_CHECK(false, "lowbit::Shampoo::load: the checkpoint's group ", gi, " was saved with different ",
                   names, " than this optimizer uses; nothing was loaded");
     }
-    saved.validate();
+    try {
+      saved.validate();
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "lowbit::Shampoo::load: the checkpoint's group ", gi, " has invalid options: ",
+                  e.what_without_backtrace(), "; nothing was loaded");
+    }
     const auto& params = staged.param_groups()[gi].params();
     for (size_t pi = 0; pi < params.size(); ++pi) {
       const torch::Tensor& p = params[pi];

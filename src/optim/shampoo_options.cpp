@@ -4,8 +4,11 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
+#include <utility>
 
+#include "optim/checkpoint_reader.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -71,6 +74,10 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
               "graft_bits must be 32, 8 or 4; got ", o.graft_bits());
   TORCH_CHECK(o.graft_bits() == 32 || o.graft() == "adamw", p, "graft_bits=", o.graft_bits(),
               " quantizes AdamW moments and needs graft \"adamw\"; got \"", o.graft(), "\"");
+  // (Checkpoints carry options too: an infinite one would make every step NaN/Inf.)
+  for (const auto& [name, value] : {std::pair<const char*, double>{"lr", o.lr()}, {"eps", o.eps()},
+                                    {"weight_decay", o.weight_decay()}, {"epsilon", o.epsilon()}})
+    TORCH_CHECK(std::isfinite(value), p, name, " must be finite; got ", value);
 }
 
 // Options that decide the layout of the saved state: a checkpoint must agree on these.
@@ -170,35 +177,34 @@ void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, graft);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, bits);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, quantize);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mapping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, quant_block_size);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, double_quant_scales);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, min_quant_numel);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, max_preconditioner_dim);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, stat_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, epsilon);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, stat_interval);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, root_interval);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, start_preconditioning_step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(rectify_t, rectify_steps);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, root_method);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, eigen_update);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, skip_nonfinite);
+  LOWBIT_DESERIALIZE_ARG(double, lr);
+  LOWBIT_DESERIALIZE_ARG(std::string, graft);
+  LOWBIT_DESERIALIZE_ARG(double, momentum);
+  LOWBIT_DESERIALIZE_ARG(bool, nesterov);
+  LOWBIT_DESERIALIZE_ARG(betas_t, betas);
+  LOWBIT_DESERIALIZE_ARG(double, eps);
+  LOWBIT_DESERIALIZE_ARG(double, weight_decay);
+  LOWBIT_DESERIALIZE_ARG(int64_t, bits);
+  LOWBIT_DESERIALIZE_ARG(std::string, quantize);
+  LOWBIT_DESERIALIZE_ARG(std::string, mapping);
+  LOWBIT_DESERIALIZE_ARG(int64_t, quant_block_size);
+  LOWBIT_DESERIALIZE_ARG(bool, double_quant_scales);
+  LOWBIT_DESERIALIZE_ARG(int64_t, min_quant_numel);
+  LOWBIT_DESERIALIZE_ARG(int64_t, max_preconditioner_dim);
+  LOWBIT_DESERIALIZE_ARG(double, stat_decay);
+  LOWBIT_DESERIALIZE_ARG(double, epsilon);
+  LOWBIT_DESERIALIZE_ARG(int64_t, stat_interval);
+  LOWBIT_DESERIALIZE_ARG(int64_t, root_interval);
+  LOWBIT_DESERIALIZE_ARG(int64_t, start_preconditioning_step);
+  LOWBIT_DESERIALIZE_ARG(rectify_t, rectify_steps);
+  LOWBIT_DESERIALIZE_ARG(std::string, root_method);
+  LOWBIT_DESERIALIZE_ARG(std::string, eigen_update);
+  LOWBIT_DESERIALIZE_ARG(bool, skip_nonfinite);
   // Options added later are absent from older checkpoints: those used the defaults.
-  c10::IValue value;
-  preconditioner_ = archive.try_read("preconditioner", value) ? value.toStringRef() : "shampoo";
-  error_feedback_ = archive.try_read("error_feedback", value) ? value.toBool() : true;
-  error_feedback_decay_ = archive.try_read("error_feedback_decay", value) ? value.toDouble() : 0.0;
-  graft_bits_ = archive.try_read("graft_bits", value) ? value.toInt() : 32;
+  preconditioner_ = checkpoint::read_field_or<std::string>(archive, "preconditioner", "shampoo");
+  error_feedback_ = checkpoint::read_field_or<bool>(archive, "error_feedback", true);
+  error_feedback_decay_ = checkpoint::read_field_or<double>(archive, "error_feedback_decay", 0.0);
+  graft_bits_ = checkpoint::read_field_or<int64_t>(archive, "graft_bits", 32);
 }
 
 bool operator==(const ShampooOptions& a, const ShampooOptions& b) {

@@ -114,13 +114,19 @@ void quantize_blockwise_args(const at::Tensor& input, const at::Tensor& table, i
                 op, ": scales must be float32 of shape [", rows, ", ", blocks, "]; got ",
                 scales->toString(), " of shape ", scales->sizes());
     same_device(op, input.device(), {{"scales", &*scales}});
+    // A NaN/Inf or negative scale would be handed back and decode to NaN/Inf (or to the
+    // mirror image of the block): refused, like quantize_scales refuses such input.
+    TORCH_CHECK(scales->numel() == 0 || (scales->isfinite().all().item<bool>() && scales->ge(0).all().item<bool>()),
+                op, ": scales must be finite and non-negative");
   }
 }
 
-void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols, at::ScalarType dtype) {
-  TORCH_CHECK(codes.defined() && codes.dim() == 2, "lowbit::dequantize_blockwise: codes must be 2-D");
-  TORCH_CHECK(cols >= 0, "lowbit::dequantize_blockwise: cols must be non-negative; got ", cols);
-  output_dtype("lowbit::dequantize_blockwise", dtype);
+void dequantize_blockwise_args(const at::Tensor& codes, int64_t bits, int64_t cols, at::ScalarType dtype) {
+  constexpr const char* op = "lowbit::dequantize_blockwise";
+  TORCH_CHECK(codes.defined() && codes.dim() == 2, op, ": codes must be 2-D; got ", describe(codes));
+  TORCH_CHECK(cols >= 0, op, ": cols must be non-negative; got ", cols);
+  packed_codes(op, codes, bits, codes.size(0), cols);
+  output_dtype(op, dtype);
 }
 
 void output_dtype(const char* op, at::ScalarType dtype) {

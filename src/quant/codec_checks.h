@@ -31,7 +31,9 @@ void block_absmax_args(const at::Tensor& input, int64_t block_size, bool skip_di
 void quantize_blockwise_args(const at::Tensor& input, const at::Tensor& codebook, int64_t bits,
                              int64_t block_size, bool keep_diagonal,
                              const c10::optional<at::Tensor>& scales);
-void dequantize_blockwise_args(const at::Tensor& codes, int64_t cols, at::ScalarType dtype);
+// Checked before the output is allocated: codes must be those of a [codes.size(0), cols]
+// matrix at `bits`, so that a bad `cols` cannot ask for a huge output; dtype a float type.
+void dequantize_blockwise_args(const at::Tensor& codes, int64_t bits, int64_t cols, at::ScalarType dtype);
 void dequantize_blockwise_out_args(const at::Tensor& codes, const at::Tensor& scales,
                                    const at::Tensor& codebook, const c10::optional<at::Tensor>& diagonal,
                                    int64_t bits, int64_t block_size, const at::Tensor& out);

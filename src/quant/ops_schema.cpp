@@ -23,7 +23,7 @@ at::Tensor codebook_op(c10::string_view mapping, int64_t bits) {
 at::Tensor dequantize_blockwise_op(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& codebook,
                                    const c10::optional<at::Tensor>& diagonal, int64_t bits, int64_t block_size,
                                    int64_t cols, at::ScalarType dtype) {
-  lowbit::checks::dequantize_blockwise_args(codes, cols, dtype);
+  lowbit::checks::dequantize_blockwise_args(codes, bits, cols, dtype);
   at::Tensor out = at::empty({codes.size(0), cols}, codes.options().dtype(dtype));
   return lowbit::ops::dequantize_blockwise_out(codes, scales, codebook, diagonal, bits, block_size, out);
 }

@@ -138,13 +138,21 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
               meta_t.toString(), " of shape ", meta_t.sizes());
   const at::Tensor meta_host = meta_t.cpu().contiguous();
   const int64_t* meta = meta_host.data_ptr<int64_t>();
+  TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= 2, op, ": \"meta\" holds an unknown mapping id ",
+              meta[kMapping]);
+  TORCH_CHECK(meta[kKeepDiagonal] == 0 || meta[kKeepDiagonal] == 1, op,
+              ": \"meta\" holds a bad keep_diagonal flag ", meta[kKeepDiagonal], " (expected 0 or 1)");
+  TORCH_CHECK(meta[kDoubleQuant] == 0 || meta[kDoubleQuant] == 1, op,
+              ": \"meta\" holds a bad double_quant flag ", meta[kDoubleQuant], " (expected 0 or 1)");
+  TORCH_CHECK(meta[kRows] >= 0 && meta[kCols] >= 0, op, ": \"meta\" holds a negative shape ", meta[kRows], " x ",
+              meta[kCols]);
+  // Checked as int64, before the narrowing to QuantOptions.bits.
+  check_bits(meta[kBits], (std::string(op) + ": \"meta\" bits").c_str());
+  check_block_size(meta[kBlockSize], (std::string(op) + ": \"meta\" block_size").c_str());
   // Orders beyond 2^40 are no real matrix; the bound keeps cols * bits (packed_row_bytes) from overflowing.
   constexpr int64_t kMaxOrder = int64_t{1} << 40;
-  TORCH_CHECK(meta[kRows] >= 0 && meta[kRows] <= kMaxOrder && meta[kCols] >= 0 && meta[kCols] <= kMaxOrder, op,
-              ": \"meta\" holds a matrix shape of ", meta[kRows], " x ", meta[kCols], "; expected orders in [0, 2^40]");
-  TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= 2, op, ": unknown mapping id ", meta[kMapping]);
-  TORCH_CHECK(meta[kKeepDiagonal] == 0 || meta[kKeepDiagonal] == 1, op, ": bad keep_diagonal flag");
-  TORCH_CHECK(meta[kDoubleQuant] == 0 || meta[kDoubleQuant] == 1, op, ": bad double_quant flag");
+  TORCH_CHECK(meta[kRows] <= kMaxOrder && meta[kCols] <= kMaxOrder, op, ": \"meta\" holds a matrix shape of ",
+              meta[kRows], " x ", meta[kCols], "; expected orders in [0, 2^40]");
 
   QuantizedMatrix q;
   q.rows_ = meta[kRows];
@@ -154,7 +162,6 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
   q.options_.block_size = meta[kBlockSize];
   q.options_.keep_diagonal = meta[kKeepDiagonal] == 1;
   q.options_.double_quant_scales = meta[kDoubleQuant] == 1;
-  q.options_.validate();
   q.codes_ = get("codes", true);
   q.scales_ = get("scales", true);
   q.scale_group_max_ = get("scale_group_max", q.options_.double_quant_scales);

@@ -40,13 +40,13 @@ void AdaHessianOptions::serialize(torch::serialize::OutputArchive& archive) cons
 }
 
 void AdaHessianOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, hessian_power);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, hessian_interval);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  LOWBIT_DESERIALIZE_ARG(double, lr);
+  LOWBIT_DESERIALIZE_ARG(betas_t, betas);
+  LOWBIT_DESERIALIZE_ARG(double, eps);
+  LOWBIT_DESERIALIZE_ARG(double, weight_decay);
+  LOWBIT_DESERIALIZE_ARG(double, hessian_power);
+  LOWBIT_DESERIALIZE_ARG(int64_t, hessian_interval);
+  LOWBIT_DESERIALIZE_ARG(int64_t, seed);
   // Absent from checkpoints made before the option existed: those used the default.
   c10::IValue skip;
   skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
@@ -69,10 +69,10 @@ void AdaHessianParamState::serialize(torch::serialize::OutputArchive& archive) c
 }
 
 void AdaHessianParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_hessian_diag_sq);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, hessian_diag);
+  LOWBIT_DESERIALIZE_ARG(int64_t, step);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_hessian_diag_sq);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, hessian_diag);
 }
 
 AdaHessian::AdaHessian(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdaHessianOptions defaults)
@@ -203,16 +203,18 @@ void AdaHessian::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void AdaHessian::load(torch::serialize::InputArchive& archive) {
+  // Read (and checked) first: the state is replaced only when everything is valid.
+  const std::optional<int64_t> steps = support::read_step_counter(archive, "lowbit_steps", kWho);
   support::load_checked<AdaHessianParamState, AdaHessianOptions>(
       *this, archive, kWho,
       [](const torch::Tensor& p, AdaHessianParamState& s, const AdaHessianOptions&, const std::string& what) {
-        TORCH_CHECK(s.step() >= 0, what, ": step must be >= 0; got ", s.step());
+        checkpoint::check_count(s.step(), what, "step");
         s.exp_avg(support::checked_like(s.exp_avg(), p, "exp_avg", what));
-        s.exp_hessian_diag_sq(support::checked_like(s.exp_hessian_diag_sq(), p, "exp_hessian_diag_sq", what));
+        s.exp_hessian_diag_sq(
+            support::checked_like(s.exp_hessian_diag_sq(), p, "exp_hessian_diag_sq", what, /*non_negative=*/true));
         if (s.hessian_diag().defined()) s.hessian_diag(support::checked_like(s.hessian_diag(), p, "hessian_diag", what));
       });
-  c10::IValue steps;
-  if (archive.try_read("lowbit_steps", steps)) steps_ = steps.toInt();
+  if (steps) steps_ = *steps;
 }
 
 StateBytes AdaHessian::state_bytes() const {

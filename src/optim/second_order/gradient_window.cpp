@@ -56,6 +56,27 @@ void check_window(const WindowTensors& w, const WindowLayout& layout, const std:
   TORCH_CHECK(w.count >= 0, who, ": M-FAC window count must be >= 0; got ", w.count);
 }
 
+void check_window_values(const WindowTensors& w, const WindowLayout& layout, const std::string& who) {
+  if (layout.quantized()) {
+    TORCH_CHECK(w.scales.isfinite().all().item<bool>() && w.scales.ge(0).all().item<bool>(), who,
+                ": M-FAC window \"scales\" must be finite and >= 0; the checkpoint is corrupt");
+  } else {
+    TORCH_CHECK(w.rows.isfinite().all().item<bool>(), who,
+                ": M-FAC window \"rows\" holds NaN or Inf values; the checkpoint is corrupt");
+  }
+  TORCH_CHECK(w.gram.isfinite().all().item<bool>(), who,
+              ": M-FAC window \"gram\" holds NaN or Inf values; the checkpoint is corrupt");
+  // push() computed each entry as a float64 dot product of two stored rows; recomputed in
+  // another order the rounding differs by about dim * 2^-53 of |r_i| . |r_j|, far below the
+  // 1e-9 allowed here and far above what any corruption of an exponent or sign bit leaves.
+  const int64_t n = stored(w, layout);
+  const at::Tensor rows = stored_rows(w, layout).to(at::kDouble);
+  const at::Tensor gram = w.gram.narrow(0, 0, n).narrow(1, 0, n);
+  const at::Tensor bound = at::mm(rows.abs(), rows.abs().t()) * 1e-9 + 1e-300;
+  TORCH_CHECK(((gram - at::mm(rows, rows.t())).abs() <= bound).all().item<bool>(), who,
+              ": M-FAC window \"gram\" is not the Gram matrix of the stored gradients; the checkpoint is corrupt");
+}
+
 at::Tensor stored_rows(const WindowTensors& w, const WindowLayout& layout) {
   const int64_t n = stored(w, layout);
   if (!layout.quantized()) return w.rows.narrow(0, 0, n);

@@ -34,6 +34,11 @@ WindowTensors make_window(const WindowLayout& layout, const at::TensorOptions& o
 // Checks the tensors against the layout (shapes, dtypes, count >= 0), naming them with
 // `who`; for checkpoints.
 void check_window(const WindowTensors& w, const WindowLayout& layout, const std::string& who);
+// Checks the values of a window that passed check_window, for checkpoints: finite rows (or
+// finite, non-negative block scales) and a Gram matrix that is, up to rounding, that of the
+// stored gradients (the inverse-Fisher product solves with it, and a corrupted one can make
+// that system singular).
+void check_window_values(const WindowTensors& w, const WindowLayout& layout, const std::string& who);
 
 // Stores g (d elements) in row count % m, as it will be read back, and updates the Gram
 // matrix's row and column of that slot. Returns the stored gradients as an n x d float64

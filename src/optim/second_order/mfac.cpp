@@ -75,6 +75,7 @@ void MFACOptions::validate() const {
   TORCH_CHECK(bits() == 32 || bits() == 8 || bits() == 4, p, "bits must be 32, 8 or 4; got ", bits());
   support::check_one_of(p, "mapping", mapping(), {"linear2", "dynamic", "linear"});
   check_block_size(quant_block_size(), (p + "quant_block_size").c_str());
+  support::check_finite_options(p, {{"lr", lr()}, {"weight_decay", weight_decay()}, {"damping", damping()}});
 }
 
 void MFACOptions::serialize(torch::serialize::OutputArchive& archive) const {
@@ -90,14 +91,14 @@ void MFACOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void MFACOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, window);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, damping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, bits);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mapping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, quant_block_size);
+  LOWBIT_DESERIALIZE_ARG(double, lr);
+  LOWBIT_DESERIALIZE_ARG(double, momentum);
+  LOWBIT_DESERIALIZE_ARG(double, weight_decay);
+  LOWBIT_DESERIALIZE_ARG(int64_t, window);
+  LOWBIT_DESERIALIZE_ARG(double, damping);
+  LOWBIT_DESERIALIZE_ARG(int64_t, bits);
+  LOWBIT_DESERIALIZE_ARG(std::string, mapping);
+  LOWBIT_DESERIALIZE_ARG(int64_t, quant_block_size);
   // Absent from checkpoints made before the option existed: those used the default.
   c10::IValue skip;
   skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
@@ -126,15 +127,15 @@ void MFACParamState::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void MFACParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, count);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, mapping);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, shape);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, rows);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, codes);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, scales);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, gram);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
+  LOWBIT_DESERIALIZE_ARG(int64_t, step);
+  LOWBIT_DESERIALIZE_ARG(int64_t, count);
+  LOWBIT_DESERIALIZE_ARG(std::string, mapping);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, shape);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, rows);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, codes);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, scales);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, gram);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, momentum_buffer);
 }
 
 MFAC::MFAC(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, MFACOptions defaults)
@@ -235,7 +236,8 @@ void MFAC::save(torch::serialize::OutputArchive& archive) const {
 void MFAC::load(torch::serialize::InputArchive& archive) {
   support::load_checked<MFACParamState, MFACOptions>(
       *this, archive, kWho, [](const torch::Tensor& p, MFACParamState& s, const MFACOptions& o, const std::string& what) {
-        TORCH_CHECK(s.step() >= 0, what, ": step must be >= 0; got ", s.step());
+        checkpoint::check_count(s.step(), what, "step");
+        checkpoint::check_count(s.count(), what, "count");
         // Same element count is not enough: the window's rows are flattened gradients.
         TORCH_CHECK(saved_shape(s) == p.sizes().vec(), what, ": the M-FAC window was made for a parameter of shape ",
                     at::IntArrayRef(saved_shape(s)), " but the parameter has shape ", p.sizes());
@@ -244,6 +246,7 @@ void MFAC::load(torch::serialize::InputArchive& archive) {
         for (at::Tensor* t : {&w.rows, &w.codes, &w.scales, &w.gram})
           if (t->defined()) *t = t->to(p.device());
         store_window(s, w);
+        mfac::check_window_values(w, layout_of(o, p), what);
         if (s.momentum_buffer().defined())
           s.momentum_buffer(support::checked_like(s.momentum_buffer(), p, "momentum_buffer", what));
       });

@@ -21,6 +21,7 @@ void NagGSOptions::validate() const {
   TORCH_CHECK(lr() > 0, p, "lr (alpha) must be > 0; got ", lr());
   TORCH_CHECK(mu() >= 0, p, "mu must be >= 0; got ", mu());
   TORCH_CHECK(gamma() > 0, p, "gamma must be > 0; got ", gamma());
+  support::check_finite_options(p, {{"lr", lr()}, {"mu", mu()}, {"gamma", gamma()}});
 }
 
 void NagGSOptions::serialize(torch::serialize::OutputArchive& archive) const {
@@ -31,9 +32,9 @@ void NagGSOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void NagGSOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, mu);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, gamma);
+  LOWBIT_DESERIALIZE_ARG(double, lr);
+  LOWBIT_DESERIALIZE_ARG(double, mu);
+  LOWBIT_DESERIALIZE_ARG(double, gamma);
   // Absent from checkpoints made before the option existed: those used the default.
   c10::IValue skip;
   skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
@@ -53,9 +54,9 @@ void NagGSParamState::serialize(torch::serialize::OutputArchive& archive) const 
 }
 
 void NagGSParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, gamma);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, velocity);
+  LOWBIT_DESERIALIZE_ARG(int64_t, step);
+  LOWBIT_DESERIALIZE_ARG(double, gamma);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, velocity);
 }
 
 NagGS::NagGS(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, NagGSOptions defaults)
@@ -141,7 +142,7 @@ void NagGS::save(torch::serialize::OutputArchive& archive) const {
 void NagGS::load(torch::serialize::InputArchive& archive) {
   support::load_checked<NagGSParamState, NagGSOptions>(
       *this, archive, kWho, [](const torch::Tensor& p, NagGSParamState& s, const NagGSOptions&, const std::string& what) {
-        TORCH_CHECK(s.step() >= 0, what, ": step must be >= 0; got ", s.step());
+        checkpoint::check_count(s.step(), what, "step");
         TORCH_CHECK(std::isfinite(s.gamma()) && s.gamma() > 0, what, ": gamma must be finite and > 0; got ", s.gamma());
         s.velocity(support::checked_like(s.velocity(), p, "velocity", what));
       });

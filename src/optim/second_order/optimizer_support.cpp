@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <cmath>
+
 #include "optim/gradient_health.h"
+#include "optim/shampoo_internal.h"
 
 namespace lowbit::support {
 
@@ -94,6 +97,13 @@ void check_adam_options(const std::string& p, double lr, const std::tuple<double
   TORCH_CHECK(beta2 >= 0 && beta2 < 1, p, "betas[1] must be in [0, 1); got ", beta2);
   TORCH_CHECK(eps > 0, p, "eps must be > 0; got ", eps);
   TORCH_CHECK(weight_decay >= 0, p, "weight_decay must be >= 0; got ", weight_decay);
+  // (Checkpoints carry options too: an infinite one would make every step NaN/Inf.)
+  check_finite_options(p, {{"lr", lr}, {"eps", eps}, {"weight_decay", weight_decay}});
+}
+
+void check_finite_options(const std::string& prefix, std::initializer_list<std::pair<const char*, double>> options) {
+  for (const auto& [name, value] : options)
+    TORCH_CHECK(std::isfinite(value), prefix, name, " must be finite; got ", value);
 }
 
 void check_one_of(const std::string& who, const char* name, const std::string& value,
@@ -106,13 +116,37 @@ void check_one_of(const std::string& who, const char* name, const std::string& v
   TORCH_CHECK(false, who, name, " must be one of ", list, "; got \"", value, "\"");
 }
 
-torch::Tensor checked_like(const torch::Tensor& t, const torch::Tensor& p, const char* name, const std::string& what) {
+torch::Tensor checked_like(const torch::Tensor& t, const torch::Tensor& p, const char* name, const std::string& what,
+                           bool non_negative) {
   TORCH_CHECK(t.defined(), what, " has no \"", name, "\" state");
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), what, ": state \"", name, "\" must be a floating tensor; got ",
               t.scalar_type());
   TORCH_CHECK(t.sizes() == p.sizes(), what, ": state \"", name, "\" has shape ", t.sizes(),
               " but the parameter has shape ", p.sizes());
-  return t.to(p.options());
+  const torch::Tensor out = t.to(p.options());
+  // Checked in the parameter's dtype: a float64 value beyond its range would become Inf.
+  check_finite_state(out, name, what, non_negative);
+  return out;
+}
+
+void check_finite_state(const torch::Tensor& t, const char* name, const std::string& what, bool non_negative) {
+  if (!t.defined() || t.numel() == 0) return;
+  TORCH_CHECK(all_finite(t), what, ": state \"", name, "\" holds NaN or Inf values; the checkpoint is corrupt");
+  TORCH_CHECK(!non_negative || t.ge(0).all().item<bool>(), what, ": state \"", name,
+              "\" holds negative values (it is a running mean of squares); the checkpoint is corrupt");
+}
+
+std::optional<int64_t> read_step_counter(torch::serialize::InputArchive& archive, const char* name,
+                                         const std::string& who) {
+  try {
+    c10::IValue v;
+    if (!archive.try_read(name, v)) return std::nullopt;
+    TORCH_CHECK(v.isInt(), "the entry \"", name, "\" must be an integer; got ", checkpoint::kind_of(v));
+    checkpoint::check_count(v.toInt(), "the checkpoint", name);
+    return v.toInt();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, who, ": cannot load the checkpoint: ", e.what_without_backtrace(), "; nothing was loaded");
+  }
 }
 
 int64_t bytes_of(const torch::Tensor& t) {

@@ -26,6 +26,7 @@ void SophiaOptions::validate() const {
   support::check_one_of(p, "estimator", estimator(), {"gnb", "hutchinson"});
   TORCH_CHECK(hessian_interval() >= 1, p, "hessian_interval must be >= 1; got ", hessian_interval());
   TORCH_CHECK(seed() >= 0, p, "seed must be >= 0; got ", seed());
+  support::check_finite_options(p, {{"rho", rho()}});
 }
 
 void SophiaOptions::serialize(torch::serialize::OutputArchive& archive) const {
@@ -41,14 +42,14 @@ void SophiaOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void SophiaOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, rho);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, estimator);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, hessian_interval);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  LOWBIT_DESERIALIZE_ARG(double, lr);
+  LOWBIT_DESERIALIZE_ARG(betas_t, betas);
+  LOWBIT_DESERIALIZE_ARG(double, rho);
+  LOWBIT_DESERIALIZE_ARG(double, eps);
+  LOWBIT_DESERIALIZE_ARG(double, weight_decay);
+  LOWBIT_DESERIALIZE_ARG(std::string, estimator);
+  LOWBIT_DESERIALIZE_ARG(int64_t, hessian_interval);
+  LOWBIT_DESERIALIZE_ARG(int64_t, seed);
   // Absent from checkpoints made before the option existed: those used the default.
   c10::IValue skip;
   skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
@@ -71,9 +72,9 @@ void SophiaParamState::serialize(torch::serialize::OutputArchive& archive) const
 }
 
 void SophiaParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, exp_avg);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, hessian);
+  LOWBIT_DESERIALIZE_ARG(int64_t, step);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, hessian);
 }
 
 Sophia::Sophia(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, SophiaOptions defaults)
@@ -249,14 +250,15 @@ void Sophia::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void Sophia::load(torch::serialize::InputArchive& archive) {
+  // Read (and checked) first: the state is replaced only when everything is valid.
+  const std::optional<int64_t> steps = support::read_step_counter(archive, "lowbit_steps", kWho);
   support::load_checked<SophiaParamState, SophiaOptions>(
       *this, archive, kWho, [](const torch::Tensor& p, SophiaParamState& s, const SophiaOptions&, const std::string& what) {
-        TORCH_CHECK(s.step() >= 0, what, ": step must be >= 0; got ", s.step());
+        checkpoint::check_count(s.step(), what, "step");
         s.exp_avg(support::checked_like(s.exp_avg(), p, "exp_avg", what));
         s.hessian(support::checked_like(s.hessian(), p, "hessian", what));
       });
-  c10::IValue steps;
-  if (archive.try_read("lowbit_steps", steps)) steps_ = steps.toInt();
+  if (steps) steps_ = *steps;
 }
 
 StateBytes Sophia::state_bytes() const {
