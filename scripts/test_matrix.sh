@@ -14,7 +14,9 @@
 # Threads: OMP_NUM_THREADS sets ATen's intra-op pool (at::get_num_threads follows it) and
 # MKL_NUM_THREADS MKL's. python/tests/conftest.py pins torch.set_num_threads(2) for every
 # Python test, so the pytest half of a 1-thread cell still runs its torch ops on 2 threads
-# (only the MKL code path changes there).
+# (only the MKL code path changes there). OMP_WAIT_POLICY defaults to PASSIVE: on a shared
+# machine spinning OpenMP workers made a 2-thread cell 10x slower; it changes scheduling,
+# not results.
 
 LOWBIT_MATRIX_CTESTS=(codec_test linalg_test quant_error_test shampoo_test precond_test caspr_test
                       shampoo_variants_test second_order_test lowbit_adamw_test arith_test)
@@ -42,6 +44,7 @@ lowbit_matrix_cell() {
   for f in "${LOWBIT_MATRIX_PYTESTS[@]}"; do pyfiles+=("$LOWBIT_ROOT/python/tests/$f"); done
 
   local start=$SECONDS cpp_rc=0 py_rc=0
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
   (cd "$LOWBIT_BUILD" && MKL_ENABLE_INSTRUCTIONS="$isa" OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" \
      ctest --output-on-failure -R "$regex") >"$log_prefix.ctest.log" 2>&1 || cpp_rc=$?
   MKL_ENABLE_INSTRUCTIONS="$isa" OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" \
