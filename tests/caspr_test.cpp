@@ -32,55 +32,61 @@ struct DenseCase {
 };
 
 // 32-bit CASPR through the optimizer (SGDM after norm grafting) against the fp64
-// reference of tests/shampoo_reference.h. Tolerance: fp32 eigenvalues carry an absolute
-// error of about u * lambda_max (u = 6e-8), i.e. a relative error u / epsilon = 6e-4 at the
-// ridge epsilon * lambda_max (epsilon = 1e-4); CASPR's direction weighs those eigenvalues
-// by (lambda + ridge)^(-1) (L~^2), so its components carry up to ~6e-4 relative error
-// (Shampoo's (lambda + ridge)^(-1/2): half). Over 10 steps of lr 0.05 with momentum 0.9
-// (buffer <= 6.5 directions) and direction elements up to ~3, a parameter moves by at most
-// 10 * 0.05 * 6.5 * 3 ~ 1, so about 6e-4 of that; with a factor 3 of slack for these
-// estimates, 2e-3 absolute (measured: 1.6e-4 to 7.1e-4 over the six runs).
-// The same reference run as Shampoo lands more than 20x that away, so the check can tell
-// the two rules apart.
-constexpr double kFp32Tolerance = 2e-3;
-
+// reference of tests/shampoo_reference.h, with the bound that reference derives for any
+// fp32 implementation: fp32 rounding u = 2^-24 of the statistics, the eigh and the products,
+// amplified by the conditioning of (A + ridge)^(-1/2) (divided differences up to
+// (1/2)(lambda_min + ridge)^(-3/2), a relative error up to u kappa / 2, kappa <= 1/epsilon,
+// on the directions excited), each root entering CASPR's direction twice, and by the
+// grafting, summed over the steps with lr and the momentum buffer (details there, and in
+// shampoo_equivalence_test.cpp for Shampoo). Asserted in ||.||_F at every step.
+// Measured (MKL AVX-512, AVX2, SSE4.2; 1 and 2 threads): at most 0.0095 of the bound on the
+// preconditioned parameters from step 4, at most 0.43 on the others (plain fp32 SGDM).
+// The Shampoo reference run on the same gradients must land outside the bound, so the check
+// tells the two rules apart: measured 95x to 470x the bound at epsilon = 1e-2, 1.28x to 28x
+// at 1e-4 (a property of the two fp64 trajectories, the same on every machine).
 TEST(Caspr, Fp32MatchesADenseFp64Reference) {
-  for (const DenseCase dc : {DenseCase{1, 1, 1, 1200}, DenseCase{2, 3, 2, 1200}, DenseCase{1, 2, 1, 16}}) {
-    for (const char* method : {"eigen", "newton"}) {
-      std::vector<at::Tensor> params = make_params(2);
-      const ShampooOptions options = ShampooOptions(0.05).graft("sgdm").momentum(0.9).bits(32).epsilon(1e-4)
-                                         .stat_interval(dc.stat_interval).root_interval(dc.root_interval)
-                                         .start_preconditioning_step(dc.start).max_preconditioner_dim(dc.max_dim)
-                                         .root_method(method).preconditioner("caspr");
-      std::vector<testing::ReferenceShampooSgdm> refs, shampoo_refs;
-      for (const auto& p : params) {
-        testing::ReferenceShampooConfig rc{0.95, 1e-4, dc.stat_interval, dc.root_interval, dc.start, dc.max_dim,
-                                           0.05, 0.9};
-        shampoo_refs.emplace_back(p.detach(), rc);
-        rc.caspr = true;
-        refs.emplace_back(p.detach(), rc);
-      }
-      Shampoo caspr(params, options);
-      double worst = 0, gap = 0;
-      for (int step = 0; step < 10; ++step) {
-        set_grads(params, 300 + step);
-        for (size_t i = 0; i < params.size(); ++i) {
-          refs[i].step(params[i].grad());
-          shampoo_refs[i].step(params[i].grad());
+  for (const double epsilon : {1e-2, 1e-4}) {
+    for (const DenseCase dc : {DenseCase{1, 1, 1, 1200}, DenseCase{2, 3, 2, 1200}, DenseCase{1, 2, 1, 16}}) {
+      for (const char* method : {"eigen", "newton"}) {
+        std::vector<at::Tensor> params = make_params(2);
+        const ShampooOptions options = ShampooOptions(0.05).graft("sgdm").momentum(0.9).bits(32).epsilon(epsilon)
+                                           .stat_interval(dc.stat_interval).root_interval(dc.root_interval)
+                                           .start_preconditioning_step(dc.start).max_preconditioner_dim(dc.max_dim)
+                                           .root_method(method).preconditioner("caspr");
+        std::vector<testing::ReferenceShampooSgdm> refs, shampoo_refs;
+        for (const auto& p : params) {
+          testing::ReferenceShampooConfig rc{0.95, epsilon, dc.stat_interval, dc.root_interval, dc.start, dc.max_dim,
+                                             0.05, 0.9, false, std::string(method) == "newton"};
+          shampoo_refs.emplace_back(p.detach(), rc);
+          rc.caspr = true;
+          refs.emplace_back(p.detach(), rc);
         }
-        caspr.step();
-        for (size_t i = 0; i < params.size(); ++i) {
-          const double diff = (params[i].detach().to(at::kDouble) - refs[i].param()).abs().max().item<double>();
-          worst = std::max(worst, diff);
-          ASSERT_LT(diff, kFp32Tolerance) << method << " T1=" << dc.stat_interval << " T2=" << dc.root_interval
-                                << " max_dim=" << dc.max_dim << " parameter " << i << " step " << step;
-          if (i < 2) gap = std::max(gap, (refs[i].param() - shampoo_refs[i].param()).abs().max().item<double>());
+        Shampoo caspr(params, options);
+        double worst_pre = 0, worst = 0, gap = 1e30;
+        for (int step = 0; step < 10; ++step) {
+          set_grads(params, 300 + step);
+          for (size_t i = 0; i < params.size(); ++i) {
+            refs[i].step(params[i].grad());
+            shampoo_refs[i].step(params[i].grad());
+          }
+          caspr.step();
+          for (size_t i = 0; i < params.size(); ++i) {
+            const double diff = (params[i].detach().to(at::kDouble) - refs[i].param()).norm().item<double>();
+            const double bound = refs[i].fp32_error_bound();
+            worst = std::max(worst, diff / bound);
+            if (i < 2 && step >= 3) worst_pre = std::max(worst_pre, diff / bound);
+            ASSERT_LE(diff, bound) << "epsilon " << epsilon << " " << method << " T1=" << dc.stat_interval
+                                   << " T2=" << dc.root_interval << " max_dim=" << dc.max_dim << " parameter " << i
+                                   << " step " << step;
+            if (i < 2 && step == 9) gap = std::min(gap, (refs[i].param() - shampoo_refs[i].param()).norm().item<double>() / bound);
+          }
         }
+        std::cout << "[caspr fp32 vs fp64] epsilon " << epsilon << " " << method << " T1=" << dc.stat_interval
+                  << " T2=" << dc.root_interval << " max_dim=" << dc.max_dim << ": max |diff|_F / bound " << worst << " (preconditioned, from step 4: " << worst_pre << ")"
+                  << ", CASPR-Shampoo distance / bound " << gap << "\n";
+        EXPECT_GT(gap, 1.0) << "CASPR and Shampoo must be told apart by the bound";
+        EXPECT_GT(caspr.root_updates(), 0);
       }
-      std::cout << "[caspr fp32 vs fp64] " << method << " T1=" << dc.stat_interval << " T2=" << dc.root_interval
-                << " max_dim=" << dc.max_dim << ": max |diff| " << worst << ", CASPR-Shampoo gap " << gap << "\n";
-      EXPECT_GT(gap, 20 * kFp32Tolerance) << "CASPR and Shampoo references must be far apart for this test to mean anything";
-      EXPECT_GT(caspr.root_updates(), 0);
     }
   }
 }

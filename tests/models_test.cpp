@@ -132,6 +132,9 @@ TEST(Models, CnnLearnsSyntheticData) {
   at::NoGradGuard no_grad;
   const at::Tensor predicted = model->forward(split.test.images).argmax(1);
   const double accuracy = predicted.eq(split.test.labels).to(at::kDouble).mean().item<double>();
+  // The nearest-class-mean classifier already reaches 0.85 to 0.995 on this data
+  // (data_test's Synthetic test); a CNN trained for one epoch must do at least that well
+  // (the binomial sd of an accuracy near 0.9 on 1000 images is 0.01).
   EXPECT_GT(accuracy, 0.85) << "one epoch of 3072 synthetic images";
 }
 

@@ -46,9 +46,12 @@ TEST_P(RoundTrip, NearestCodeTimesBlockScaleWithinHalfGap) {
       ok = ok && y(r, c) == codes[k] * s;                                // value = code * scale
       ok = ok && testing::abs_diff(x(r, c), y(r, c)) <= testing::error_bound(s, bound); // error bound
       if (s > 0) {  // nearest code, except within float rounding of a tie
+        // The codec compares x with fl(fl(c_k + c_k+1) / 2 * s): the midpoint sum and the
+        // product each round by <= 2^-24 relative, i.e. <= 2^-24 in units of t = x / s each
+        // (|midpoint| <= 1), so it can pick the other neighbour only within 2^-23 of a tie.
         const double t = static_cast<double>(x(r, c)) / s;
         ok = ok && (k == testing::nearest_code(codes, t) ||
-                    testing::distance_to_midpoint(codes, t) < 1e-6);
+                    testing::distance_to_midpoint(codes, t) <= 0x1p-23);
       } else {
         ok = ok && codes[k] == 0.f;  // an all-zero block stores the zero code
       }

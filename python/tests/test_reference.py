@@ -85,21 +85,6 @@ class ReferenceShampoo:
             self.p = self.p - self.lr / (1 - b1 ** self.k) * self.m / denom
 
 
-def run(options: dict, steps: int, seed: int = 2, shapes=None):
-    params = make_params(seed) if shapes is None else make_params(seed, shapes)
-    ref_options = {k: v for k, v in options.items() if k not in ("bits", "root_method", "quantize", "mapping",
-                                                                  "min_quant_numel", "eigen_update")}
-    refs = [ReferenceShampoo(p, **ref_options) for p in params]
-    start = clones(params)
-    opt = lowbit.Shampoo(params, **options)
-    for k in range(steps):
-        set_grads(params, 300 + k)
-        for r, p in zip(refs, params):
-            r.step(p.grad)
-        opt.step()
-    return params, refs, start, opt
-
-
 CASES = [
     dict(stat_interval=1, root_interval=1, start_preconditioning_step=1, max_preconditioner_dim=1200),
     dict(stat_interval=2, root_interval=3, start_preconditioning_step=2, max_preconditioner_dim=1200),
@@ -107,20 +92,178 @@ CASES = [
 ]
 
 
+U32 = 2.0 ** -24  # unit roundoff of fp32
+NEWTON_TOLERANCE = 1e-6  # inverse_root_newton's stopping residual (and power iteration's)
+
+
+class Fp32ErrorBudget:
+    """First-order bound on ||p_fp32 - p_ref||_F for an fp32 implementation of the reference's
+    algorithm fed the same gradients: the derivation of tests/shampoo_reference.h (C++), items
+    1-5, plus AdamW for the "adamw" graft. In short: statistic rounding (a few u per update,
+    decaying with beta); the eigh's backward error N u ||A||_F (LAPACK's approximate bounds take
+    p(N) = 1, we take N) and the ridge it moves; its forward effect on the root through the
+    divided differences F_ij of f(x) = (x + ridge)^(-1/4) (Daleckii-Krein: ||df(A) h|| <=
+    eta max_i sqrt(sum_j F_ij^2 (V^T h)_j^2) for a vector h, so u kappa / 4 with kappa = ||A|| /
+    (lambda_min + ridge) <= 1/epsilon only on the directions h excites); forming the root
+    (N u |V| f |V|^T) and the two products ((m + n) u |Lr||G||Rr|); Newton's stopping residual
+    ((N + 1) tau / 4 relative); grafting (2 ||dGhat|| ||G|| / ||Ghat|| + 3u ||G||). Then the
+    first-order rule in fp32:
+    - SGDM: buffer error b <- mu b + ||dD|| + wd E + u (mu ||buf_old|| + ||buf|| + wd ||p||),
+      E <- E + lr b + u (||p|| + lr ||buf||).
+    - AdamW works per element, so the direction error is bounded per element too: the L root's
+      error on column c of H = G Rr by eta_L max_i sqrt(sum_j F_ij^2 (V^T H_c)_j^2), the R
+      root's on row r of K = Lr G likewise, the rounding terms elementwise, and the grafting
+      scale s = ||G|| / ||Ghat|| by s ||dGhat|| / ||Ghat||: |dD_e| <= s (|dGhat_e| + |Ghat_e|
+      ||dGhat|| / ||Ghat||) + 3u |D_e|. Then |dm_e| <= sum_j (1 - b1) b1^(k-j) |dD_j,e| and, by
+      the triangle inequality in the weighted 2-norm, |d sqrt(v_e)| <= sqrt(sum_j (1 - b2)
+      b2^(k-j) dD_j,e^2); fp32 rounding of the moments adds e_m <- b1 e_m + 2u (|m_old| + |D| +
+      |m|) and e_v <- b2 e_v + 2u (v_old + D^2 + v) (|d sqrt(v)| <= min(sqrt(e_v),
+      e_v / (2 sqrt(v))), the square root being concave); the step
+      lr m^ / (sqrt(v^) + eps) moves by lr (|dm^| + |m^| |d sqrt(v^)| / denom) / denom, plus
+      8u of itself for the square root, the bias corrections, eps, the division and lr;
+      E <- E (1 - lr wd) + ||that||_F + u (||p|| + lr wd ||p||)."""
+
+    def __init__(self, ref: "ReferenceShampoo", newton: bool) -> None:
+        self.ref, self.newton = ref, newton
+        self.stat_error = [[U32 * b["L"].norm().item(), U32 * b["R"].norm().item()] for b in ref.blocks]
+        self.roots: List[Optional[tuple]] = [None for _ in ref.blocks]
+        self.buffer_error = 0.0
+        self.param_error = 0.0
+        self.direction_bounds: List[torch.Tensor] = []  # per step, per element |dD| bounds (AdamW)
+        self.m_rounding = torch.zeros_like(ref.p)
+        self.v_rounding = torch.zeros_like(ref.p)
+
+    def _root(self, a: torch.Tensor, stat_error: float) -> dict:
+        eps = self.ref.epsilon
+        values, vectors = torch.linalg.eigh((a + a.T) / 2)
+        values = values.clamp_min(0)
+        ridge = eps * values.max()
+        f = (values + ridge).pow(-0.25)
+        fprime = (values + ridge).pow(-1.25) / 4
+        gap = (values[:, None] - values[None, :]).abs()
+        quotient = (f[:, None] - f[None, :]).abs() / gap.clamp_min(1e-300)
+        tie = torch.maximum(fprime[:, None], fprime[None, :])  # |f'| decreasing: bound at the smaller one
+        dd = torch.where(gap > 1e-8 * (values.max() + ridge), torch.minimum(quotient, tie), tie)
+        n = a.shape[0]
+        return dict(x=(vectors * f) @ vectors.T, v=vectors, f2=dd ** 2, w=(vectors.abs() * f) @ vectors.abs().T,
+                    eta=(stat_error + n * U32 * a.norm().item()) * (1 + math.sqrt(n) * eps),
+                    nu=(n + 1) * NEWTON_TOLERANCE / 4 if self.newton else 0.0)
+
+    def after_step(self, grad: torch.Tensor, p_before: torch.Tensor, buf_before: Optional[torch.Tensor],
+                   m_before: torch.Tensor, v_before: torch.Tensor) -> None:
+        """Call right after ref.step(grad) with the reference's state from before it."""
+        r, u = self.ref, U32
+        g = grad.to(torch.float64)
+        direction_error_sq = 0.0
+        elementwise = torch.zeros(r.rows, r.cols, dtype=torch.float64) if r.blocks else torch.zeros_like(g)
+        d = g.clone()
+        if r.blocks:
+            gm = g.reshape(r.rows, r.cols)
+            d = gm.clone()
+            for i, b in enumerate(r.blocks):
+                rows, cols = slice(b["r"], b["r"] + b["m"]), slice(b["c"], b["c"] + b["n"])
+                gb = gm[rows, cols]
+                g_norm = gb.norm().item()
+                if r.k % r.t1 == 0:
+                    for side, (stat, inner) in enumerate(((b["L"], b["n"]), (b["R"], b["m"]))):
+                        self.stat_error[i][side] = (r.beta * self.stat_error[i][side] + (1 - r.beta) * inner * u * g_norm ** 2
+                                                    + 2 * u * stat.norm().item())
+                if r.k >= r.start and r.k % r.t2 == 0:
+                    self.roots[i] = (self._root(b["L"], self.stat_error[i][0]), self._root(b["R"], self.stat_error[i][1]))
+                if r.k >= r.start and self.roots[i] is not None:
+                    lr_, rr_ = self.roots[i]
+                    lx, rx = lr_["x"], rr_["x"]
+                    l2, r2 = torch.linalg.matrix_norm(lx, 2).item(), torch.linalg.matrix_norm(rx, 2).item()
+                    h, k = gb @ rx, lx @ gb  # what the L root and the R root act on
+                    ghat = k @ rx
+                    # Per column of H / per row of K, then per element (item 3 and 4, elementwise).
+                    col_l = (lr_["f2"] @ (lr_["v"].T @ h).pow(2)).max(0).values.sqrt()
+                    row_r = ((k @ rr_["v"]).pow(2) @ rr_["f2"]).max(1).values.sqrt()
+                    err = lr_["eta"] * col_l[None, :] + rr_["eta"] * row_r[:, None]
+                    err = err + b["m"] * u * (lr_["w"] @ h.abs()) + b["n"] * u * (k.abs() @ rr_["w"])
+                    err = err + lr_["nu"] * l2 * h.norm(dim=0)[None, :] + rr_["nu"] * r2 * k.norm(dim=1)[:, None]
+                    err = err + (b["m"] + b["n"]) * u * (lx.abs() @ gb.abs() @ rx.abs())
+                    # The same in Frobenius norm (the column / row bounds squared and summed).
+                    dghat = (lr_["eta"] * col_l.norm() + rr_["eta"] * row_r.norm()).item()
+                    dghat += b["m"] * u * (lr_["w"] @ h.abs()).norm().item() + b["n"] * u * (k.abs() @ rr_["w"]).norm().item()
+                    dghat += lr_["nu"] * l2 * h.norm().item() + rr_["nu"] * r2 * k.norm().item()
+                    dghat += (b["m"] + b["n"]) * u * (lx.abs() @ gb.abs() @ rx.abs()).norm().item()
+                    ghat_norm = ghat.norm().item()
+                    scale = g_norm / ghat_norm
+                    dd = 2 * dghat * scale + 3 * u * g_norm
+                    direction_error_sq += dd * dd
+                    elementwise[rows, cols] = scale * (err + ghat.abs() * dghat / ghat_norm) + 3 * u * scale * ghat.abs()
+                    d[rows, cols] = ghat * scale
+            elementwise, d = elementwise.reshape(g.shape), d.reshape(g.shape)
+        d_err = math.sqrt(direction_error_sq)
+        p_norm, wd = p_before.norm().item(), r.weight_decay
+        if r.graft == "sgdm":
+            old = 0.0 if buf_before is None else buf_before.norm().item()
+            buf = r.buf.norm().item()
+            self.buffer_error = (r.momentum * self.buffer_error + d_err + wd * self.param_error
+                                 + u * (r.momentum * old + buf + wd * p_norm))
+            self.param_error += r.lr * self.buffer_error + u * (r.p.norm().item() + r.lr * buf)
+        else:
+            b1, b2 = r.betas
+            k = r.k
+            self.direction_bounds.append(elementwise)
+            dm = sum((1 - b1) * b1 ** (k - j) * e for j, e in enumerate(self.direction_bounds, start=1))
+            dsv = sum((1 - b2) * b2 ** (k - j) * e * e for j, e in enumerate(self.direction_bounds, start=1)).sqrt()
+            self.m_rounding = b1 * self.m_rounding + 2 * u * (m_before.abs() + d.abs() + r.m.abs())
+            self.v_rounding = b2 * self.v_rounding + 2 * u * (v_before + d * d + r.v)
+            m_hat = r.m / (1 - b1 ** k)
+            denom = (r.v / (1 - b2 ** k)).sqrt() + r.eps
+            step = r.lr * m_hat / denom
+            dm_hat = (dm + self.m_rounding) / (1 - b1 ** k)
+            # sqrt(v + e) - sqrt(v) <= min(sqrt(e), e / (2 sqrt(v))) (concavity)
+            v_sqrt_rounding = torch.minimum(self.v_rounding.sqrt(), self.v_rounding / (2 * r.v.sqrt()).clamp_min(1e-300))
+            dsv_hat = (dsv + v_sqrt_rounding) / math.sqrt(1 - b2 ** k)
+            dstep = r.lr * (dm_hat + m_hat.abs() * dsv_hat / denom) / denom + 8 * u * step.abs()
+            self.param_error = (self.param_error * (1 - r.lr * wd) + dstep.norm().item()
+                                + u * (r.p.norm().item() + r.lr * wd * p_norm))
+
+    def bound(self) -> float:
+        return self.param_error
+
+
 @pytest.mark.parametrize("case", CASES, ids=["T1=T2=1", "T1=2,T2=3,start=2", "blocks of 16"])
 @pytest.mark.parametrize("root_method", ["eigen", "newton"])
 @pytest.mark.parametrize("graft", ["sgdm", "adamw"])
 def test_fp32_shampoo_matches_the_reference(case, root_method, graft):
+    """fp32 lowbit.Shampoo against the fp64 reference within the derived Fp32ErrorBudget, in
+    ||.||_F at every step. (The old fixed 2e-4 on max |diff| failed at 2.24e-4 on an AVX-512
+    Xeon: the conditioning enters as kappa / 4 with kappa up to 1/epsilon = 1e4, not as
+    kappa^(1/4).) Measured (MKL AVX-512, AVX2, SSE4.2): at most 3e-3 of the bound on the
+    preconditioned parameters once preconditioning has started, 0.49 (SGDM) / 0.07 (AdamW) on
+    the others, whose bound is plain fp32 rounding. The bound still sees a slip: the reference
+    with statistics every T1 + 1 steps lands 12x to 360x outside it with SGDM, 2x to 56x with
+    AdamW (a property of the fp64 trajectories; ours is within 1e-2 of the bound of them)."""
     lr = 0.05 if graft == "sgdm" else 0.01
     options = dict(case, lr=lr, graft=graft, bits=32, epsilon=1e-4, root_method=root_method,
                    weight_decay=1e-3)
-    params, refs, _, opt = run(options, steps=10)
+    params = make_params(2)
+    ref_options = {k: v for k, v in options.items() if k not in ("bits", "root_method")}
+    refs = [ReferenceShampoo(p, **ref_options) for p in params]
+    slipped = [ReferenceShampoo(p, **dict(ref_options, stat_interval=case["stat_interval"] + 1)) for p in params]
+    budgets = [Fp32ErrorBudget(r, newton=root_method == "newton") for r in refs]
+    opt = lowbit.Shampoo(params, **options)
+    for k in range(10):
+        set_grads(params, 300 + k)
+        for r, s, budget, p in zip(refs, slipped, budgets, params):
+            before = (r.p.clone(), None if r.buf is None else r.buf.clone(), r.m.clone(), r.v.clone())
+            r.step(p.grad)
+            s.step(p.grad)
+            budget.after_step(p.grad, *before)
+        opt.step()
+        for i, (p, r, budget) in enumerate(zip(params, refs, budgets)):
+            diff = (p.detach().double() - r.p).norm().item()
+            assert diff <= budget.bound(), f"parameter {i} step {k}: |diff|_F {diff:.3g} > bound {budget.bound():.3g}"
     assert opt.root_updates() > 0
-    for p, r in zip(params, refs):
-        # fp32 against fp64: the roots of statistics with condition number up to
-        # 1/epsilon = 1e4 agree to ~1e-5 relative, and ten steps of size <= lr add that up
-        # to well below 2e-4 (the same bound as the C++ test of the same comparison).
-        assert (p.detach().double() - r.p).abs().max().item() < 2e-4
+    # Sharpness: statistics updated a step late must land outside the bound (the two
+    # preconditioned parameters).
+    for i in range(2):
+        slip = (params[i].detach().double() - slipped[i].p).norm().item()
+        assert slip > budgets[i].bound(), f"parameter {i}: slipped reference only {slip:.3g} from ours"
 
 
 def mixer(n: int, cond: float, gen: torch.Generator) -> torch.Tensor:
