@@ -71,6 +71,9 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
               "graft_bits must be 32, 8 or 4; got ", o.graft_bits());
   TORCH_CHECK(o.graft_bits() == 32 || o.graft() == "adamw", p, "graft_bits=", o.graft_bits(),
               " quantizes AdamW moments and needs graft \"adamw\"; got \"", o.graft(), "\"");
+  TORCH_CHECK(o.workspace_mb() >= 0 && o.workspace_mb() <= 1e9, p,
+              "workspace_mb must be in [0, 1e9] (0: automatic); got ", o.workspace_mb());
+  check_one_of(p, "gradient_check", o.gradient_check(), {"auto", "immediate", "deferred"});
 }
 
 // Options that decide the layout of the saved state: a checkpoint must agree on these.
@@ -167,6 +170,8 @@ void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(error_feedback);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(error_feedback_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(graft_bits);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(workspace_mb);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(gradient_check);
 }
 
 void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -199,6 +204,8 @@ void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
   error_feedback_ = archive.try_read("error_feedback", value) ? value.toBool() : true;
   error_feedback_decay_ = archive.try_read("error_feedback_decay", value) ? value.toDouble() : 0.0;
   graft_bits_ = archive.try_read("graft_bits", value) ? value.toInt() : 32;
+  workspace_mb_ = archive.try_read("workspace_mb", value) ? value.toDouble() : 0.0;
+  gradient_check_ = archive.try_read("gradient_check", value) ? value.toStringRef() : "auto";
 }
 
 bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
@@ -209,7 +216,8 @@ bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
          a.root_interval() == b.root_interval() &&
          a.start_preconditioning_step() == b.start_preconditioning_step() &&
          a.rectify_steps() == b.rectify_steps() && a.root_method() == b.root_method() && a.eigen_update() == b.eigen_update() &&
-         a.skip_nonfinite() == b.skip_nonfinite() && a.error_feedback_decay() == b.error_feedback_decay();
+         a.skip_nonfinite() == b.skip_nonfinite() && a.error_feedback_decay() == b.error_feedback_decay() &&
+         a.workspace_mb() == b.workspace_mb() && a.gradient_check() == b.gradient_check();
 }
 
 double ShampooOptions::get_lr() const { return lr(); }
