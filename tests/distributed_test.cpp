@@ -49,7 +49,7 @@ std::unique_ptr<precond::KroneckerFactor> updated_factor(precond::FactorKind kin
   auto f = precond::make_factor(kind, order, at::TensorOptions(), config);
   at::manual_seed(seed);
   const at::Tensor g = at::randn({order, 3 * order});
-  f->update_statistic(at::matmul(g, g.t()));
+  f->update_statistic(g);
   f->update_inverse_root();
   return f;
 }

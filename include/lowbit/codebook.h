@@ -31,6 +31,10 @@ const at::Tensor& scale_codebook();
 std::vector<float> positive_codebook_values(Mapping mapping, int bits);
 const at::Tensor& positive_codebook(Mapping mapping, int bits);  // cached 1-D float32 CPU tensor
 
+// `table` (one of the cached tables above) on `device`: copied once per device and kept, so
+// that code running on a GPU does not copy the table (a host synchronisation) at every call.
+at::Tensor codebook_on(const at::Tensor& table, const at::Device& device);
+
 // The largest distance from any point of [-1, 1] to its nearest code: the worst
 // nearest-rounding error of a normalized value (half the widest gap, or the distance
 // from an end of [-1, 1] to the outermost code).

@@ -3,8 +3,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/ArrayRef.h>
+
 #include <map>
 #include <string>
+#include <vector>
 
 #include <lowbit/quant_options.h>
 
@@ -26,6 +29,21 @@ class QuantizedMatrix {
   // Throws c10::Error for invalid options, a non-2-D or non-floating input, a
   // non-square input with keep_diagonal, or non-finite values.
   static QuantizedMatrix quantize(const at::Tensor& matrix, const QuantOptions& options = {});
+
+  // A stack of B matrices, [B, rows, cols], quantized with one codec call: rows are coded
+  // independently, so the stack is coded as one [B * rows, cols] matrix, and each result
+  // holds views into that call's storage. The codes and scales equal those of B separate
+  // calls, except that stochastic rounding numbers the elements over the whole stack.
+  // keep_diagonal needs square matrices (their diagonals are set aside around the call);
+  // double-quantized scales, whose groups of 256 could straddle two matrices, are coded
+  // matrix by matrix. Throws like quantize.
+  static std::vector<QuantizedMatrix> quantize_stack(const at::Tensor& stack, const QuantOptions& options = {});
+  // Decodes B matrices of one shape and options into out, a contiguous [B, rows, cols]
+  // floating tensor on their device, with one codec call.
+  static void dequantize_stack(c10::ArrayRef<const QuantizedMatrix*> matrices, const at::Tensor& out);
+  // Per stored tensor, `keep ? a : b`, chosen on the device (keep: a bool scalar tensor on
+  // the storage device), so no host synchronisation; a and b must share shape and options.
+  static QuantizedMatrix select(const at::Tensor& keep, const QuantizedMatrix& a, const QuantizedMatrix& b);
 
   // A new [rows, cols] tensor of `dtype` on the storage device.
   at::Tensor dequantize(at::ScalarType dtype = at::kFloat) const;

@@ -24,6 +24,7 @@ namespace lowbit {
 namespace precond {
 class ParameterPreconditioner;
 }
+class ShampooEngine;
 namespace distributed {
 class Communicator;
 }
@@ -68,6 +69,15 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   // Bits of the AdamW moments (graft, or SOAP's Adam): 32, or 8 / 4 (lowbit::AdamW's block-wise
   // storage; tensors under min_quant_numel stay fp32). With bits=4 every state is low-bit.
   TORCH_ARG(int64_t, graft_bits) = 32;
+  // Engine-wide settings, read from the optimizer's defaults (docs/shampoo.md, "Execution"):
+  // the most MiB of temporaries one batched refresh or preconditioning pass may take (0: 64
+  // on a CPU, 1024 on a GPU, where they go back to the caching allocator after each step);
+  TORCH_ARG(double, workspace_mb) = 0;
+  // and when gradients are checked: "immediate" (before the step writes anything: one host
+  // read of the gradients' norms per step), "deferred" (on the device: the step's writes are
+  // masked by the verdict, which the host reads at the next statistics update, so a plain
+  // step never waits for a GPU), or "auto" (immediate on a CPU, deferred on a GPU).
+  TORCH_ARG(std::string, gradient_check) = "auto";
 
  public:
   // Throws c10::Error naming the option, its value and what is allowed.
@@ -148,6 +158,7 @@ class Shampoo : public torch::optim::Optimizer {
   int64_t skipped_steps_ = 0;
   EighSolver eigh_;
   std::shared_ptr<distributed::Communicator> communicator_;
+  std::shared_ptr<ShampooEngine> engine_;  // batched execution and its reused workspace
 };
 
 }  // namespace lowbit

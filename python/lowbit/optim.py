@@ -71,6 +71,10 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
                        '"shampoo", "caspr", "soap" (needs graft "adamw")'),
     "graft_bits": (32, "int", "bits of the AdamW moments (graft, or SOAP's Adam)",
                    '32, 8, 4 (8, 4: needs graft "adamw")'),
+    "workspace_mb": (0.0, "number", "(lowbit, engine-wide) MiB of temporaries per batched pass",
+                     "[0, 1e9]; 0: 64 on CPU, 1024 on GPU"),
+    "gradient_check": ("auto", "str", "(lowbit, engine-wide) when gradients are checked",
+                       '"auto", "immediate", "deferred"'),
 }
 OPTION_DEFAULTS: Dict[str, Any] = {name: row[0] for name, row in OPTION_TABLE.items()}
 _NAMES: Tuple[str, ...] = tuple(OPTION_TABLE)
@@ -83,6 +87,7 @@ _ShampooConfig = torch.classes.lowbit.ShampooConfig
 _ShampooParam = torch.classes.lowbit.ShampooParam
 _squared_norms = torch.ops.lowbit.squared_norms.default
 _first_offence = torch.ops.lowbit.first_offence.default
+_ShampooEngine = torch.classes.lowbit.ShampooEngine
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
 
@@ -422,7 +427,19 @@ class Shampoo(Optimizer):
     ``skip_nonfinite``              (lowbit) skip steps that would overflow, not raise       False               bool
     ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
     ``graft_bits``                  bits of the AdamW moments (graft, or SOAP's Adam)        32                  32, 8, 4 (8, 4: needs graft ``"adamw"``)
+    ``workspace_mb``                (lowbit, engine-wide) MiB of temporaries per batch       0.0                 [0, 1e9]; 0: 64 on CPU, 1024 on GPU
+    ``gradient_check``              (lowbit, engine-wide) when gradients are checked         ``"auto"``          ``"auto"``, ``"immediate"``, ``"deferred"``
     ==============================  =======================================================  ==================  ==========================================
+
+    Engine-wide options are read from the defaults (the constructor's arguments), not from
+    param groups: every step is one batched computation over all groups. ``workspace_mb``
+    caps the temporaries of one batched refresh or preconditioning pass (more factors per
+    batch on a GPU is faster; on a CPU the buffers persist between steps, so resident memory
+    follows the stored state). ``gradient_check="deferred"`` checks gradients on the device:
+    a step with a NaN/Inf or overflowing gradient changes nothing, and the error (or the
+    skip) is reported at the next statistics update, so a plain step never waits for the
+    GPU; ``"immediate"`` checks before the step writes anything (one host read per step);
+    ``"auto"`` is immediate on a CPU and deferred on a GPU. See docs/shampoo.md, "Execution".
 
     Distributed (keyword arguments, not per-group options): with ``process_group`` (a
     ``torch.distributed`` group, e.g. ``dist.group.WORLD``) the ranks share the matrix work:
@@ -495,6 +512,8 @@ class Shampoo(Optimizer):
         skip_nonfinite: bool = False,
         preconditioner: Literal["shampoo", "caspr", "soap"] = "shampoo",
         graft_bits: Literal[32, 8, 4] = 32,
+        workspace_mb: float = 0.0,
+        gradient_check: Literal["auto", "immediate", "deferred"] = "auto",
         process_group: Optional[Any] = None,
         average_gradients: bool = False,
         distributed_timeout: float = 300.0,
@@ -509,6 +528,7 @@ class Shampoo(Optimizer):
             root_interval=root_interval, start_preconditioning_step=start_preconditioning_step,
             rectify_steps=rectify_steps, root_method=root_method, eigen_update=eigen_update,
             skip_nonfinite=skip_nonfinite, preconditioner=preconditioner, graft_bits=graft_bits,
+            workspace_mb=workspace_mb, gradient_check=gradient_check,
         )
         defaults, _ = _make_config(tuple(given[n] for n in _NAMES), " (defaults)")
         # Per group: (option values the config was built from, C++ config, normalized options).
@@ -517,6 +537,7 @@ class Shampoo(Optimizer):
         self._sharding = _make_sharding(process_group, average_gradients, distributed_timeout)
         self._average_gradients = bool(average_gradients)
         super().__init__(params, defaults)
+        self._engine = self._make_engine()
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -551,6 +572,13 @@ class Shampoo(Optimizer):
     _describe = staticmethod(_describe)
 
     # ------------------------------------------------------------------ step
+    def _make_engine(self) -> Any:
+        """The C++ engine that batches each step over every group and keeps its workspace,
+        set up with the engine-wide options of the defaults."""
+        engine = _ShampooEngine()
+        engine.configure(float(self.defaults.get("workspace_mb", 0.0)), str(self.defaults.get("gradient_check", "auto")))
+        return engine
+
     def _state_of(self, p: torch.Tensor, config: Any) -> ShampooState:
         s = self.state.get(p)
         if isinstance(s, ShampooState):
@@ -615,8 +643,10 @@ class Shampoo(Optimizer):
                                 [p for _, _, ps, _ in prepared for p in ps],
                                 [g for _, _, _, gs in prepared for g in gs])
             return loss
-        for config, states, ps, gs in prepared:
-            config.step(states, ps, gs)  # = torch.ops.lowbit.shampoo_step(states, ps, gs, config)
+        self._engine.step([c for c, states, _, _ in prepared for _ in states],
+                          [s for _, states, _, _ in prepared for s in states],
+                          [p for _, _, ps, _ in prepared for p in ps],
+                          [g for _, _, _, gs in prepared for g in gs])
         return loss
 
     def _accepts(self, grads: List[torch.Tensor], where: List[Tuple[int, int]]) -> bool:
@@ -771,6 +801,7 @@ class Shampoo(Optimizer):
         state["state"] = self._plain_state()
         state["_configs"] = None  # C++ objects are rebuilt from the plain state
         state["_sharding"] = None  # a process group does not travel; the copy is not distributed
+        state["_engine"] = None  # a fresh engine (its workspace is scratch) is made on arrival
         state["skipped_steps"] = self.skipped_steps
         return state
 
@@ -779,5 +810,6 @@ class Shampoo(Optimizer):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.__dict__.setdefault("_sharding", None)
         self.__dict__.setdefault("_average_gradients", False)
+        self._engine = self._make_engine()
         # Configs are rebuilt (and validated) at the next step.
         self._configs = [((), None, {}) for _ in self.param_groups]

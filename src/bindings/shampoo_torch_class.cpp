@@ -6,7 +6,9 @@
 //   ShampooConfig(Dict[str, Any])   validated lowbit::ShampooOptions from {name: value}
 //   ShampooParam(param, config)     one parameter's ShampooParamState, with step(),
 //                                   state_dict() / load_state_dict() of plain tensors
-//   lowbit::shampoo_step            one step of a list of ShampooParams (one call per group)
+//   ShampooEngine()                 the batched step of every parameter of an optimizer (one
+//                                   call per step, all groups), with its reused workspace
+//   lowbit::shampoo_step            one step of a list of ShampooParams (one group)
 //   lowbit::first_nonfinite         index of the first tensor holding NaN/Inf, or -1 (the
 //                                   optimizers use squared_norms / first_offence: health_ops.cpp)
 //   lowbit::quantize_matrix / dequantize_matrix   QuantizedMatrix as a dict of tensors
@@ -23,20 +25,49 @@
 #include "bindings/shampoo_param.h"
 #include "optim/gradient_health.h"
 #include "quant/codec_checks.h"
+#include "optim/shampoo_engine.h"
 
 namespace lowbit::bindings {
 namespace {
 
 // ------------------------------------------------------------------ ops
 
-// One step of every (parameter, gradient) pair of a param group: one call from Python
-// per group instead of one per parameter.
+// The engine of one Python optimizer: its steps are batched across all parameters and
+// groups, and its workspace is reused from step to step.
+struct ShampooEngineHolder : torch::CustomClassHolder {
+  // One step of every (parameter, gradient) pair, each with its group's config.
+  void step(const std::vector<c10::intrusive_ptr<ShampooConfig>>& configs,
+            const std::vector<c10::intrusive_ptr<ShampooParam>>& states, const std::vector<at::Tensor>& params,
+            const std::vector<at::Tensor>& grads) {
+    TORCH_CHECK(configs.size() == states.size() && states.size() == params.size() && params.size() == grads.size(),
+                kWho, "the step needs as many configs, states, parameters and gradients; got ", configs.size(), ", ",
+                states.size(), ", ", params.size(), " and ", grads.size());
+    std::vector<ParamStepRef> refs;
+    for (size_t i = 0; i < states.size(); ++i)
+      refs.push_back({params[i], grads[i], &states[i]->prepare(params[i], configs[i]), &configs[i]->options});
+    at::NoGradGuard no_grad;
+    engine.step(refs);
+  }
+  int64_t workspace_bytes() const { return engine.workspace().bytes(); }
+  // The engine-wide options (the optimizer's defaults): see ShampooOptions.
+  void configure(double workspace_mb, const std::string& gradient_check) {
+    TORCH_CHECK(workspace_mb >= 0 && workspace_mb <= 1e9, kWho, "workspace_mb must be in [0, 1e9] (0: automatic); got ",
+                workspace_mb);
+    engine.set_workspace_bytes(static_cast<int64_t>(workspace_mb * (1 << 20)));
+    gradient_check_ = gradient_check;
+  }
+  ShampooEngine engine;
+  std::string gradient_check_ = "auto";
+};
+
+// One step of every (parameter, gradient) pair of a param group.
 void shampoo_step(const std::vector<c10::intrusive_ptr<ShampooParam>>& states, const std::vector<at::Tensor>& params,
                   const std::vector<at::Tensor>& grads, const c10::intrusive_ptr<ShampooConfig>& config) {
   TORCH_CHECK(states.size() == params.size() && params.size() == grads.size(), kWho,
               "shampoo_step needs as many states, parameters and gradients; got ", states.size(), ", ",
               params.size(), " and ", grads.size());
-  for (size_t i = 0; i < states.size(); ++i) states[i]->step(params[i], grads[i], config);
+  ShampooEngineHolder engine;
+  engine.step(std::vector<c10::intrusive_ptr<ShampooConfig>>(states.size(), config), states, params, grads);
 }
 
 int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
@@ -91,6 +122,11 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       .def("root_failures", &ShampooParam::root_failures)
       .def("preconditioned", &ShampooParam::preconditioned)
       .def("options", &ShampooParam::options);
+  m.class_<lowbit::bindings::ShampooEngineHolder>("ShampooEngine")
+      .def(torch::init<>())
+      .def("step", &lowbit::bindings::ShampooEngineHolder::step)
+      .def("workspace_bytes", &lowbit::bindings::ShampooEngineHolder::workspace_bytes)
+      .def("configure", &lowbit::bindings::ShampooEngineHolder::configure);
   // The group step as a method of the config too (once ShampooParam is known): calling a
   // method from Python skips the Python-level work of a torch.ops call (docs/BENCHMARKS.md).
   config.def("step", [](const c10::intrusive_ptr<ShampooConfig>& self,

@@ -29,11 +29,11 @@ class ShampooSharding : public torch::CustomClassHolder {
     TORCH_CHECK(configs.size() == states.size() && states.size() == params.size() && params.size() == grads.size(),
                 kWho, "the sharded step needs as many configs, states, parameters and gradients; got ",
                 configs.size(), ", ", states.size(), ", ", params.size(), " and ", grads.size());
-    std::vector<distributed::ParamStepRef> refs;
+    std::vector<ParamStepRef> refs;
     for (size_t i = 0; i < states.size(); ++i)
       refs.push_back({params[i], grads[i], &states[i]->prepare(params[i], configs[i]), &configs[i]->options});
     at::NoGradGuard no_grad;
-    distributed::sharded_shampoo_step(refs, comm_);
+    distributed::sharded_shampoo_step(refs, comm_, engine_);
   }
 
   int64_t rank() const { return comm_.rank(); }
@@ -53,6 +53,7 @@ class ShampooSharding : public torch::CustomClassHolder {
     return o;
   }
   distributed::Communicator comm_;
+  ShampooEngine engine_;
 };
 
 }  // namespace

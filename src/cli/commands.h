@@ -12,6 +12,10 @@ void add_bench_codec(CLI::App& bench);
 // 4-bit (and double-quantized, naive) against fp32 Shampoo in the same run.
 void add_bench_step(CLI::App& bench);
 
+// `lowbit bench memory`: the peak resident memory 4-bit and fp32 Shampoo add (each variant in
+// a fresh process), against the goal share of the state 4-bit saves in theory.
+void add_bench_memory(CLI::App& bench);
+
 // `lowbit train`: one training run; with no arguments, the README's main job.
 void add_train(CLI::App& app);
 

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   lowbit::cli::add_bench_codec(*bench);
   lowbit::cli::add_bench_step(*bench);
+  lowbit::cli::add_bench_memory(*bench);
   lowbit::cli::add_train(app);
   lowbit::cli::add_compare(app);
   lowbit::cli::add_quant_error(app);

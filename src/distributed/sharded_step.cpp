@@ -16,7 +16,9 @@ struct DueFactor {
 
 }  // namespace
 
-void sharded_shampoo_step(const std::vector<ParamStepRef>& params, Communicator& comm) {
+void sharded_shampoo_step(const std::vector<ParamStepRef>& params, Communicator& comm, ShampooEngine& engine) {
+  // Which factors are due: the plan of every parameter, made without work items first
+  // (the masks of this rank's share depend on it).
   std::vector<ParamStepPlan> plans;
   std::vector<DueFactor> due;
   std::vector<double> costs;
@@ -39,12 +41,11 @@ void sharded_shampoo_step(const std::vector<ParamStepRef>& params, Communicator&
     if (mask.empty()) mask.assign(static_cast<size_t>(params[due[d].param].state->preconditioner->factor_count()), false);
     mask[static_cast<size_t>(due[d].factor)] = owner[d] == comm.rank();
   }
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!plans[i].any()) continue;
-    precond::ParameterPreconditioner& pre = *params[i].state->preconditioner;
-    if (plans[i].statistics) pre.update_statistics(params[i].grad, mine[i]);
-    if (plans[i].roots) pre.update_inverse_roots(mine[i]);
-  }
+  std::vector<precond::RefreshItem> items;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (plans[i].any())
+      params[i].state->preconditioner->plan_refresh(params[i].grad, plans[i].statistics, plans[i].roots, mine[i], items);
+  engine.refresh(items);
 
   // Every owner sends its updated factors, in their stored (quantized) form.
   const bool exchange = !due.empty() && comm.world_size() > 1;
@@ -61,10 +62,7 @@ void sharded_shampoo_step(const std::vector<ParamStepRef>& params, Communicator&
     if (root != comm.rank()) unpack_factors(buffer, sent);
   }
 
-  for (const ParamStepRef& p : params) {
-    at::Tensor param = p.param;
-    finish_param_step(param, p.grad, *p.state, *p.options);
-  }
+  engine.finish(params);
 }
 
 }  // namespace lowbit::distributed

@@ -7,20 +7,15 @@
 #include <vector>
 
 #include "distributed/communicator.h"
-#include "optim/shampoo_internal.h"
+#include "optim/shampoo_engine.h"
 
 namespace lowbit::distributed {
 
-struct ParamStepRef {
-  at::Tensor param;
-  at::Tensor grad;  // checked, and identical on every rank
-  ShampooParamState* state;
-  const ShampooOptions* options;
-};
-
-// begin_param_step for every parameter; each factor due for work is updated by the one
-// rank it is assigned to; the updated factors are broadcast from their owners; then
-// finish_param_step for every parameter. Parameters end bit-identical on every rank.
-void sharded_shampoo_step(const std::vector<ParamStepRef>& params, Communicator& comm);
+// The engine's step with its refresh phase split over the ranks (gradients identical on
+// every rank): begin_param_step for every parameter; each factor due for work is updated
+// by the one rank it is assigned to (batched there like a local step's); the updated
+// factors are broadcast from their owners; then finish_param_step for every parameter.
+// Parameters end bit-identical on every rank.
+void sharded_shampoo_step(const std::vector<ParamStepRef>& params, Communicator& comm, ShampooEngine& engine);
 
 }  // namespace lowbit::distributed

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace lowbit::linalg {
 namespace {
@@ -14,16 +15,54 @@ at::Tensor symmetrize(const at::Tensor& a) { return (a + a.transpose(-2, -1)) * 
 
 }  // namespace
 
+void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha, double beta) {
+  if (out.dim() == 2 || !out.is_cpu()) {
+    at::Tensor target = out;
+    if (beta == 0.0) {
+      at::matmul_out(target, a, b);
+      if (alpha != 1.0) target.mul_(alpha);
+    } else {
+      target.dim() == 2 ? target.addmm_(a, b, beta, alpha) : target.baddbmm_(a, b, beta, alpha);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < out.size(0); ++i) matmul_into(out[i], a[i], b[i], alpha, beta);
+}
+
 at::Tensor bjorck_orthonormalize(const at::Tensor& v, int steps) {
   at::Tensor x = v;
   for (int i = 0; i < steps; ++i) x = 1.5 * x - 0.5 * at::matmul(x, at::matmul(x.transpose(-2, -1), x));
   return x;
 }
 
+void bjorck_orthonormalize_(const at::Tensor& x, int steps, Workspace& workspace, int slot) {
+  const at::TensorOptions options = x.options();
+  const int64_t m = x.size(-1);
+  std::vector<int64_t> square = x.sizes().vec();
+  square[square.size() - 2] = m;
+  for (int i = 0; i < steps; ++i) {
+    const at::Tensor gram = workspace.take(slot, square, options);
+    matmul_into(gram, x.transpose(-2, -1), x);
+    const at::Tensor product = workspace.take(slot + 1, x.sizes(), options);
+    matmul_into(product, x, gram);
+    x.mul_(1.5).add_(product, -0.5);
+  }
+}
+
 Eigen qr_subspace_step(const at::Tensor& a, const at::Tensor& v) {
   const at::Tensor p = std::get<0>(at::linalg_qr(at::matmul(a, v)));
   const at::Tensor values = (p * at::matmul(a, p)).sum(-2);  // diag(P^T A P)
   return {values, p};
+}
+
+void qr_subspace_step_out(const at::Tensor& a, const at::Tensor& v, const at::Tensor& vectors,
+                          const at::Tensor& values, Workspace& workspace, int slot) {
+  at::Tensor product = workspace.take(slot, a.sizes(), a.options());
+  matmul_into(product, a, v);
+  at::Tensor q = vectors, r = workspace.take(slot + 1, a.sizes(), a.options()), diagonal = values;
+  at::linalg_qr_out(q, r, product, "reduced");
+  matmul_into(product, a, vectors);  // A P
+  at::sum_out(diagonal, product.mul_(vectors), {-2});  // diag(P^T A P)
 }
 
 EighSolver default_eigh_solver() {
@@ -44,6 +83,38 @@ std::optional<Eigen> eigh_with_fallback(const at::Tensor& a, const EighSolver& s
   return std::nullopt;
 }
 
+namespace {
+
+std::optional<Eigen> try_eigh(const at::Tensor& symmetric, const EighSolver& solver) {
+  for (const at::ScalarType dtype : {symmetric.scalar_type(), at::kDouble}) {
+    try {
+      const auto [values, vectors] = solver(symmetric.to(dtype));
+      return Eigen{values.to(symmetric.scalar_type()), vectors.to(symmetric.scalar_type())};
+    } catch (const c10::Error&) {
+      // fall through to the next precision
+    }
+    if (dtype == at::kDouble) break;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+Eigen eigh_batched(const at::Tensor& a, const EighSolver& solver) {
+  const at::Tensor symmetric = symmetrize(a);
+  if (std::optional<Eigen> all = try_eigh(symmetric, solver)) return *all;
+  const int64_t n = a.size(-1);
+  const at::Tensor flat = symmetric.reshape({-1, n, n});
+  Eigen out{at::full(flat.sizes().slice(0, 2), NAN, a.options()), at::full(flat.sizes(), NAN, a.options())};
+  if (flat.size(0) > 1)
+    for (int64_t i = 0; i < flat.size(0); ++i)
+      if (std::optional<Eigen> one = try_eigh(flat[i], solver)) {
+        out.values[i].copy_(one->values);
+        out.vectors[i].copy_(one->vectors);
+      }
+  return {out.values.view(a.sizes().slice(0, a.dim() - 1)), out.vectors.view(a.sizes())};
+}
+
 double max_eigenvalue_power_iteration(const at::Tensor& a, int max_iterations, double tolerance) {
   const int64_t n = a.size(0);
   at::Tensor x = at::ones({n, 1}, a.options()) / std::sqrt(static_cast<double>(n));
@@ -60,13 +131,31 @@ double max_eigenvalue_power_iteration(const at::Tensor& a, int max_iterations, d
   return lambda;
 }
 
-at::Tensor inverse_root_from_eigen(const Eigen& e, double p, double epsilon) {
-  const at::Tensor values = e.values.clamp_min(0);
-  const double lambda_max = values.max().item<double>();
+at::Tensor inverse_root_spectrum(const at::Tensor& values_in, double p, double epsilon) {
+  const at::Tensor values = values_in.clamp_min(0);
+  const at::Tensor lambda_max = values.amax(-1, /*keepdim=*/true);
   // Epsilon relative to lambda_max (absolute when the matrix is zero) keeps the root bounded.
-  const double ridge = lambda_max > 0 ? epsilon * lambda_max : epsilon;
-  const at::Tensor scaled = (values + ridge).pow(-1.0 / p);
-  return at::matmul(e.vectors * scaled.unsqueeze(0), e.vectors.transpose(0, 1));
+  const at::Tensor ridge = at::where(lambda_max > 0, lambda_max * epsilon, at::full_like(lambda_max, epsilon));
+  // The power is taken in fp64 and rounded once to the working dtype. Vectorized fp32 pow
+  // (SLEEF, 1 ulp) and the scalar pow that handles a vector's tail can round the same input
+  // differently, so in fp32 a factor's root would depend on where it sits in the batch;
+  // fp64 pow is within 1 fp64 ulp on both paths, which rounds to the same fp32 value
+  // except within 2^-29 relative of a rounding midpoint.
+  const at::Tensor damped = values + ridge;
+  if (damped.scalar_type() == at::kDouble) return damped.pow(-1.0 / p);
+  return damped.to(at::kDouble).pow_(-1.0 / p).to(damped.scalar_type());
+}
+
+at::Tensor inverse_root_from_eigen(const Eigen& e, double p, double epsilon) {
+  const at::Tensor scaled = inverse_root_spectrum(e.values, p, epsilon);
+  return at::matmul(e.vectors * scaled.unsqueeze(-2), e.vectors.transpose(-2, -1));
+}
+
+void recompose_out(const at::Tensor& out, const at::Tensor& vectors, const at::Tensor& d, Workspace& workspace,
+                   int slot) {
+  at::Tensor scaled = workspace.take(slot, vectors.sizes(), vectors.options());
+  at::mul_out(scaled, vectors, d.unsqueeze(-2));
+  matmul_into(out, scaled, vectors.transpose(-2, -1));
 }
 
 std::optional<at::Tensor> inverse_root_eigen(const at::Tensor& a, double p, double epsilon,

@@ -114,7 +114,7 @@ const at::Tensor& second_moment_table(const MomentLayout& l) {
 at::Tensor dequantize_moment(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& table,
                              const MomentLayout& l) {
   at::Tensor out = at::empty({1, l.numel}, scales.options().dtype(at::kFloat));
-  ops::dequantize_blockwise_out(codes.view({1, -1}), scales.view({1, -1}), table.to(codes.device()), c10::nullopt,
+  ops::dequantize_blockwise_out(codes.view({1, -1}), scales.view({1, -1}), codebook_on(table, codes.device()), c10::nullopt,
                                 l.bits, l.block_size, out);
   return out.view({l.numel});
 }
@@ -128,7 +128,7 @@ int64_t encoding_seed(const Encoding& e, int64_t step, int moment) {
 void quantize_moment_into(const at::Tensor& value, const at::Tensor& table, const MomentLayout& l, at::Tensor& codes,
                           at::Tensor& scales, bool stochastic, int64_t seed) {
   auto [new_codes, new_scales, unused] =
-      ops::quantize_blockwise(value.reshape({1, l.numel}).contiguous(), table.to(value.device()), l.bits,
+      ops::quantize_blockwise(value.reshape({1, l.numel}).contiguous(), codebook_on(table, value.device()), l.bits,
                               l.block_size, false, stochastic, seed, c10::nullopt);
   codes.copy_(new_codes.view({-1}));
   scales.copy_(new_scales.view({-1}));

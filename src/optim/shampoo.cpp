@@ -6,6 +6,7 @@
 
 #include "optim/gradient_health.h"
 #include "optim/second_order/optimizer_support.h"
+#include "optim/shampoo_engine.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -23,7 +24,7 @@ const ShampooOptions& shampoo_options_of(const OptimizerParamGroup& group) {
 }  // namespace
 
 Shampoo::Shampoo(const std::vector<OptimizerParamGroup>& param_groups, ShampooOptions defaults)
-    : Optimizer(param_groups, std::make_unique<ShampooOptions>(defaults)) {
+    : Optimizer(param_groups, std::make_unique<ShampooOptions>(defaults)), engine_(std::make_shared<ShampooEngine>()) {
   defaults.validate();
   // LibTorch's add_param_group only merges options of its own optimizer types and gives
   // any other group the defaults; put each group's own options back.
@@ -98,6 +99,8 @@ torch::Tensor Shampoo::step(LossClosure closure) {
   }
   // Every check happens before the first write: a rejected step changes nothing.
   check_gradients();
+  const auto& settings = static_cast<const ShampooOptions&>(defaults());
+  engine_->set_workspace_bytes(static_cast<int64_t>(settings.workspace_mb() * (1 << 20)));
   if (distributed()) {
     distributed_step();
     return loss;
@@ -106,13 +109,13 @@ torch::Tensor Shampoo::step(LossClosure closure) {
     ++skipped_steps_;
     return loss;
   }
+  std::vector<ParamStepRef> refs;
   for (auto& group : param_groups()) {
     const auto& o = static_cast<const ShampooOptions&>(group.options());
-    for (auto& p : group.params()) {
-      if (!p.grad().defined()) continue;
-      shampoo_param_step(p, p.grad(), state_for(p, o), o);
-    }
+    for (auto& p : group.params())
+      if (p.grad().defined()) refs.push_back({p, p.grad(), &state_for(p, o), &o});
   }
+  engine_->step(refs);
   return loss;
 }
 

@@ -4,6 +4,7 @@
 
 #include "distributed/communicator.h"
 #include "distributed/sharded_step.h"
+#include "optim/shampoo_engine.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -30,13 +31,13 @@ void Shampoo::distributed_step() {
     ++skipped_steps_;
     return;
   }
-  std::vector<distributed::ParamStepRef> refs;
+  std::vector<ParamStepRef> refs;
   for (auto& group : param_groups()) {
     const auto& o = static_cast<const ShampooOptions&>(group.options());
     for (auto& p : group.params())
       if (p.grad().defined()) refs.push_back({p, p.grad(), &state_for(p, o), &o});
   }
-  distributed::sharded_shampoo_step(refs, *communicator_);
+  distributed::sharded_shampoo_step(refs, *communicator_, *engine_);
 }
 
 }  // namespace lowbit

@@ -70,6 +70,13 @@ ParamStepPlan begin_param_step(ShampooParamState& state, const ShampooOptions& o
 // The preconditioned (once a root exists) grafted direction, applied by the first-order rule.
 void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& state,
                        const ShampooOptions& options);
+// finish_param_step in two parts, for steps that precondition many parameters at once:
+// whether this step's direction goes through the preconditioner (a root exists,
+// preconditioning started, not SOAP), and the update along a given direction (the gradient
+// itself, or its preconditioned form; SOAP's update reads only the gradient).
+bool preconditions(const ShampooParamState& state, const ShampooOptions& options);
+void apply_direction(torch::Tensor& p, const torch::Tensor& grad, const torch::Tensor& direction,
+                     ShampooParamState& state, const ShampooOptions& options);
 
 // The first-order rules applied to the (grafted) direction d; they update p in place.
 void sgdm_update(torch::Tensor& p, torch::Tensor d, ShampooParamState& state, const ShampooOptions& o);

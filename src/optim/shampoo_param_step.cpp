@@ -30,20 +30,25 @@ ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
   return plan;
 }
 
-void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,
-                       const ShampooOptions& o) {
+bool preconditions(const ShampooParamState& s, const ShampooOptions& o) {
+  return o.preconditioner() != "soap" && s.preconditioner && s.step() >= o.start_preconditioning_step() &&
+         s.root_updates() > 0;
+}
+
+void apply_direction(torch::Tensor& p, const torch::Tensor& grad, const torch::Tensor& direction,
+                     ShampooParamState& s, const ShampooOptions& o) {
   if (o.preconditioner() == "soap") {
     soap_update(p, grad, s, o);
-    return;
-  }
-  torch::Tensor direction = grad;
-  const bool started = s.step() >= o.start_preconditioning_step();
-  if (s.preconditioner && started && s.root_updates() > 0) direction = s.preconditioner->precondition(grad);
-  if (o.graft() == "sgdm") {
+  } else if (o.graft() == "sgdm") {
     sgdm_update(p, direction, s, o);
   } else {
     adamw_update(p, direction, s, o);
   }
+}
+
+void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,
+                       const ShampooOptions& o) {
+  apply_direction(p, grad, preconditions(s, o) ? s.preconditioner->precondition(grad) : grad, s, o);
 }
 
 void shampoo_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& s,

@@ -26,7 +26,7 @@ std::optional<at::Tensor> cholesky_with_jitter(const at::Tensor& a) {
 
 CholeskyQuantizedFactor::CholeskyQuantizedFactor(int64_t order, const at::TensorOptions& device,
                                                  const FactorConfig& config)
-    : KroneckerFactor(order), config_(config), root_quant_(config.quant) {
+    : KroneckerFactor(order, device, config), root_quant_(config.quant) {
   TORCH_CHECK(order >= 2, "a Cholesky-quantized factor needs order >= 2; got ", order);
   root_quant_.keep_diagonal = true;
   const at::TensorOptions fp32 = device.dtype(at::kFloat);
@@ -41,31 +41,43 @@ at::Tensor CholeskyQuantizedFactor::statistic() const {
   return at::matmul(c, c.t());
 }
 
-void CholeskyQuantizedFactor::update_statistic(const at::Tensor& outer) {
+void CholeskyQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshContext& context) {
+  // The jitter ladder of the fp64 Cholesky decides on the host: one factor at a time.
+  for (const RefreshItem& item : batch) {
+    auto* f = static_cast<CholeskyQuantizedFactor*>(item.factor);
+    if (item.side.defined()) f->update_statistic_of(item.side, context);
+    if (item.root) f->update_root(context);
+  }
+}
+
+void CholeskyQuantizedFactor::update_statistic_of(const at::Tensor& side_in, RefreshContext& context) {
   // In fp64: S = b C~ C~^T + (1 - b) (G G^T + delta I) with delta = epsilon * max diag, so the
   // factor is that of (L + delta I) and the ridge stays delta at the fixed point.
+  at::Tensor side = side_in.to(at::kDouble);
+  if (context.step_ok.defined()) side = at::where(context.step_ok, side, at::zeros({}, side.options()));
   const at::Tensor c = reconstruct_factor(factor_).to(at::kDouble);
   at::Tensor a = at::matmul(c, c.t()).mul_(config_.stat_decay);
-  a.add_(outer.to(at::kDouble), 1.0 - config_.stat_decay);
+  a.addmm_(side, side.t(), 1.0, 1.0 - config_.stat_decay);
   const double delta = config_.epsilon * a.diagonal().max().item<double>();
   a.diagonal().add_((1.0 - config_.stat_decay) * delta);
   const std::optional<at::Tensor> factor = cholesky_with_jitter(a);
   if (!factor) {
-    ++failures_;
+    count_failure(context.step_ok.defined() ? context.step_ok : at::ones({}, failures_.options().dtype(at::kBool)));
     return;
   }
-  factor_ = store_cholesky(*factor, config_.quant, config_.error_feedback, config_.error_feedback_decay, &factor_);
+  QuantizedCholesky next =
+      store_cholesky(*factor, config_.quant, config_.error_feedback, config_.error_feedback_decay, &factor_);
+  if (context.step_ok.defined()) next = select_cholesky(context.step_ok, next, factor_);
+  factor_ = std::move(next);
 }
 
-bool CholeskyQuantizedFactor::update_inverse_root() {
+void CholeskyQuantizedFactor::update_root(RefreshContext& context) {
   const std::optional<at::Tensor> root =
       linalg::inverse_root_eigen(statistic(), config_.root_exponent, config_.epsilon, config_.eigh);
-  if (!root || !root->isfinite().all().item<bool>()) {
-    ++failures_;
-    return false;
-  }
-  root_ = QuantizedMatrix::quantize(root->to(at::kFloat), root_quant_);
-  return true;
+  const at::Tensor candidate = root ? root->to(at::kFloat) : at::full({order_, order_}, NAN, failures_.options().dtype(at::kFloat));
+  const at::Tensor keep = keep_mask(candidate.unsqueeze(0), context)[0];
+  count_failure(failed_mask(keep, context));
+  root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(candidate.nan_to_num(0.0, 0.0, 0.0), root_quant_), root_);
 }
 
 int64_t CholeskyQuantizedFactor::state_bytes() const { return factor_.nbytes() + root_.nbytes(); }

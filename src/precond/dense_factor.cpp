@@ -4,52 +4,130 @@
 #include "precond/factor_kinds.h"
 
 namespace lowbit::precond {
+namespace {
+
+// Results are committed as new tensors (never written into the old ones): a caller may
+// still hold the previous root or basis (SOAP keeps the bases of the step before).
+
+// Workspace slots of a dense batch.
+enum Slot { kCandidates = 0, kVectors = 1, kScratch = 2 };
+
+// Slot i of every factor of a batch, stacked into a workspace buffer [B, n, n].
+at::Tensor stacked(const std::vector<at::Tensor>& matrices, linalg::Workspace& workspace, int slot) {
+  const int64_t n = matrices.front().size(0);
+  at::Tensor out = workspace.take(slot, {static_cast<int64_t>(matrices.size()), n, n}, matrices.front().options());
+  at::stack_out(out, matrices);
+  return out;
+}
+
+}  // namespace
 
 DenseFactor::DenseFactor(int64_t order, const at::TensorOptions& device, const FactorConfig& config)
-    : KroneckerFactor(order), config_(config) {
+    : KroneckerFactor(order, device, config) {
   const at::TensorOptions fp32 = device.dtype(at::kFloat);
   statistic_ = config.epsilon * at::eye(order, fp32);  // L_0 = eps * I, as in the paper
   root_ = at::eye(order, fp32);
 }
 
-void DenseFactor::update_statistic(const at::Tensor& outer) {
-  statistic_.mul_(config_.stat_decay).add_(outer, 1.0 - config_.stat_decay);
-  if (config_.eigenbasis) update_eigenbasis();
+void DenseFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshContext& context) {
+  std::vector<DenseFactor*> statistics, roots;
+  std::vector<at::Tensor> sides;
+  for (const RefreshItem& item : batch) {
+    auto* f = static_cast<DenseFactor*>(item.factor);
+    if (item.side.defined()) {
+      statistics.push_back(f);
+      sides.push_back(item.side);
+    }
+    if (item.root) roots.push_back(f);
+  }
+  const bool eigenbasis = batch.front().factor->config().eigenbasis;
+  if (!statistics.empty()) {
+    update_statistics(statistics, sides, context);
+    if (eigenbasis) update_eigenbases(statistics, context);
+  }
+  if (!roots.empty() && !eigenbasis) update_roots(roots, context);  // SOAP's basis follows the statistics
 }
 
-void DenseFactor::update_eigenbasis() {
+void DenseFactor::update_statistics(c10::ArrayRef<DenseFactor*> batch, c10::ArrayRef<at::Tensor> sides,
+                                    RefreshContext& context) {
+  const FactorConfig& config = batch.front()->config_;
+  const int64_t count = static_cast<int64_t>(batch.size()), n = batch.front()->order_;
+  at::Tensor candidates = context.workspace->take(kCandidates, {count, n, n}, batch.front()->statistic_.options());
+  outer_products(sides, candidates, context);
+  std::vector<at::Tensor> statistics;
+  for (DenseFactor* f : batch) statistics.push_back(f->statistic_);
+  candidates.mul_(1.0 - config.stat_decay);
+  at::_foreach_add_(candidates.unbind(0), statistics, config.stat_decay);
+  const at::Tensor keep = keep_mask(candidates, context), failed = failed_mask(keep, context);
+  for (int64_t i = 0; i < count; ++i) {
+    DenseFactor& f = *batch[static_cast<size_t>(i)];
+    f.statistic_ = at::where(keep[i], candidates[i], f.statistic_);
+    f.count_failure(failed[i]);
+  }
+}
+
+void DenseFactor::update_eigenbases(c10::ArrayRef<DenseFactor*> batch, RefreshContext& context) {
   // SOAP's refresh: one warm-started power-iteration + QR step (or a full eigh), as the
   // 4-bit factor refreshes its eigenvectors, so 32- and 4-bit SOAP track alike. The first
   // refresh (from the identity) is a full eigh, as in the paper: a QR step from I is far from
   // an eigenbasis and the next ones would rotate it a lot, under Adam's second moment.
-  const bool first = at::equal(root_, at::eye(order_, root_.options()));
-  std::optional<linalg::Eigen> e;
-  if (config_.eigen_update == EigenUpdate::QrStep && !first) {
-    e = linalg::qr_subspace_step(statistic_, root_);
-  } else {
-    e = linalg::eigh_with_fallback(statistic_, config_.eigh);
+  std::vector<DenseFactor*> by_eigh, by_qr;
+  for (DenseFactor* f : batch)
+    (f->config_.eigen_update == EigenUpdate::QrStep && f->has_basis_ ? by_qr : by_eigh).push_back(f);
+  linalg::Workspace& workspace = *context.workspace;
+  for (const auto* part : {&by_eigh, &by_qr}) {
+    if (part->empty()) continue;
+    const int64_t count = static_cast<int64_t>(part->size()), n = part->front()->order_;
+    std::vector<at::Tensor> statistics, bases;
+    for (DenseFactor* f : *part) {
+      statistics.push_back(f->statistic_);
+      bases.push_back(f->root_);
+    }
+    const at::Tensor a = stacked(statistics, workspace, kCandidates);
+    at::Tensor vectors;
+    if (part == &by_eigh) {
+      vectors = linalg::eigh_batched(a, part->front()->config_.eigh).vectors;
+    } else {
+      vectors = workspace.take(kScratch + 2, {count, n, n}, a.options());
+      const at::Tensor values = at::empty({count, n}, a.options());
+      linalg::qr_subspace_step_out(a, stacked(bases, workspace, kVectors), vectors, values, workspace, kScratch);
+    }
+    const at::Tensor keep = keep_mask(vectors, context), failed = failed_mask(keep, context);
+    for (int64_t i = 0; i < count; ++i) {
+      DenseFactor& f = *(*part)[static_cast<size_t>(i)];
+      f.root_ = at::where(keep[i], vectors[i], f.root_);
+      f.count_failure(failed[i]);
+      f.has_basis_ = true;
+    }
   }
-  if (!e || !e->vectors.isfinite().all().item<bool>()) {
-    ++failures_;
-    return;
-  }
-  root_ = e->vectors.to(at::kFloat).contiguous();
 }
 
-bool DenseFactor::update_inverse_root() {
-  if (config_.eigenbasis) return true;  // the basis follows the statistics
-  std::optional<at::Tensor> root;
-  if (config_.root_method == RootMethod::Eigen) {
-    root = linalg::inverse_root_eigen(statistic_, config_.root_exponent, config_.epsilon, config_.eigh);
+void DenseFactor::update_roots(c10::ArrayRef<DenseFactor*> batch, RefreshContext& context) {
+  const FactorConfig& config = batch.front()->config_;
+  const int64_t count = static_cast<int64_t>(batch.size()), n = batch.front()->order_;
+  linalg::Workspace& workspace = *context.workspace;
+  at::Tensor candidates;
+  if (config.root_method == RootMethod::Eigen) {
+    std::vector<at::Tensor> statistics;
+    for (DenseFactor* f : batch) statistics.push_back(f->statistic_);
+    const linalg::Eigen e = linalg::eigh_batched(stacked(statistics, workspace, kCandidates), config.eigh);
+    candidates = workspace.take(kVectors, {count, n, n}, e.vectors.options());
+    linalg::recompose_out(candidates, e.vectors,
+                          linalg::inverse_root_spectrum(e.values, config.root_exponent, config.epsilon), workspace,
+                          kScratch);
   } else {
-    root = linalg::inverse_root_newton(statistic_, static_cast<int>(config_.root_exponent), config_.epsilon);
+    // The coupled Newton iteration decides when to stop on the host: one factor at a time.
+    candidates = workspace.take(kVectors, {count, n, n}, batch.front()->root_.options());
+    for (int64_t i = 0; i < count; ++i)
+      candidates[i].copy_(linalg::inverse_root_newton(batch[static_cast<size_t>(i)]->statistic_,
+                                                      static_cast<int>(config.root_exponent), config.epsilon));
   }
-  if (!root || !root->isfinite().all().item<bool>()) {
-    ++failures_;
-    return false;
+  const at::Tensor keep = keep_mask(candidates, context), failed = failed_mask(keep, context);
+  for (int64_t i = 0; i < count; ++i) {
+    DenseFactor& f = *batch[static_cast<size_t>(i)];
+    f.root_ = at::where(keep[i], candidates[i], f.root_);
+    f.count_failure(failed[i]);
   }
-  root_ = root->to(at::kFloat);
-  return true;
 }
 
 int64_t DenseFactor::state_bytes() const { return 2 * order_ * order_ * 4; }
@@ -64,6 +142,8 @@ void DenseFactor::load(const TensorMap& in, const std::string& prefix) {
   const at::Tensor root = read_entry(in, prefix + "root", at::kFloat, {order_, order_});
   statistic_ = statistic.to(statistic_.device()).clone();
   root_ = root.to(root_.device()).clone();
+  // A basis that is not the identity has been refreshed (read once, at load).
+  has_basis_ = config_.eigenbasis && !at::equal(root_, at::eye(order_, root_.options()));
 }
 
 }  // namespace lowbit::precond

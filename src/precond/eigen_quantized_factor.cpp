@@ -10,14 +10,21 @@ QuantOptions with_diagonal(QuantOptions q, bool keep) {
   return q;
 }
 
-bool finite(const at::Tensor& t) { return t.isfinite().all().item<bool>(); }
+// Workspace slots of a batch ([B, n, n] each). kVectors + 1 and + 2 hold Björck's products
+// while the eigenvectors are rectified; the later steps reuse them.
+enum Slot { kVectors = 0, kStatistic = 1, kScratch = 2, kBasis = 4, kTransposed = 5 };
+
+// The candidates of a batch as codes, replacing non-finite values (whose factors the keep
+// mask rejects anyway) so that the codec, which refuses them, can run on the whole batch.
+std::vector<QuantizedMatrix> quantize_candidates(const at::Tensor& candidates, const QuantOptions& options) {
+  return QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), options);
+}
 
 }  // namespace
 
 EigenQuantizedFactor::EigenQuantizedFactor(int64_t order, const at::TensorOptions& device,
                                            const FactorConfig& config)
-    : KroneckerFactor(order),
-      config_(config),
+    : KroneckerFactor(order, device, config),
       vector_quant_(with_diagonal(config.quant, false)),
       root_quant_(with_diagonal(config.quant, true)) {
   const at::Tensor identity = at::eye(order, device.dtype(at::kFloat));
@@ -27,45 +34,136 @@ EigenQuantizedFactor::EigenQuantizedFactor(int64_t order, const at::TensorOption
   if (!config.eigenbasis) root_ = QuantizedMatrix::quantize(identity, root_quant_);
 }
 
-at::Tensor EigenQuantizedFactor::eigenvectors(int bjorck_steps) const {
+at::Tensor EigenQuantizedFactor::eigenvectors(c10::ArrayRef<EigenQuantizedFactor*> batch, int bjorck_steps,
+                                              linalg::Workspace& workspace, int slot) {
+  const int64_t n = batch.front()->order_;
+  at::Tensor rows = workspace.take(slot, {static_cast<int64_t>(batch.size()), n, n},
+                                   batch.front()->eigenvalues_.options());
+  std::vector<const QuantizedMatrix*> stored;
+  for (const EigenQuantizedFactor* f : batch) stored.push_back(&f->eigenvectors_t_);
+  QuantizedMatrix::dequantize_stack(stored, rows);
   // Stored transposed (rows are eigenvectors); Björck repairs the orthogonality that
   // quantization broke.
+  const at::Tensor columns = rows.transpose(-2, -1);
+  linalg::bjorck_orthonormalize_(columns, bjorck_steps, workspace, slot + 1);
+  return columns;
+}
+
+at::Tensor EigenQuantizedFactor::eigenvectors(int bjorck_steps) const {
   return linalg::bjorck_orthonormalize(eigenvectors_t_.dequantize().t(), bjorck_steps);
 }
 
-void EigenQuantizedFactor::update_statistic(const at::Tensor& outer) {
-  const at::Tensor v = eigenvectors(config_.bjorck_stat_steps);  // t1 in the paper
-  const at::Tensor a = at::matmul(v * eigenvalues_.unsqueeze(0), v.t()).mul_(config_.stat_decay)
-                           .add_(outer, 1.0 - config_.stat_decay);
-  // The paper replaces a full eigendecomposition by one warm-started subspace step.
-  // SOAP (eigenbasis): the first refresh, from the initial state, is a full eigh (see
-  // DenseFactor::update_eigenbasis). 4-bit Shampoo keeps the paper's QR step from U = I.
-  const bool first_basis = config_.eigenbasis && eigenvalues_.eq(static_cast<float>(config_.epsilon)).all().item<bool>();
-  std::optional<linalg::Eigen> e;
-  if (config_.eigen_update == EigenUpdate::QrStep && !first_basis) {
-    e = linalg::qr_subspace_step(a, v);
-  } else {
-    e = linalg::eigh_with_fallback(a, config_.eigh);
+void EigenQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshContext& context) {
+  std::vector<EigenQuantizedFactor*> statistics, fresh_roots, stored_roots;
+  std::vector<at::Tensor> sides;
+  std::vector<int64_t> fresh_index;  // of each fresh root in the statistics batch
+  for (const RefreshItem& item : batch) {
+    auto* f = static_cast<EigenQuantizedFactor*>(item.factor);
+    if (item.side.defined()) {
+      statistics.push_back(f);
+      sides.push_back(item.side);
+    }
+    if (!item.root) continue;
+    if (item.side.defined()) {
+      fresh_roots.push_back(f);
+      fresh_index.push_back(static_cast<int64_t>(statistics.size()) - 1);
+    } else {
+      stored_roots.push_back(f);
+    }
   }
-  if (!e || !finite(e->values) || !finite(e->vectors)) {
-    ++failures_;
-    return;
+  Refreshed fresh;
+  if (!statistics.empty()) fresh = update_statistics(statistics, sides, context);
+  if (batch.front().factor->config().eigenbasis) return;  // SOAP reads U; it keeps no root
+  if (!fresh_roots.empty()) {
+    // Refreshed in this step: the root comes from the fp32 eigenvectors just computed, before
+    // they were stored at low bits, so there is no rounding for Björck steps to repair. (A
+    // factor whose statistics update failed keeps its root too.)
+    const bool all = fresh_roots.size() == statistics.size();
+    const at::Tensor index = all ? at::Tensor() : at::tensor(fresh_index, fresh.keep.options().dtype(at::kLong));
+    const auto pick = [&](const at::Tensor& t) { return all ? t : t.index_select(0, index); };
+    update_roots(fresh_roots, pick(fresh.vectors), pick(fresh.values), pick(fresh.keep), context);
   }
-  eigenvectors_t_ = QuantizedMatrix::quantize(e->vectors.t().contiguous(), vector_quant_);
-  eigenvalues_ = e->values.contiguous();
+  if (!stored_roots.empty()) {
+    // From the stored eigenvectors after t2 Björck steps (t2 in the paper).
+    const EigenQuantizedFactor& first = *stored_roots.front();
+    std::vector<at::Tensor> values;
+    for (const EigenQuantizedFactor* f : stored_roots) values.push_back(f->eigenvalues_);
+    update_roots(stored_roots, eigenvectors(stored_roots, first.config_.bjorck_root_steps, *context.workspace, kVectors),
+                 at::stack(values), at::Tensor(), context);
+  }
 }
 
-bool EigenQuantizedFactor::update_inverse_root() {
-  if (config_.eigenbasis) return true;  // SOAP reads U itself
-  const at::Tensor v = eigenvectors(config_.bjorck_root_steps);  // t2 in the paper
-  const at::Tensor root = linalg::inverse_root_from_eigen({eigenvalues_, v}, config_.root_exponent,
-                                                          config_.epsilon);
-  if (!finite(root)) {
-    ++failures_;
-    return false;
+EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::ArrayRef<EigenQuantizedFactor*> batch,
+                                                                        c10::ArrayRef<at::Tensor> sides,
+                                                                        RefreshContext& context) {
+  const EigenQuantizedFactor& first = *batch.front();
+  const FactorConfig& config = first.config_;
+  linalg::Workspace& workspace = *context.workspace;
+  const int64_t count = static_cast<int64_t>(batch.size()), n = first.order_;
+  const at::TensorOptions fp32 = first.eigenvalues_.options();
+
+  // A = beta V diag(lambda) V^T + (1 - beta) side side^T, V the stored eigenvectors after t1
+  // Björck steps (t1 in the paper).
+  const at::Tensor v = eigenvectors(batch, config.bjorck_stat_steps, workspace, kVectors);
+  std::vector<at::Tensor> values;
+  for (const EigenQuantizedFactor* f : batch) values.push_back(f->eigenvalues_);
+  const at::Tensor a = workspace.take(kStatistic, {count, n, n}, fp32);
+  outer_products(sides, a, context);
+  at::Tensor weighted = workspace.take(kScratch, {count, n, n}, fp32);
+  at::mul_out(weighted, v, at::stack(values).unsqueeze(-2));
+  linalg::matmul_into(a, weighted, v.transpose(-2, -1), config.stat_decay, 1.0 - config.stat_decay);
+
+  // The paper replaces a full eigendecomposition by one warm-started subspace step,
+  // P = QR(A V).Q with eigenvalues diag(P^T A P). SOAP (eigenbasis): the first refresh, from
+  // the initial state, is a full eigh (see DenseFactor::update_eigenbases). 4-bit Shampoo
+  // keeps the paper's QR step from U = I.
+  Refreshed out;
+  const bool first_basis = config.eigenbasis && !first.has_basis_;
+  if (config.eigen_update == EigenUpdate::QrStep && !first_basis) {
+    out.vectors = workspace.take(kBasis, {count, n, n}, fp32);
+    out.values = at::empty({count, n}, fp32);
+    linalg::qr_subspace_step_out(a, v, out.vectors, out.values, workspace, kScratch);
+  } else {
+    const linalg::Eigen e = linalg::eigh_batched(a, config.eigh);
+    out.vectors = e.vectors;
+    out.values = e.values;
   }
-  root_ = QuantizedMatrix::quantize(root, root_quant_);
-  return true;
+
+  out.keep = keep_mask(out.vectors, context).logical_and_(out.values.isfinite().all(-1));
+  const at::Tensor failed = failed_mask(out.keep, context);
+  at::Tensor transposed = workspace.take(kTransposed, {count, n, n}, fp32);
+  transposed.copy_(out.vectors.transpose(-2, -1));
+  const std::vector<QuantizedMatrix> stored = quantize_candidates(transposed, first.vector_quant_);
+  for (int64_t i = 0; i < count; ++i) {
+    EigenQuantizedFactor& f = *batch[static_cast<size_t>(i)];
+    f.eigenvectors_t_ = QuantizedMatrix::select(out.keep[i], stored[static_cast<size_t>(i)], f.eigenvectors_t_);
+    f.eigenvalues_ = at::where(out.keep[i], out.values[i], f.eigenvalues_);
+    f.count_failure(failed[i]);
+    f.has_basis_ = true;
+  }
+  return out;
+}
+
+void EigenQuantizedFactor::update_roots(c10::ArrayRef<EigenQuantizedFactor*> batch, const at::Tensor& vectors,
+                                        const at::Tensor& values, const at::Tensor& usable, RefreshContext& context) {
+  const EigenQuantizedFactor& first = *batch.front();
+  const FactorConfig& config = first.config_;
+  linalg::Workspace& workspace = *context.workspace;
+  const int64_t count = static_cast<int64_t>(batch.size()), n = first.order_;
+  at::Tensor roots = workspace.take(kStatistic, {count, n, n}, first.eigenvalues_.options());
+  linalg::recompose_out(roots, vectors, linalg::inverse_root_spectrum(values, config.root_exponent, config.epsilon),
+                        workspace, kScratch);
+  at::Tensor keep = keep_mask(roots, context), failed = failed_mask(keep, context);
+  if (usable.defined()) {
+    keep.logical_and_(usable);
+    failed.logical_and_(usable);  // a failed statistics update was counted already
+  }
+  const std::vector<QuantizedMatrix> stored = quantize_candidates(roots, first.root_quant_);
+  for (int64_t i = 0; i < count; ++i) {
+    EigenQuantizedFactor& f = *batch[static_cast<size_t>(i)];
+    f.root_ = QuantizedMatrix::select(keep[i], stored[static_cast<size_t>(i)], f.root_);
+    f.count_failure(failed[i]);
+  }
 }
 
 at::Tensor EigenQuantizedFactor::inverse_root() const {
@@ -96,6 +194,8 @@ void EigenQuantizedFactor::load(const TensorMap& in, const std::string& prefix) 
   eigenvectors_t_ = vectors.to(device);
   eigenvalues_ = values.to(device).clone();
   if (root.defined()) root_ = root.to(device);
+  // The initial state has every eigenvalue at epsilon; a refreshed one has not (read once, at load).
+  has_basis_ = config_.eigenbasis && !eigenvalues_.eq(static_cast<float>(config_.epsilon)).all().item<bool>();
 }
 
 }  // namespace lowbit::precond

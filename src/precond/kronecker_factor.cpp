@@ -1,10 +1,33 @@
 #include "precond/kronecker_factor.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <sstream>
 
+#include "precond/factor_refresh.h"
+
 namespace lowbit::precond {
+
+KroneckerFactor::KroneckerFactor(int64_t order, const at::TensorOptions& device, const FactorConfig& config)
+    : order_(order), config_(config), device_(device.device()),
+      failures_(at::zeros({}, device.dtype(at::kLong))) {}
+
+void KroneckerFactor::update_statistic(const at::Tensor& side) {
+  linalg::Workspace workspace;
+  RefreshContext context{&workspace};
+  refresh({RefreshItem{this, side, false}}, context);
+}
+
+void KroneckerFactor::update_inverse_root() {
+  linalg::Workspace workspace;
+  RefreshContext context{&workspace};
+  refresh({RefreshItem{this, at::Tensor(), true}}, context);
+}
+
+int64_t KroneckerFactor::failures() const { return failures_.item<int64_t>(); }
+
+void KroneckerFactor::count_failure(const at::Tensor& failed) { failures_.add_(failed); }
 
 std::string to_string(FactorKind kind) {
   switch (kind) {

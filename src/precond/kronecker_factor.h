@@ -1,5 +1,5 @@
 // One Kronecker factor of a Shampoo block: the statistic of one side (L = sum G G^T, or
-// R = sum G^T G) and its inverse root. One interface, three ways to store it.
+// R = sum G^T G) and its inverse root. One interface, four ways to store it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -55,28 +55,41 @@ class KroneckerFactor {
   virtual ~KroneckerFactor() = default;
   virtual FactorKind kind() const = 0;
   int64_t order() const { return order_; }
+  const FactorConfig& config() const { return config_; }
+  const at::Device& device() const { return device_; }
 
-  // statistic <- beta * statistic + (1 - beta) * outer, with outer = G G^T (fp32, n x n).
-  virtual void update_statistic(const at::Tensor& outer) = 0;
-  // Recomputes the inverse root; on a failed decomposition keeps the last good one and
-  // counts the failure. Returns false on failure.
-  virtual bool update_inverse_root() = 0;
+  // One factor's refresh, as a batch of one (factor_refresh.h batches many):
+  // statistic <- beta * statistic + (1 - beta) * side side^T, with side the n x k fp32 block
+  // of the gradient on this factor's side (G for a left factor, G^T for a right one).
+  void update_statistic(const at::Tensor& side);
+  // Recomputes the inverse root. A failed refresh (a decomposition that throws, or a result
+  // that is not finite) keeps the last good state and is counted in failures().
+  void update_inverse_root();
   // The current inverse root as a dense fp32 n x n matrix (identity before the first update).
   virtual at::Tensor inverse_root() const = 0;
   // The statistic as a dense fp32 matrix (for inspection and tests).
   virtual at::Tensor statistic() const = 0;
+  // The inverse root as stored at low bits, or nullptr (dense roots, SOAP's bases): lets the
+  // roots of many factors be decoded with one codec call.
+  virtual const QuantizedMatrix* quantized_root() const { return nullptr; }
 
   virtual int64_t state_bytes() const = 0;
   // Named tensors under `prefix`; load validates shapes and leaves the factor unchanged on error.
   virtual void save(TensorMap& out, const std::string& prefix) const = 0;
   virtual void load(const TensorMap& in, const std::string& prefix) = 0;
 
-  int64_t failures() const { return failures_; }
+  // Refreshes that failed and kept the last good state. The count lives on the factor's
+  // device (refreshes never wait for the host), so reading it synchronises with a GPU.
+  int64_t failures() const;
+  // Adds `failed` (a bool scalar on the device) to the count.
+  void count_failure(const at::Tensor& failed);
 
  protected:
-  explicit KroneckerFactor(int64_t order) : order_(order) {}
+  KroneckerFactor(int64_t order, const at::TensorOptions& device, const FactorConfig& config);
   int64_t order_;
-  int64_t failures_ = 0;
+  FactorConfig config_;
+  at::Device device_;
+  at::Tensor failures_;  // int64 scalar on device_
 };
 
 std::unique_ptr<KroneckerFactor> make_factor(FactorKind kind, int64_t order, const at::TensorOptions& device,

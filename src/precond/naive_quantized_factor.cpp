@@ -6,27 +6,52 @@ namespace lowbit::precond {
 
 NaiveQuantizedFactor::NaiveQuantizedFactor(int64_t order, const at::TensorOptions& device,
                                            const FactorConfig& config)
-    : KroneckerFactor(order), config_(config), quant_(config.quant) {
+    : KroneckerFactor(order, device, config), quant_(config.quant) {
   quant_.keep_diagonal = true;  // fp32 diagonal, quantized off-diagonal
   const at::Tensor identity = at::eye(order, device.dtype(at::kFloat));
   statistic_ = QuantizedMatrix::quantize(config.epsilon * identity, quant_);
   root_ = QuantizedMatrix::quantize(identity, quant_);
 }
 
-void NaiveQuantizedFactor::update_statistic(const at::Tensor& outer) {
-  const at::Tensor a = statistic_.dequantize().mul_(config_.stat_decay).add_(outer, 1.0 - config_.stat_decay);
-  statistic_ = QuantizedMatrix::quantize(a, quant_);
+void NaiveQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshContext& context) {
+  std::vector<NaiveQuantizedFactor*> statistics;
+  std::vector<at::Tensor> sides;
+  for (const RefreshItem& item : batch)
+    if (item.side.defined()) {
+      statistics.push_back(static_cast<NaiveQuantizedFactor*>(item.factor));
+      sides.push_back(item.side);
+    }
+  if (!statistics.empty()) {
+    // A = beta D(Q(A)) + (1 - beta) side side^T for the whole batch, stored again at low bits.
+    const NaiveQuantizedFactor& first = *statistics.front();
+    const int64_t count = static_cast<int64_t>(statistics.size()), n = first.order_;
+    const at::TensorOptions fp32 = at::TensorOptions(first.device_).dtype(at::kFloat);
+    at::Tensor candidates = context.workspace->take(0, {count, n, n}, fp32);
+    outer_products(sides, candidates, context);
+    at::Tensor previous = context.workspace->take(1, {count, n, n}, fp32);
+    std::vector<const QuantizedMatrix*> stored;
+    for (const NaiveQuantizedFactor* f : statistics) stored.push_back(&f->statistic_);
+    QuantizedMatrix::dequantize_stack(stored, previous);
+    candidates.mul_(1.0 - first.config_.stat_decay).add_(previous, first.config_.stat_decay);
+    const at::Tensor keep = keep_mask(candidates, context), failed = failed_mask(keep, context);
+    const std::vector<QuantizedMatrix> coded = QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), first.quant_);
+    for (int64_t i = 0; i < count; ++i) {
+      NaiveQuantizedFactor& f = *statistics[static_cast<size_t>(i)];
+      f.statistic_ = QuantizedMatrix::select(keep[i], coded[static_cast<size_t>(i)], f.statistic_);
+      f.count_failure(failed[i]);
+    }
+  }
+  // The coupled Newton iteration decides when to stop on the host: one factor at a time.
+  for (const RefreshItem& item : batch)
+    if (item.root) static_cast<NaiveQuantizedFactor*>(item.factor)->update_root(context);
 }
 
-bool NaiveQuantizedFactor::update_inverse_root() {
-  const at::Tensor root = linalg::inverse_root_newton(statistic_.dequantize(),
-                                                      static_cast<int>(config_.root_exponent), config_.epsilon);
-  if (!root.isfinite().all().item<bool>()) {
-    ++failures_;
-    return false;
-  }
-  root_ = QuantizedMatrix::quantize(root, quant_);
-  return true;
+void NaiveQuantizedFactor::update_root(RefreshContext& context) {
+  const at::Tensor root = linalg::inverse_root_newton(statistic_.dequantize(), static_cast<int>(config_.root_exponent),
+                                                      config_.epsilon);
+  const at::Tensor keep = keep_mask(root.unsqueeze(0), context)[0];
+  count_failure(failed_mask(keep, context));
+  root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(root.nan_to_num(0.0, 0.0, 0.0), quant_), root_);
 }
 
 void NaiveQuantizedFactor::save(TensorMap& out, const std::string& prefix) const {

@@ -1,5 +1,7 @@
 #include "precond/parameter_preconditioner.h"
 
+#include "precond/batched_precondition.h"
+
 #include <ATen/ATen.h>
 
 namespace lowbit::precond {
@@ -43,45 +45,52 @@ void ParameterPreconditioner::check_mask(const FactorMask& mask) const {
               mask.size(), " entries for ", factor_count(), " factors");
 }
 
-void ParameterPreconditioner::update_statistics(const at::Tensor& grad, const FactorMask& mask) {
+void ParameterPreconditioner::plan_refresh(const at::Tensor& grad, bool statistics, bool roots,
+                                           const FactorMask& mask, std::vector<RefreshItem>& items) {
   check_mask(mask);
   const auto wanted = [&](size_t index) { return mask.empty() || mask[index]; };
-  const at::Tensor g = as_matrix(grad);
+  const at::Tensor g = statistics ? as_matrix(grad) : at::Tensor();
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block& b = blocks_[i];
-    const at::Tensor gb = block_of(g, b.slice);
-    if (wanted(2 * i)) b.left->update_statistic(at::matmul(gb, gb.t()));
-    if (wanted(2 * i + 1)) b.right->update_statistic(at::matmul(gb.t(), gb));
+    const at::Tensor gb = statistics ? block_of(g, b.slice) : at::Tensor();
+    if (wanted(2 * i)) items.push_back({b.left.get(), gb, roots});
+    if (wanted(2 * i + 1)) items.push_back({b.right.get(), statistics ? gb.t() : at::Tensor(), roots});
   }
 }
 
-int64_t ParameterPreconditioner::update_inverse_roots(const FactorMask& mask) {
-  check_mask(mask);
-  int64_t failed = 0;
-  for (int64_t i = 0; i < factor_count(); ++i)
-    if (mask.empty() || mask[static_cast<size_t>(i)]) failed += factor(i).update_inverse_root() ? 0 : 1;
-  return failed;
+namespace {
+
+void run_alone(const std::vector<RefreshItem>& items) {
+  linalg::Workspace workspace;
+  RefreshContext context{&workspace};
+  refresh(items, context);
+}
+
+}  // namespace
+
+void ParameterPreconditioner::update_statistics(const at::Tensor& grad, const FactorMask& mask) {
+  std::vector<RefreshItem> items;
+  plan_refresh(grad, true, false, mask, items);
+  run_alone(items);
+}
+
+void ParameterPreconditioner::update_inverse_roots(const FactorMask& mask) {
+  std::vector<RefreshItem> items;
+  plan_refresh(at::Tensor(), false, true, mask, items);
+  run_alone(items);
 }
 
 at::Tensor ParameterPreconditioner::precondition(const at::Tensor& grad) const {
-  const at::Tensor g = as_matrix(grad);
-  at::Tensor out = at::empty_like(g);
-  for (const Block& b : blocks_) {
-    const at::Tensor gb = block_of(g, b.slice);
-    const at::Tensor left = b.left->inverse_root(), right = b.right->inverse_root();
-    at::Tensor ghat;
-    if (config_.combine == Combine::Caspr) {
-      // CASPR: J = L~ G + G R~, U = L~ J + J R~ = L~^2 G + 2 L~ G R~ + G R~^2.
-      const at::Tensor j = at::matmul(left, gb) + at::matmul(gb, right);
-      ghat = at::matmul(left, j) + at::matmul(j, right);
-    } else {
-      ghat = at::matmul(at::matmul(left, gb), right);
-    }
-    // Grafting by norm: the direction is the preconditioner's, the step length the gradient's.
-    const at::Tensor scale = gb.norm() / (ghat.norm() + 1e-12);
-    block_of(out, b.slice).copy_(ghat * scale);
-  }
+  at::Tensor out = at::empty({partition_.rows, partition_.cols}, grad.options().dtype(at::kFloat));
+  linalg::Workspace workspace;
+  precondition_all({PreconditionItem{this, grad, out}}, workspace, 0);
   return out.reshape(grad.sizes()).to(grad.scalar_type());
+}
+
+std::vector<ParameterPreconditioner::BlockView> ParameterPreconditioner::block_views() const {
+  std::vector<BlockView> out;
+  for (const Block& b : blocks_) out.push_back({b.slice, b.left.get(), b.right.get()});
+  return out;
 }
 
 ParameterPreconditioner::Bases ParameterPreconditioner::eigenbases() const {

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "precond/factor_refresh.h"
 #include "precond/kronecker_factor.h"
 #include "precond/partition.h"
 
@@ -44,10 +45,16 @@ class ParameterPreconditioner {
   // runs give each process its share.
   using FactorMask = std::vector<bool>;
 
-  // L += G G^T, R += G^T G per block (with the exponential decay of the config).
+  // This step's work on the factors `mask` selects (all when empty), appended to `items` for
+  // factor_refresh.h's batched run: statistics L += G G^T, R += G^T G per block (with the
+  // exponential decay of the config; the sides are fp32 views of grad's blocks), then, with
+  // `roots`, the inverse roots.
+  void plan_refresh(const at::Tensor& grad, bool statistics, bool roots, const FactorMask& mask,
+                    std::vector<RefreshItem>& items);
+  // The same work run at once, on this parameter alone (for tests and tools). A failed root
+  // keeps the last good one and is counted in failures().
   void update_statistics(const at::Tensor& grad, const FactorMask& mask = {});
-  // Recomputes the inverse roots; returns how many factors failed (and kept their last root).
-  int64_t update_inverse_roots(const FactorMask& mask = {});
+  void update_inverse_roots(const FactorMask& mask = {});
   // L^(-1/4) G R^(-1/4) per block (or CASPR's L~ J + J R~, see Combine), each block
   // rescaled to the Frobenius norm of its gradient block ("grafting by norm"). Same shape
   // and dtype as grad.
@@ -67,6 +74,17 @@ class ParameterPreconditioner {
   int64_t failures() const;
   std::vector<const KroneckerFactor*> factors() const;
 
+  // The blocks with their factors, and the gradient as this partition's fp32 matrix (for the
+  // batched work of many parameters, batched_precondition.h).
+  struct BlockView {
+    BlockSlice slice;
+    const KroneckerFactor* left;
+    const KroneckerFactor* right;
+  };
+  std::vector<BlockView> block_views() const;
+  at::Tensor as_matrix(const at::Tensor& grad) const;
+  const PreconditionerConfig& config() const { return config_; }
+
   void save(TensorMap& out) const;
   // Validates every entry first; on error the preconditioner is unchanged.
   void load(const TensorMap& in);
@@ -76,7 +94,6 @@ class ParameterPreconditioner {
     BlockSlice slice;
     std::unique_ptr<KroneckerFactor> left, right;
   };
-  at::Tensor as_matrix(const at::Tensor& grad) const;
   void check_mask(const FactorMask& mask) const;
   Partition partition_;
   std::vector<Block> blocks_;

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <map>
 #include <mutex>
+#include <utility>
 
 namespace lowbit {
 namespace {
@@ -129,6 +131,17 @@ std::vector<float> scale_codebook_values() {
 const at::Tensor& scale_codebook() {
   static const at::Tensor table = as_tensor(scale_codebook_values());
   return table;
+}
+
+at::Tensor codebook_on(const at::Tensor& table, const at::Device& device) {
+  if (table.device() == device) return table;
+  // Keyed by the cached host table's storage: the tables above live as long as the process.
+  static std::map<std::pair<const void*, std::string>, at::Tensor> copies;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& entry = copies[{table.const_data_ptr(), device.str()}];
+  if (!entry.defined()) entry = table.to(device);
+  return entry;
 }
 
 double max_rounding_error(const std::vector<float>& codes) {

@@ -2,8 +2,11 @@
 
 #include <lowbit/codebook.h>
 
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
 
 #include "quant/codec_checks.h"
@@ -15,9 +18,7 @@ namespace {
 // Layout of the int64 "meta" tensor in state(): shape and the options needed to decode.
 enum MetaField { kRows, kCols, kBits, kMapping, kBlockSize, kKeepDiagonal, kDoubleQuant, kMetaSize };
 
-at::Tensor on_device(const at::Tensor& table, const at::Device& device) {
-  return table.device() == device ? table : table.to(device);
-}
+at::Tensor on_device(const at::Tensor& table, const at::Device& device) { return codebook_on(table, device); }
 
 }  // namespace
 
@@ -53,6 +54,94 @@ QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantO
         effective);
   }
   if (!options.keep_diagonal) q.diagonal_ = at::Tensor();
+  return q;
+}
+
+std::vector<QuantizedMatrix> QuantizedMatrix::quantize_stack(const at::Tensor& stack, const QuantOptions& options) {
+  constexpr const char* op = "lowbit::QuantizedMatrix::quantize_stack";
+  TORCH_CHECK(stack.defined() && stack.dim() == 3, op, ": stack must be a 3-D tensor [B, rows, cols]; got ",
+              stack.defined() ? stack.sizes() : at::IntArrayRef{});
+  const int64_t count = stack.size(0), rows = stack.size(1), cols = stack.size(2);
+  std::vector<QuantizedMatrix> out;
+  out.reserve(static_cast<size_t>(count));
+  if (options.double_quant_scales || count <= 1) {
+    for (int64_t i = 0; i < count; ++i) out.push_back(quantize(stack[i], options));
+    return out;
+  }
+  options.validate();
+  TORCH_CHECK(!options.keep_diagonal || rows == cols, op, ": keep_diagonal needs square matrices; got ", rows,
+              " x ", cols);
+  // One [B * rows, cols] matrix. A kept diagonal is taken out and zeroed, which is what the
+  // codec does with it inside one square matrix (excluded from the scale, coded as 0).
+  at::Tensor flat = stack.contiguous();
+  at::Tensor diagonals;
+  const bool aliased = flat.is_same(stack) || flat.data_ptr() == stack.data_ptr();
+  if (options.keep_diagonal) {
+    diagonals = flat.diagonal(0, -2, -1).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    flat.diagonal(0, -2, -1).zero_();
+  }
+  QuantOptions plain = options;
+  plain.keep_diagonal = false;
+  QuantizedMatrix all;
+  try {
+    all = quantize(flat.view({count * rows, cols}), plain);
+  } catch (...) {
+    if (options.keep_diagonal && aliased) flat.diagonal(0, -2, -1).copy_(diagonals);
+    throw;
+  }
+  if (options.keep_diagonal && aliased) flat.diagonal(0, -2, -1).copy_(diagonals);  // the caller's stack as it was
+  for (int64_t i = 0; i < count; ++i) {
+    QuantizedMatrix q;
+    q.rows_ = rows;
+    q.cols_ = cols;
+    q.options_ = options;
+    q.codes_ = all.codes_.narrow(0, i * rows, rows);
+    q.scales_ = all.scales_.narrow(0, i * rows, rows);
+    if (options.keep_diagonal) q.diagonal_ = diagonals[i];
+    out.push_back(std::move(q));
+  }
+  return out;
+}
+
+void QuantizedMatrix::dequantize_stack(c10::ArrayRef<const QuantizedMatrix*> matrices, const at::Tensor& out) {
+  constexpr const char* op = "lowbit::QuantizedMatrix::dequantize_stack";
+  const int64_t count = static_cast<int64_t>(matrices.size());
+  TORCH_CHECK(count > 0, op, ": no matrices");
+  const QuantizedMatrix& first = *matrices[0];
+  TORCH_CHECK(first.defined(), op, ": matrix 0 is empty (default-constructed)");
+  TORCH_CHECK(out.defined() && out.dim() == 3 && out.size(0) == count && out.size(1) == first.rows_ &&
+                  out.size(2) == first.cols_ && out.is_contiguous(),
+              op, ": out must be a contiguous [", count, ", ", first.rows_, ", ", first.cols_, "] tensor; got ",
+              out.defined() ? out.sizes() : at::IntArrayRef{});
+  for (int64_t i = 1; i < count; ++i) {
+    const QuantizedMatrix& m = *matrices[i];
+    TORCH_CHECK(m.defined() && m.rows_ == first.rows_ && m.cols_ == first.cols_ && m.options_ == first.options_,
+                op, ": matrix ", i, " differs from matrix 0 in shape or options");
+  }
+  if (count == 1) {
+    first.dequantize_into(out[0]);
+    return;
+  }
+  std::vector<at::Tensor> codes, scales, diagonals;
+  for (const QuantizedMatrix* m : matrices) {
+    codes.push_back(m->codes_);
+    scales.push_back(m->effective_scales());
+    if (m->diagonal_.defined()) diagonals.push_back(m->diagonal_);
+  }
+  at::Tensor flat = out.view({count * first.rows_, first.cols_});
+  ops::dequantize_blockwise_out(at::cat(codes), at::cat(scales),
+                                on_device(codebook(first.options_.mapping, first.options_.bits), out.device()),
+                                c10::nullopt, first.options_.bits, first.options_.block_size, flat);
+  if (!diagonals.empty()) out.diagonal(0, -2, -1).copy_(at::stack(diagonals));
+}
+
+QuantizedMatrix QuantizedMatrix::select(const at::Tensor& keep, const QuantizedMatrix& a, const QuantizedMatrix& b) {
+  TORCH_CHECK(a.defined() && b.defined() && a.rows_ == b.rows_ && a.cols_ == b.cols_ && a.options_ == b.options_,
+              "lowbit::QuantizedMatrix::select: both matrices must share shape and options");
+  QuantizedMatrix q = a;
+  for (auto [into, other] : {std::pair{&q.codes_, &b.codes_}, std::pair{&q.scales_, &b.scales_},
+                             std::pair{&q.scale_group_max_, &b.scale_group_max_}, std::pair{&q.diagonal_, &b.diagonal_}})
+    if (into->defined()) *into = at::where(keep, *into, *other);
   return q;
 }
 

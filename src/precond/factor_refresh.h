@@ -1,0 +1,55 @@
+// The refresh work of one step on many Kronecker factors, batched: factors of one kind,
+// order, device and configuration are updated together, with one batched call per
+// operation (matrix products, orthonormalization, decomposition, codec) instead of one per
+// factor. Each factor kind keeps its maths (factor_kinds.h); this file owns the grouping.
+//
+// No host synchronisation is needed: a failed refresh keeps the factor's last good state
+// through a choice made on the device, and is counted there (KroneckerFactor::failures).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "linalg/workspace.h"
+#include "precond/kronecker_factor.h"
+
+namespace lowbit::precond {
+
+// One factor's work in a step.
+struct RefreshItem {
+  KroneckerFactor* factor = nullptr;
+  at::Tensor side;    // defined: update the statistic with side side^T (n x k, fp32)
+  bool root = false;  // then recompute the inverse root
+};
+
+struct RefreshContext {
+  linalg::Workspace* workspace = nullptr;
+  // A sync-free step that was not checked on the host passes its verdict here: a bool scalar
+  // on the factors' device, false when the step is rejected, and then nothing is stored
+  // (nor counted as a failure). Undefined when the step was checked before it began.
+  at::Tensor step_ok;
+  // A group's factors are refreshed in chunks whose temporaries stay under this many bytes
+  // (at least one factor per chunk); 0: no limit.
+  int64_t workspace_bytes = 0;
+};
+
+// Runs every item, group by group. Items of one factor must not repeat.
+void refresh(c10::ArrayRef<RefreshItem> items, RefreshContext& context);
+
+// What a kind's batched refresh needs, for chunking: n x n fp32 temporaries per factor.
+int64_t temporaries_per_factor(FactorKind kind);
+
+// Helpers the kinds share.
+// A bool [B] on the device: step_ok (when defined) and every value of each candidate finite.
+at::Tensor keep_mask(const at::Tensor& candidates, const RefreshContext& context);
+// Which factors failed: keep[i] false in a step that was not rejected (bool [B]).
+at::Tensor failed_mask(const at::Tensor& keep, const RefreshContext& context);
+// side side^T of every item into out [B, n, n], one batched product per side width k
+// (sides of a rejected step count as zero).
+void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out, const RefreshContext& context);
+
+
+}  // namespace lowbit::precond
