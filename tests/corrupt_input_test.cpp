@@ -82,7 +82,7 @@ TEST(CorruptCodecInput, FromStateChecksTheMetaAsInt64) {
                       s["meta"][1] = INT64_MAX;
                       s["codes"] = at::zeros({0, 5}, at::kByte);
                     })); },
-                    {"lowbit::QuantizedMatrix::from_state", "codes must be uint8 of shape [0, 4611686018427387904]"});
+                    {"lowbit::QuantizedMatrix::from_state", "holds a matrix shape of 0 x 9223372036854775807; expected orders in [0, 2^40]"});
   // bits 2^32 + 4 was narrowed to int and read as 4.
   expect_error_with([&] { QuantizedMatrix::from_state(edited(good, [](State& s) { s["meta"][2] = (int64_t{1} << 32) + 4; })); },
                     {"from_state: \"meta\" bits must be 3, 4 or 8; got 4294967300"});
@@ -97,14 +97,14 @@ TEST(CorruptCodecInput, FromStateRefusesValuesQuantizeCannotProduce) {
   const State plain = QuantizedMatrix::quantize(at::randn({6, 6}), diag).state();
   for (float bad : {kNaN, std::numeric_limits<float>::infinity(), -1.f})
     expect_error_with([&] { QuantizedMatrix::from_state(edited(plain, [&](State& s) { s["scales"][2][0] = bad; })); },
-                      {"from_state: \"scales\" must be finite and >= 0"});
+                      {"from_state: \"scales\" holds "});
   expect_error_with([&] { QuantizedMatrix::from_state(edited(plain, [](State& s) { s["diagonal"][3] = kNaN; })); },
-                    {"from_state: \"diagonal\" must be finite"});
+                    {"from_state: \"diagonal\" holds NaN or Inf"});
   QuantOptions dq;
   dq.double_quant_scales = true;
   const State doubled = QuantizedMatrix::quantize(at::randn({6, 6}), dq).state();
   expect_error_with([&] { QuantizedMatrix::from_state(edited(doubled, [](State& s) { s["scale_group_max"][0] = -2.f; })); },
-                    {"from_state: \"scale_group_max\" must be finite and >= 0"});
+                    {"from_state: \"scale_group_max\" holds a negative value"});
 }
 
 TEST(CorruptCodecInput, QuantizeBlockwiseRefusesNonFiniteOrNegativeGivenScales) {
@@ -240,11 +240,11 @@ TEST(CorruptCheckpoint, StatesThatMakeTheNextStepNaNAreRefused) {
   expect_refused<NagGS>(NagGSOptions(0.2), poison("velocity", std::numeric_limits<float>::infinity()),
                         {"lowbit::NagGS", "\"velocity\" holds NaN or Inf"});
   expect_refused<Shampoo>(small_shampoo(32), poison("preconditioner/block0/left/statistic", kNaN),
-                          {"lowbit::Shampoo::load", "preconditioner/block0/left/statistic\"", "holds NaN or Inf"});
+                          {"lowbit::Shampoo::load", "preconditioner.block0.left.statistic", "holds NaN or Inf"});
   expect_refused<Shampoo>(small_shampoo(32).graft("sgdm"), poison("momentum_buffer", kNaN),
                           {"lowbit::Shampoo::load", "momentum_buffer", "holds NaN or Inf"});
   expect_refused<Shampoo>(small_shampoo(4), poison("eigenvectors_t/scales", -1.f),
-                          {"lowbit::Shampoo::load", "eigenvectors_t.", "\"scales\" must be finite and >= 0"});
+                          {"lowbit::Shampoo::load", "eigenvectors_t.", "\"scales\" holds a negative value"});
   // The M-FAC Gram matrix must be that of the stored gradients: scaled, it makes the solve
   // in the next step use another (possibly singular) system.
   expect_refused<MFAC>(MFACOptions(0.05).window(3).damping(0.1), [](Node& t) {

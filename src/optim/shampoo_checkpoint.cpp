@@ -83,12 +83,6 @@ void install_checkpoint_state(ShampooParamState& s, const torch::Tensor& p, cons
     TORCH_CHECK(!s.exp_avg_sq().defined() || s.exp_avg_sq().ge(0).all().item<bool>(), who, "checkpoint exp_avg_sq of ",
                 what, " holds negative values (it is a running mean of squares); the checkpoint is corrupt");
   }
-  // Preconditioner state: every floating entry finite (the factors check their own shapes,
-  // and the codec its block scales).
-  for (const auto& [name, t] : s.loaded_preconditioner)
-    if (t.defined() && at::isFloatingType(t.scalar_type()))
-      TORCH_CHECK(all_finite(t), who, "checkpoint entry \"", to_archive_key(name), "\" of ", what,
-                  " holds NaN or Inf values; the checkpoint is corrupt");
   auto preconditioner = std::make_shared<precond::ParameterPreconditioner>(p.sizes(), p.options(),
                                                                            preconditioner_config(options, eigh));
   if (preconditioner->active()) {

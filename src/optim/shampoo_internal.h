@@ -37,6 +37,9 @@ ShampooParamState make_param_state(const torch::Tensor& p, const ShampooOptions&
 void install_checkpoint_state(ShampooParamState& state, const torch::Tensor& p, const ShampooOptions& options,
                               const Shampoo::EighSolver& eigh, const std::string& who, const std::string& what);
 
+// Whether every element of t is finite (checkpoint loading; steps use the overflow rule).
+bool all_finite(const torch::Tensor& t);
+
 // Shampoo's part of the overflow rule (optim/gradient_health.h; shampoo_overflow.cpp):
 // - the health::consequence key of a gradient beyond the rule: "shampoo" (p has a
 //   preconditioner: the G G^T statistics), else "shampoo.adamw" / "shampoo.sgdm" (the graft);

@@ -15,6 +15,8 @@ ShampooParamState make_param_state(const torch::Tensor& p, const ShampooOptions&
   return s;
 }
 
+bool all_finite(const torch::Tensor& t) { return t.isfinite().all().item<bool>(); }
+
 ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
   s.step(s.step() + 1);
   ParamStepPlan plan;
