@@ -4,7 +4,8 @@
 //     factor orders, not the number of factors: factors of one order are refreshed as one
 //     batch;
 //   - host synchronisations per update step do not grow with the number of factors, and a
-//     plain step (no refresh) makes none when gradients are checked on the device;
+//     plain step (no refresh) makes exactly one: the overflow rule's read of every
+//     gradient's squared norm, computed as one batch (optim/gradient_health.h);
 //   - batching changes no result: refreshing every factor alone gives the same parameters.
 #include <gtest/gtest.h>
 
@@ -80,6 +81,17 @@ TEST(Engine, SynchronisationsOfAnUpdateStepDoNotGrowWithTheFactors) {
   for (int64_t bits : {32, 4}) {
     const StepCounts one = count_step(kOne, refreshing(bits), 2), six = count_step(kSix, refreshing(bits), 2);
     EXPECT_EQ(six.synchronisations, one.synchronisations) << bits << "-bit";
+  }
+}
+
+TEST(Engine, APlainStepReadsTheDeviceOnceWhateverTheParameters) {
+  // Statistics every 100 steps, roots every 100: step 2 refreshes nothing.
+  for (int64_t bits : {32, 4}) {
+    const ShampooOptions plain = refreshing(bits).stat_interval(100).root_interval(100);
+    const StepCounts one = count_step(kOne, plain, 2), six = count_step(kSix, plain, 2);
+    EXPECT_EQ(one.synchronisations, 1) << bits << "-bit";
+    EXPECT_EQ(six.synchronisations, 1) << bits << "-bit";
+    EXPECT_EQ(six.factorizations, 0) << bits << "-bit";
   }
 }
 

@@ -31,9 +31,11 @@ class OpCounter {
     return it == counts().end() ? 0 : it->second;
   }
   // Calls that wait for a GPU: scalar reads (item, bool, is_nonzero all end in
-  // _local_scalar_dense), nonzero (data-dependent size) and equal (returns a host bool).
+  // _local_scalar_dense), nonzero (data-dependent size), equal (returns a host bool) and
+  // lowbit's own device-to-host reads (lowbit::read_to_host: a copy that is free on a CPU).
   int64_t synchronisations() const {
-    return count("aten::_local_scalar_dense") + count("aten::nonzero") + count("aten::equal");
+    return count("aten::_local_scalar_dense") + count("aten::nonzero") + count("aten::equal") +
+           count("lowbit::read_to_host");
   }
   // Symmetric eigendecompositions, QR and Cholesky factorizations.
   int64_t factorizations() const {

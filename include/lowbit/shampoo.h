@@ -71,13 +71,8 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   TORCH_ARG(int64_t, graft_bits) = 32;
   // Engine-wide settings, read from the optimizer's defaults (docs/shampoo.md, "Execution"):
   // the most MiB of temporaries one batched refresh or preconditioning pass may take (0: 64
-  // on a CPU, 1024 on a GPU, where they go back to the caching allocator after each step);
+  // on a CPU, 1024 on a GPU, where they go back to the caching allocator after each step).
   TORCH_ARG(double, workspace_mb) = 0;
-  // and when gradients are checked: "immediate" (before the step writes anything: one host
-  // read of the gradients' norms per step), "deferred" (on the device: the step's writes are
-  // masked by the verdict, which the host reads at the next statistics update, so a plain
-  // step never waits for a GPU), or "auto" (immediate on a CPU, deferred on a GPU).
-  TORCH_ARG(std::string, gradient_check) = "auto";
 
  public:
   // Throws c10::Error naming the option, its value and what is allowed.

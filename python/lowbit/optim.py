@@ -73,8 +73,6 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
                    '32, 8, 4 (8, 4: needs graft "adamw")'),
     "workspace_mb": (0.0, "number", "(lowbit, engine-wide) MiB of temporaries per batched pass",
                      "[0, 1e9]; 0: 64 on CPU, 1024 on GPU"),
-    "gradient_check": ("auto", "str", "(lowbit, engine-wide) when gradients are checked",
-                       '"auto", "immediate", "deferred"'),
 }
 OPTION_DEFAULTS: Dict[str, Any] = {name: row[0] for name, row in OPTION_TABLE.items()}
 _NAMES: Tuple[str, ...] = tuple(OPTION_TABLE)
@@ -428,18 +426,15 @@ class Shampoo(Optimizer):
     ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
     ``graft_bits``                  bits of the AdamW moments (graft, or SOAP's Adam)        32                  32, 8, 4 (8, 4: needs graft ``"adamw"``)
     ``workspace_mb``                (lowbit, engine-wide) MiB of temporaries per batch       0.0                 [0, 1e9]; 0: 64 on CPU, 1024 on GPU
-    ``gradient_check``              (lowbit, engine-wide) when gradients are checked         ``"auto"``          ``"auto"``, ``"immediate"``, ``"deferred"``
     ==============================  =======================================================  ==================  ==========================================
 
     Engine-wide options are read from the defaults (the constructor's arguments), not from
     param groups: every step is one batched computation over all groups. ``workspace_mb``
     caps the temporaries of one batched refresh or preconditioning pass (more factors per
     batch on a GPU is faster; on a CPU the buffers persist between steps, so resident memory
-    follows the stored state). ``gradient_check="deferred"`` checks gradients on the device:
-    a step with a NaN/Inf or overflowing gradient changes nothing, and the error (or the
-    skip) is reported at the next statistics update, so a plain step never waits for the
-    GPU; ``"immediate"`` checks before the step writes anything (one host read per step);
-    ``"auto"`` is immediate on a CPU and deferred on a GPU. See docs/shampoo.md, "Execution".
+    follows the stored state). Gradients are checked before the step writes anything: one
+    host read of their norms per step, whatever the number of parameters. See
+    docs/shampoo.md, "Execution".
 
     Distributed (keyword arguments, not per-group options): with ``process_group`` (a
     ``torch.distributed`` group, e.g. ``dist.group.WORLD``) the ranks share the matrix work:
@@ -513,7 +508,6 @@ class Shampoo(Optimizer):
         preconditioner: Literal["shampoo", "caspr", "soap"] = "shampoo",
         graft_bits: Literal[32, 8, 4] = 32,
         workspace_mb: float = 0.0,
-        gradient_check: Literal["auto", "immediate", "deferred"] = "auto",
         process_group: Optional[Any] = None,
         average_gradients: bool = False,
         distributed_timeout: float = 300.0,
@@ -528,7 +522,7 @@ class Shampoo(Optimizer):
             root_interval=root_interval, start_preconditioning_step=start_preconditioning_step,
             rectify_steps=rectify_steps, root_method=root_method, eigen_update=eigen_update,
             skip_nonfinite=skip_nonfinite, preconditioner=preconditioner, graft_bits=graft_bits,
-            workspace_mb=workspace_mb, gradient_check=gradient_check,
+            workspace_mb=workspace_mb,
         )
         defaults, _ = _make_config(tuple(given[n] for n in _NAMES), " (defaults)")
         # Per group: (option values the config was built from, C++ config, normalized options).
@@ -576,7 +570,7 @@ class Shampoo(Optimizer):
         """The C++ engine that batches each step over every group and keeps its workspace,
         set up with the engine-wide options of the defaults."""
         engine = _ShampooEngine()
-        engine.configure(float(self.defaults.get("workspace_mb", 0.0)), str(self.defaults.get("gradient_check", "auto")))
+        engine.configure(float(self.defaults.get("workspace_mb", 0.0)))
         return engine
 
     def _state_of(self, p: torch.Tensor, config: Any) -> ShampooState:

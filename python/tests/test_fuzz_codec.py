@@ -350,7 +350,8 @@ BAD_BLOCK_ARGS = {
     "diagonal shape": (lambda a: dict(a, diagonal=torch.zeros(a["codes"].shape[0] + 1)), "diagonal"),
     "diagonal dtype": (lambda a: dict(a, diagonal=torch.zeros(a["codes"].shape[0], dtype=torch.float64)), "diagonal"),
     "bits": (lambda a: dict(a, bits=5), "bits"),
-    "other bits": (lambda a: dict(a, bits=8 if a["bits"] != 8 else 4), "codebook"),
+    # Both the codebook and the packed codes disagree with the other width: either is named.
+    "other bits": (lambda a: dict(a, bits=8 if a["bits"] != 8 else 4), ("codebook", "codes")),
     "block_size": (lambda a: dict(a, block_size=48), "block_size"),
     "cols": (lambda a: dict(a, cols=-3), "cols"),
     "dtype": (lambda a: dict(a, dtype=torch.int32), "dtype"),

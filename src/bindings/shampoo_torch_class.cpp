@@ -50,14 +50,12 @@ struct ShampooEngineHolder : torch::CustomClassHolder {
   }
   int64_t workspace_bytes() const { return engine.workspace().bytes(); }
   // The engine-wide options (the optimizer's defaults): see ShampooOptions.
-  void configure(double workspace_mb, const std::string& gradient_check) {
+  void configure(double workspace_mb) {
     TORCH_CHECK(workspace_mb >= 0 && workspace_mb <= 1e9, kWho, "workspace_mb must be in [0, 1e9] (0: automatic); got ",
                 workspace_mb);
     engine.set_workspace_bytes(static_cast<int64_t>(workspace_mb * (1 << 20)));
-    gradient_check_ = gradient_check;
   }
   ShampooEngine engine;
-  std::string gradient_check_ = "auto";
 };
 
 // One step of every (parameter, gradient) pair of a param group.

@@ -1,6 +1,7 @@
 #include "optim/gradient_health.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <c10/util/Exception.h>
 
@@ -58,6 +59,9 @@ bool Offence::nonfinite() const { return found() && !std::isfinite(squared_norm)
 Offence first_offence(const at::Tensor& squared_norms, double limit) {
   TORCH_CHECK(squared_norms.dim() == 1, "lowbit::first_offence: expected a 1-D tensor of squared norms; got shape ",
               squared_norms.sizes());
+  // The step's one read of the device: named for profilers and op counters (on a CPU the copy
+  // below is no op at all, on a GPU it waits for every queued kernel).
+  RECORD_FUNCTION("lowbit::read_to_host", std::vector<c10::IValue>());
   const at::Tensor host = squared_norms.to(at::kCPU, at::kDouble).contiguous();
   const double* values = host.data_ptr<double>();
   Offence o;

@@ -80,7 +80,6 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
     TORCH_CHECK(std::isfinite(value), p, name, " must be finite; got ", value);
   TORCH_CHECK(o.workspace_mb() >= 0 && o.workspace_mb() <= 1e9, p,
               "workspace_mb must be in [0, 1e9] (0: automatic); got ", o.workspace_mb());
-  check_one_of(p, "gradient_check", o.gradient_check(), {"auto", "immediate", "deferred"});
 }
 
 // Options that decide the layout of the saved state: a checkpoint must agree on these.
@@ -178,7 +177,6 @@ void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(error_feedback_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(graft_bits);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(workspace_mb);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(gradient_check);
 }
 
 void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -211,7 +209,6 @@ void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
   error_feedback_decay_ = checkpoint::read_field_or<double>(archive, "error_feedback_decay", 0.0);
   graft_bits_ = checkpoint::read_field_or<int64_t>(archive, "graft_bits", 32);
   workspace_mb_ = checkpoint::read_field_or<double>(archive, "workspace_mb", 0.0);
-  gradient_check_ = checkpoint::read_field_or<std::string>(archive, "gradient_check", "auto");
 }
 
 bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
@@ -223,7 +220,7 @@ bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
          a.start_preconditioning_step() == b.start_preconditioning_step() &&
          a.rectify_steps() == b.rectify_steps() && a.root_method() == b.root_method() && a.eigen_update() == b.eigen_update() &&
          a.skip_nonfinite() == b.skip_nonfinite() && a.error_feedback_decay() == b.error_feedback_decay() &&
-         a.workspace_mb() == b.workspace_mb() && a.gradient_check() == b.gradient_check();
+         a.workspace_mb() == b.workspace_mb();
 }
 
 double ShampooOptions::get_lr() const { return lr(); }

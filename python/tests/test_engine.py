@@ -1,0 +1,80 @@
+"""The structure that decides lowbit.Shampoo's speed on a GPU, read from torch.profiler on
+the CPU (the same operators run there; docs/shampoo.md, "Execution"):
+
+- a plain step (no refresh) makes no scalar read (aten::item / aten::_local_scalar_dense)
+  and exactly one read of the device, lowbit::read_to_host (the gradients' squared norms
+  of the overflow rule, all parameters in one tensor);
+- an update step makes as many QR / eigh calls as there are distinct factor orders, and as
+  many host reads with one parameter as with six.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, List
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import lowbit
+
+from conftest import set_grads
+
+SCALAR_READS = ("aten::item", "aten::_local_scalar_dense")
+HOST_READS = SCALAR_READS + ("aten::nonzero", "aten::equal", "lowbit::read_to_host")
+FACTORIZATIONS = ("aten::linalg_qr", "aten::_linalg_eigh", "aten::linalg_cholesky_ex")
+
+ONE = [(64, 40)]
+SIX = [(64, 40)] * 6
+DISTINCT_ORDERS = 2  # 64 and 40
+
+
+def refreshing(bits: int, interval: int = 1) -> Dict:
+    # Every factor of these shapes is quantized at 4 bits (min_quant_numel 256 < 40 * 40).
+    return dict(lr=0.01, bits=bits, stat_interval=interval, root_interval=interval, min_quant_numel=256,
+                epsilon=1e-4)
+
+
+def counts_of_step(shapes: List, options: Dict, step: int) -> Counter:
+    """Operator counts of the `step`-th step (earlier steps run unprofiled)."""
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(*s, generator=g).requires_grad_(True) for s in shapes]
+    opt = lowbit.Shampoo(params, **options)
+    for k in range(1, step):
+        set_grads(params, 100 + k)
+        opt.step()
+    set_grads(params, 100 + step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+    return Counter(e.name for e in prof.events())
+
+
+def total(counts: Counter, names) -> int:
+    return sum(counts[n] for n in names)
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_a_plain_step_makes_no_scalar_read_and_one_device_read(bits):
+    for shapes in (ONE, SIX):
+        counts = counts_of_step(shapes, refreshing(bits, interval=100), 2)
+        assert total(counts, SCALAR_READS) == 0, {n: counts[n] for n in SCALAR_READS}
+        assert counts["lowbit::read_to_host"] == 1
+        assert total(counts, FACTORIZATIONS) == 0
+
+
+@pytest.mark.parametrize("bits, factorization", [(4, "aten::linalg_qr"), (32, "aten::_linalg_eigh")])
+def test_an_update_step_factorizes_once_per_order(bits, factorization):
+    # 4-bit: the statistics update is one QR subspace step per order (the paper's) and the
+    # root update needs none; fp32: one eigh per order. Step 2: the first refresh already ran.
+    for shapes in (ONE, SIX):
+        counts = counts_of_step(shapes, refreshing(bits), 2)
+        assert total(counts, FACTORIZATIONS) == DISTINCT_ORDERS, {n: counts[n] for n in FACTORIZATIONS}
+        assert counts[factorization] == DISTINCT_ORDERS
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_host_reads_of_an_update_step_do_not_grow_with_the_factors(bits):
+    one, six = (counts_of_step(shapes, refreshing(bits), 2) for shapes in (ONE, SIX))
+    assert total(six, HOST_READS) == total(one, HOST_READS), (
+        {n: one[n] for n in HOST_READS}, {n: six[n] for n in HOST_READS})
