@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -94,7 +95,11 @@ nlohmann::json measure(const BenchMemoryArgs& a) {
 
 nlohmann::json run_child(const BenchMemoryArgs& a, const std::string& variant) {
   std::ostringstream command;
-  command << "/proc/self/exe bench memory --variant " << variant << " --parameters " << a.parameters << " --order "
+  // This program's own path, resolved here: in the shell popen starts, /proc/self/exe would be the shell.
+  std::error_code error;
+  const std::string self = std::filesystem::read_symlink("/proc/self/exe", error).string();
+  TORCH_CHECK(!error, "lowbit bench memory: cannot resolve /proc/self/exe: ", error.message());
+  command << "'" << self << "' bench memory --variant " << variant << " --parameters " << a.parameters << " --order "
           << a.order << " --max-preconditioner-dim " << a.max_preconditioner_dim << " --steps " << a.steps
           << " --workspace-mb " << a.workspace_mb;
   FILE* pipe = popen(command.str().c_str(), "r");
