@@ -18,7 +18,7 @@
 # machine spinning OpenMP workers made a 2-thread cell 10x slower; it changes scheduling,
 # not results.
 
-LOWBIT_MATRIX_CTESTS=(codec_test linalg_test quant_error_test shampoo_test precond_test caspr_test
+LOWBIT_MATRIX_CTESTS=(codec_test linalg_test quant_error_test shampoo_test precond_test engine_test caspr_test
                       shampoo_variants_test second_order_test lowbit_adamw_test arith_test)
 LOWBIT_MATRIX_PYTESTS=(test_reference.py test_optim.py test_shampoo_variants.py test_caspr.py
                        test_second_order.py test_adamw.py test_codec.py test_arith.py test_fqt.py)
