@@ -151,13 +151,7 @@ AdamW::AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults)
     : AdamW({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
 void AdamW::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
-  if (param_group.has_options()) {
-    const auto* options = dynamic_cast<const AdamWOptions*>(&param_group.options());
-    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::AdamWOptions");
-    options->validate();
-  }
-  Optimizer::add_param_group(param_group);
-  support::keep_group_options<AdamWOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+  support::add_validated_group<AdamWOptions>(*this, param_group, kWho, "lowbit::AdamWOptions");
 }
 
 torch::Tensor AdamW::step(LossClosure closure) {

@@ -86,13 +86,7 @@ AdaHessian::AdaHessian(std::vector<torch::Tensor> params, AdaHessianOptions defa
     : AdaHessian({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
 void AdaHessian::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
-  if (param_group.has_options()) {
-    const auto* options = dynamic_cast<const AdaHessianOptions*>(&param_group.options());
-    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::AdaHessianOptions");
-    options->validate();
-  }
-  Optimizer::add_param_group(param_group);
-  support::keep_group_options<AdaHessianOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+  support::add_validated_group<AdaHessianOptions>(*this, param_group, kWho, "lowbit::AdaHessianOptions");
 }
 
 bool AdaHessian::has_diagonal(const torch::Tensor& p) const {

@@ -148,13 +148,7 @@ MFAC::MFAC(std::vector<torch::Tensor> params, MFACOptions defaults)
     : MFAC({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
 void MFAC::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
-  if (param_group.has_options()) {
-    const auto* options = dynamic_cast<const MFACOptions*>(&param_group.options());
-    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::MFACOptions");
-    options->validate();
-  }
-  Optimizer::add_param_group(param_group);
-  support::keep_group_options<MFACOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+  support::add_validated_group<MFACOptions>(*this, param_group, kWho, "lowbit::MFACOptions");
 }
 
 torch::Tensor MFAC::step(LossClosure closure) {

@@ -69,13 +69,7 @@ NagGS::NagGS(std::vector<torch::Tensor> params, NagGSOptions defaults)
     : NagGS({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
 void NagGS::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
-  if (param_group.has_options()) {
-    const auto* options = dynamic_cast<const NagGSOptions*>(&param_group.options());
-    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::NagGSOptions");
-    options->validate();
-  }
-  Optimizer::add_param_group(param_group);
-  support::keep_group_options<NagGSOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+  support::add_validated_group<NagGSOptions>(*this, param_group, kWho, "lowbit::NagGSOptions");
 }
 
 torch::Tensor NagGS::step(LossClosure closure) {

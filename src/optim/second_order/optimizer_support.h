@@ -83,6 +83,21 @@ void keep_group_options(torch::optim::Optimizer& optimizer,
   }
 }
 
+// What every lowbit optimizer's add_param_group does: the group's own options (if it has
+// any) must be `Options` (named `options_name` in the error) and valid; the group is added
+// and keeps them (see keep_group_options).
+template <typename Options>
+void add_validated_group(torch::optim::Optimizer& optimizer, const torch::optim::OptimizerParamGroup& group,
+                         const std::string& who, const char* options_name) {
+  if (group.has_options()) {
+    const auto* options = dynamic_cast<const Options*>(&group.options());
+    TORCH_CHECK(options != nullptr, who, ": a parameter group's options must be ", options_name);
+    options->validate();
+  }
+  optimizer.torch::optim::Optimizer::add_param_group(group);
+  keep_group_options<Options>(optimizer, {group}, who, optimizer.param_groups().size() - 1);
+}
+
 // Checks each group's options with `validate` (which throws naming the option).
 template <typename Options>
 void validate_groups(const torch::optim::Optimizer& optimizer) {

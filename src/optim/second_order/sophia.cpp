@@ -88,13 +88,7 @@ Sophia::Sophia(std::vector<torch::Tensor> params, SophiaOptions defaults)
     : Sophia({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
 void Sophia::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
-  if (param_group.has_options()) {
-    const auto* options = dynamic_cast<const SophiaOptions*>(&param_group.options());
-    TORCH_CHECK(options != nullptr, kWho, ": a parameter group's options must be lowbit::SophiaOptions");
-    options->validate();
-  }
-  Optimizer::add_param_group(param_group);
-  support::keep_group_options<SophiaOptions>(*this, {param_group}, kWho, param_groups().size() - 1);
+  support::add_validated_group<SophiaOptions>(*this, param_group, kWho, "lowbit::SophiaOptions");
 }
 
 SophiaParamState& Sophia::state_for(const torch::Tensor& p) {
