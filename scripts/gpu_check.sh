@@ -2,7 +2,7 @@
 # The checks of lowbit's CUDA path that a GPU session runs in one device call: configure
 # build-cuda against the machine's CUDA torch (TORCH_CUDA_ARCH_LIST 9.0: H100/H200), build,
 # run ctest (the CUDA-vs-CPU codec test first) and pytest as scripts/test.sh does, then
-# `lowbit bench codec --device cuda`. Logs go to $OUT (what the device tool brings back; it
+# `lowbit bench codec --device cuda` and bench/gpu_compare.py. Logs go to $OUT (what the device tool brings back; it
 # takes at most 8 files), else ./gpu-logs. See docs/cuda.md.
 #
 #   here, once:  scripts/gpu_deps.sh        (GoogleTest, CLI11, nlohmann_json, zlib -> .gpu-deps/)
@@ -84,6 +84,9 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   step bench-codec "$LOGS/bench_codec.log" "$BUILD/lowbit" bench codec --device cuda \
     --orders 1024 4096 8192 --repeats 20 --json "$LOGS/bench_codec.json"
+  # Issue 18: step time and peak memory of lowbit fp32 / 4-bit against torch AdamW.
+  step gpu-compare "$LOGS/gpu_compare.log" env LOWBIT_LIBRARY="$BUILD/liblowbit.so" PYTHONPATH="$ROOT/python" \
+    python3 "$ROOT/bench/gpu_compare.py" --device cuda --json "$LOGS/gpu_compare.json"
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then
