@@ -96,11 +96,13 @@ def averaged_gradients(rank: int, world: int, init_file: str, out_dir: str, kind
     g = torch.Generator().manual_seed(7)
     x, y = torch.randn(50, 30, generator=g), torch.randn(50, 20, generator=g)
     w = make_params(1, [(20, 30)])
-    reference, fp32 = clones(w), clones(w)
+    reference, fp32, equal_weights = clones(w), clones(w), clones(w)
     opt = lowbit.Shampoo(w, **options, process_group=dist.group.WORLD, average_gradients=True)
     reference_opt = lowbit.Shampoo(reference, **options)
     fp32_opt = lowbit.Shampoo(fp32, **dict(options, bits=32))
-    rows = torch.arange(rank, x.shape[0], world)  # 17, 17, 16 rows for 3 ranks
+    equal_weights_opt = lowbit.Shampoo(equal_weights, **options)
+    shards = [torch.arange(r, x.shape[0], world) for r in range(world)]  # 17, 17, 16 rows for 3 ranks
+    rows = shards[rank]
     for _ in range(steps):
         opt.zero_grad()
         # Scaled so that the mean over ranks is the mean over the whole batch.
@@ -111,8 +113,13 @@ def averaged_gradients(rank: int, world: int, init_file: str, out_dir: str, kind
             single_opt.zero_grad()
             ((x @ single[0].t() - y) ** 2).mean(0).sum().backward()
             single_opt.step()
+        # The mistake a wrong averaging weight makes: each shard's mean weighted 1 / world
+        # (17/50 and 16/50 are the right weights).
+        equal_weights_opt.zero_grad()
+        (sum(((x[s] @ equal_weights[0].t() - y[s]) ** 2).mean(0).sum() for s in shards) / world).backward()
+        equal_weights_opt.step()
     torch.save({"params": [p.detach() for p in w], "reference": [p.detach() for p in reference],
-                "fp32": [p.detach() for p in fp32],
+                "fp32": [p.detach() for p in fp32], "equal_weights": [p.detach() for p in equal_weights],
                 "gathered": _gathered(w)}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
