@@ -4,8 +4,9 @@
 //     factor orders, not the number of factors: factors of one order are refreshed as one
 //     batch;
 //   - host synchronisations per update step do not grow with the number of factors, and a
-//     plain step (no refresh) makes exactly one: the overflow rule's read of every
-//     gradient's squared norm, computed as one batch (optim/gradient_health.h);
+//     plain step (no refresh) checked immediately makes exactly one: the overflow rule's
+//     read of every gradient's squared norm, computed as one batch (optim/gradient_health.h;
+//     deferred_check_test.cpp: none with gradient_check = "deferred");
 //   - batching changes no result: refreshing every factor alone gives the same parameters.
 #include <gtest/gtest.h>
 

@@ -73,6 +73,12 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   // the most MiB of temporaries one batched refresh or preconditioning pass may take (0: 64
   // on a CPU, 1024 on a GPU, where they go back to the caching allocator after each step).
   TORCH_ARG(double, workspace_mb) = 0;
+  // When gradients are checked against the overflow rule: "immediate" (before the step
+  // writes anything: one host read per step), "deferred" (plain steps on the device, their
+  // writes committed under the verdict, which the next refresh, save or state dict reads:
+  // no host read in a plain step; see optim/deferred_check.h), or "auto" (deferred when
+  // every parameter is on a GPU, immediate otherwise).
+  TORCH_ARG(std::string, gradient_check) = "auto";
 
  public:
   // Throws c10::Error naming the option, its value and what is allowed.
@@ -126,6 +132,11 @@ class Shampoo : public torch::optim::Optimizer {
   void load(torch::serialize::InputArchive& archive) override;
 
   StateBytes state_bytes() const;
+  // Reads the verdict of the steps checked on the device (gradient_check "deferred", or
+  // "auto" on a GPU) and throws, naming the parameter, if one had a gradient beyond the
+  // overflow rule; parameters and state are then as they were before it. The next step
+  // that refreshes factors, and save(), call it too.
+  void settle();
   int64_t skipped_steps() const { return skipped_steps_; }  // by skip_nonfinite
   int64_t root_failures() const;  // failed decompositions that kept the last good root
   int64_t root_updates() const;   // largest number of root refreshes of any parameter
@@ -149,6 +160,8 @@ class Shampoo : public torch::optim::Optimizer {
   // The overflow rule (docs/shampoo.md, Robustness): true when the step may go on, false
   // when it is to be skipped (skip_nonfinite); throws naming the parameter otherwise.
   bool accepts_step() const;
+  // A plain step checked on the device (ShampooEngine::can_defer); false: check it now.
+  bool step_deferred(const std::string& gradient_check);
   void distributed_step();
   int64_t skipped_steps_ = 0;
   EighSolver eigh_;

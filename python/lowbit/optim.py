@@ -73,6 +73,8 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
                    '32, 8, 4 (8, 4: needs graft "adamw")'),
     "workspace_mb": (0.0, "number", "(lowbit, engine-wide) MiB of temporaries per batched pass",
                      "[0, 1e9]; 0: 64 on CPU, 1024 on GPU"),
+    "gradient_check": ("auto", "str", "(lowbit, engine-wide) when gradients are checked",
+                       '"auto", "immediate", "deferred"'),
 }
 OPTION_DEFAULTS: Dict[str, Any] = {name: row[0] for name, row in OPTION_TABLE.items()}
 _NAMES: Tuple[str, ...] = tuple(OPTION_TABLE)
@@ -426,15 +428,22 @@ class Shampoo(Optimizer):
     ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
     ``graft_bits``                  bits of the AdamW moments (graft, or SOAP's Adam)        32                  32, 8, 4 (8, 4: needs graft ``"adamw"``)
     ``workspace_mb``                (lowbit, engine-wide) MiB of temporaries per batch       0.0                 [0, 1e9]; 0: 64 on CPU, 1024 on GPU
+    ``gradient_check``              (lowbit, engine-wide) when gradients are checked         ``"auto"``          ``"auto"``, ``"immediate"``, ``"deferred"``
     ==============================  =======================================================  ==================  ==========================================
 
     Engine-wide options are read from the defaults (the constructor's arguments), not from
     param groups: every step is one batched computation over all groups. ``workspace_mb``
     caps the temporaries of one batched refresh or preconditioning pass (more factors per
     batch on a GPU is faster; on a CPU the buffers persist between steps, so resident memory
-    follows the stored state). Gradients are checked before the step writes anything: one
-    host read of their norms per step, whatever the number of parameters. See
-    docs/shampoo.md, "Execution".
+    follows the stored state). ``gradient_check="immediate"`` checks gradients before the
+    step writes anything (one host read of their norms per step). ``"deferred"`` checks the
+    steps that refresh no factor on the device: such a step with a NaN/Inf or overflowing
+    gradient changes nothing (nor do the steps after it), and the ``RuntimeError`` comes
+    from the next step that refreshes factors, or from ``state_dict()`` / ``settle()``, with
+    parameters and state as they were before the bad step; a plain step then never waits
+    for the GPU. ``"auto"`` is deferred when every parameter is on a GPU. Steps with
+    ``skip_nonfinite``, fp16 parameters, extreme options, SOAP or distributed are always
+    checked immediately. See docs/shampoo.md, "Execution".
 
     Distributed (keyword arguments, not per-group options): with ``process_group`` (a
     ``torch.distributed`` group, e.g. ``dist.group.WORLD``) the ranks share the matrix work:
@@ -508,6 +517,7 @@ class Shampoo(Optimizer):
         preconditioner: Literal["shampoo", "caspr", "soap"] = "shampoo",
         graft_bits: Literal[32, 8, 4] = 32,
         workspace_mb: float = 0.0,
+        gradient_check: Literal["auto", "immediate", "deferred"] = "auto",
         process_group: Optional[Any] = None,
         average_gradients: bool = False,
         distributed_timeout: float = 300.0,
@@ -522,7 +532,7 @@ class Shampoo(Optimizer):
             root_interval=root_interval, start_preconditioning_step=start_preconditioning_step,
             rectify_steps=rectify_steps, root_method=root_method, eigen_update=eigen_update,
             skip_nonfinite=skip_nonfinite, preconditioner=preconditioner, graft_bits=graft_bits,
-            workspace_mb=workspace_mb,
+            workspace_mb=workspace_mb, gradient_check=gradient_check,
         )
         defaults, _ = _make_config(tuple(given[n] for n in _NAMES), " (defaults)")
         # Per group: (option values the config was built from, C++ config, normalized options).
@@ -626,6 +636,9 @@ class Shampoo(Optimizer):
 
         if self._sharding is not None and self._average_gradients:
             self._sharding.average(grads)  # equal gradients on every rank, so equal decisions below
+        if self._sharding is None and self._step_deferred(work, where):
+            return loss
+        self._engine.settle()  # the verdict of earlier deferred steps, before this one writes
         if not self._accepts(grads, where):
             return loss
 
@@ -642,6 +655,36 @@ class Shampoo(Optimizer):
                           [p for _, _, ps, _ in prepared for p in ps],
                           [g for _, _, _, gs in prepared for g in gs])
         return loss
+
+    def _step_deferred(self, work: List, where: List[Tuple[int, int]]) -> bool:
+        """A step checked on the device (``gradient_check``; docs/shampoo.md, "Execution"):
+        True when it was taken that way, False when it is to be checked now (a first step,
+        a factor refresh, fp16, skip_nonfinite, extreme options or SOAP; the C++ engine
+        decides)."""
+        mode = self.defaults.get("gradient_check", "auto")
+        if mode == "immediate" or not work:
+            return False
+        configs, states, params, grads = [], [], [], []
+        for config, ps, gs in work:
+            for p, g in zip(ps, gs):
+                state = self.state.get(p)
+                if not isinstance(state, ShampooState):
+                    return False
+                configs.append(config)
+                states.append(state._cpp)
+                params.append(p)
+                grads.append(g)
+        if not self._engine.can_defer(configs, states, params, grads, mode):
+            return False
+        self._engine.step_deferred(configs, states, params, grads, [gi for gi, _ in where], [pi for _, pi in where])
+        return True
+
+    def settle(self) -> None:
+        """Reads the verdict of the steps checked on the device (``gradient_check="deferred"``,
+        or ``"auto"`` on a GPU) and raises ``RuntimeError`` naming the parameter if one had a
+        NaN/Inf or overflowing gradient; parameters and state are then as they were before
+        that step. The next step that refreshes factors and :meth:`state_dict` call it too."""
+        self._engine.settle()
 
     def _accepts(self, grads: List[torch.Tensor], where: List[Tuple[int, int]]) -> bool:
         """The overflow rule (docs/shampoo.md, Robustness), before anything is written: every
@@ -727,7 +770,9 @@ class Shampoo(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """``{"state": {index: {name: tensor}}, "param_groups": [...]}`` of plain tensors and
         numbers. Like torch's optimizers, the tensors are the live state (copy them, or save
-        the dict, before stepping again if you need a snapshot)."""
+        the dict, before stepping again if you need a snapshot). Settles deferred gradient
+        checks first (:meth:`settle`)."""
+        self._engine.settle()
         live = self.state
         self.state = self._plain_state()  # type: ignore[assignment]
         try:
@@ -783,6 +828,7 @@ class Shampoo(Optimizer):
                     from None
             new_state[p] = ShampooState(cpp)
 
+        self._engine.discard_deferred()  # the deferred steps of the state replaced are moot
         self.state = new_state  # type: ignore[assignment]
         self.param_groups = new_groups
         self._configs = configs
@@ -791,6 +837,7 @@ class Shampoo(Optimizer):
 
     # ------------------------------------------------------------------ pickling / deepcopy
     def __getstate__(self) -> Dict[str, Any]:
+        self._engine.settle()
         state = super().__getstate__()
         state["state"] = self._plain_state()
         state["_configs"] = None  # C++ objects are rebuilt from the plain state

@@ -78,3 +78,62 @@ def test_host_reads_of_an_update_step_do_not_grow_with_the_factors(bits):
     one, six = (counts_of_step(shapes, refreshing(bits), 2) for shapes in (ONE, SIX))
     assert total(six, HOST_READS) == total(one, HOST_READS), (
         {n: one[n] for n in HOST_READS}, {n: six[n] for n in HOST_READS})
+
+
+# ---------------------------------------------------------------- gradient_check="deferred"
+# Statistics every 4 steps, roots every 8: steps 2, 3, 5, 6, 7 are plain.
+DEFERRED = dict(refreshing(4, interval=4), root_interval=8, gradient_check="deferred")
+
+
+def test_a_deferred_plain_step_reads_nothing_from_the_device():
+    for shapes in (ONE, SIX):
+        counts = counts_of_step(shapes, DEFERRED, 3)
+        assert total(counts, HOST_READS) == 0, {n: counts[n] for n in HOST_READS}
+
+
+def test_a_bad_gradient_in_a_deferred_step_changes_nothing_and_raises_at_the_next_refresh():
+    g = torch.Generator().manual_seed(2)
+    start = [torch.randn(*s, generator=g) for s in SIX[:2]]
+    params = [t.clone().requires_grad_(True) for t in start]
+    twin = [t.clone().requires_grad_(True) for t in start]
+    opt = lowbit.Shampoo(params, **DEFERRED)
+    twin_opt = lowbit.Shampoo(twin, **dict(DEFERRED, gradient_check="immediate"))
+    for k in range(1, 5):
+        set_grads(params, k)
+        set_grads(twin, k)
+        opt.step()
+        twin_opt.step()
+    set_grads(params, 5)
+    params[1].grad[2, 3] = float("nan")
+    opt.step()  # no read, no error yet
+    for k in (6, 7):
+        set_grads(params, k)
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twin))
+    set_grads(params, 8)
+    with pytest.raises(RuntimeError, match=r"parameter 1 of group 0 has a NaN or Inf gradient.*deferred gradient "
+                                           r"check 2 steps later"):
+        opt.step()
+    # Exactly the twin's state: the next steps agree bit for bit.
+    for k in range(5, 13):
+        set_grads(params, k)
+        set_grads(twin, k)
+        opt.step()
+        twin_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twin))
+    assert [opt.state[p].steps for p in params] == [twin_opt.state[p].steps for p in twin]
+
+
+def test_state_dict_and_settle_raise_the_deferred_error():
+    params = [torch.randn(64, 40).requires_grad_(True)]
+    opt = lowbit.Shampoo(params, **DEFERRED)
+    set_grads(params, 1)
+    opt.step()
+    params[0].grad = torch.full((64, 40), float("inf"))
+    opt.step()
+    with pytest.raises(RuntimeError, match="NaN or Inf gradient"):
+        opt.state_dict()
+    opt.settle()  # settled: nothing pending
+    opt.step()
+    with pytest.raises(RuntimeError, match="NaN or Inf gradient"):
+        opt.settle()

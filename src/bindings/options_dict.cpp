@@ -93,6 +93,7 @@ const std::map<std::string, Setter>& setters() {
       {"error_feedback_decay", [](auto& o, auto& n, auto& v) { o.error_feedback_decay(as_number(n, v)); }},
       {"graft_bits", [](auto& o, auto& n, auto& v) { o.graft_bits(as_int(n, v)); }},
       {"workspace_mb", [](auto& o, auto& n, auto& v) { o.workspace_mb(as_number(n, v)); }},
+      {"gradient_check", [](auto& o, auto& n, auto& v) { o.gradient_check(as_string(n, v)); }},
   };
   return table;
 }
@@ -145,6 +146,7 @@ c10::Dict<std::string, c10::IValue> options_to_dict(const ShampooOptions& o) {
   d.insert("error_feedback_decay", o.error_feedback_decay());
   d.insert("graft_bits", o.graft_bits());
   d.insert("workspace_mb", o.workspace_mb());
+  d.insert("gradient_check", o.gradient_check());
   return c10::impl::toTypedDict<std::string, c10::IValue>(std::move(d));
 }
 

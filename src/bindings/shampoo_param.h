@@ -53,6 +53,16 @@ class ShampooParam : public torch::CustomClassHolder {
 
   // The state, ready for a step of p with these options: layout checked, preconditioner
   // rebuilt for changed settings, state moved to p's device.
+  // The state, when a step of p with config needs no preparation (same device, same
+  // preconditioner options); nullptr otherwise.
+  ShampooParamState* ready(const at::Tensor& p, const c10::intrusive_ptr<ShampooConfig>& config) {
+    if (p.device() != device_ || p.sizes() != c10::IntArrayRef(shape_) ||
+        !structural_differences(options_, config->options).empty() ||
+        !preconditioner_differences(options_, config->options).empty())
+      return nullptr;
+    return &state_;
+  }
+
   ShampooParamState& prepare(const at::Tensor& p, const c10::intrusive_ptr<ShampooConfig>& config) {
     check_param(p);
     const ShampooOptions& o = config->options;

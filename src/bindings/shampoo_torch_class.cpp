@@ -48,6 +48,39 @@ struct ShampooEngineHolder : torch::CustomClassHolder {
     at::NoGradGuard no_grad;
     engine.step(refs);
   }
+  // The deferred gradient check (ShampooEngine::can_defer): whether this step may run on
+  // the device unchecked, and that step (`groups` / `indices`: where each parameter stands,
+  // for the message settle() may raise later).
+  bool can_defer(const std::vector<c10::intrusive_ptr<ShampooConfig>>& configs,
+                 const std::vector<c10::intrusive_ptr<ShampooParam>>& states, const std::vector<at::Tensor>& params,
+                 const std::vector<at::Tensor>& grads, const std::string& gradient_check) {
+    std::vector<ParamStepRef> refs;
+    for (size_t i = 0; i < states.size(); ++i) {
+      ShampooParamState* state = states[i]->ready(params[i], configs[i]);
+      if (state == nullptr) return false;
+      refs.push_back({params[i], grads[i], state, &configs[i]->options});
+    }
+    return engine.can_defer(refs, gradient_check);
+  }
+  void step_deferred(const std::vector<c10::intrusive_ptr<ShampooConfig>>& configs,
+                     const std::vector<c10::intrusive_ptr<ShampooParam>>& states, const std::vector<at::Tensor>& params,
+                     const std::vector<at::Tensor>& grads, const std::vector<int64_t>& groups,
+                     const std::vector<int64_t>& indices) {
+    TORCH_CHECK(configs.size() == states.size() && states.size() == params.size() && params.size() == grads.size() &&
+                    grads.size() == groups.size() && groups.size() == indices.size(),
+                kWho, "step_deferred needs one config, state, parameter, gradient, group and index per parameter");
+    std::vector<ParamStepRef> refs;
+    for (size_t i = 0; i < states.size(); ++i) {
+      ShampooParamState* state = states[i]->ready(params[i], configs[i]);
+      TORCH_CHECK(state != nullptr, kWho, "step_deferred: parameter ", i, " needs preparing; check can_defer first");
+      refs.push_back({params[i], grads[i], state, &configs[i]->options, groups[i], indices[i]});
+    }
+    at::NoGradGuard no_grad;
+    engine.step_deferred(refs);
+  }
+  // Reads the verdict of deferred steps (raises if one failed), or forgets them.
+  void settle() { engine.settle("lowbit.Shampoo"); }
+  void discard_deferred() { engine.discard_deferred(); }
   int64_t workspace_bytes() const { return engine.workspace().bytes(); }
   // The engine-wide options (the optimizer's defaults): see ShampooOptions.
   void configure(double workspace_mb) {
@@ -124,7 +157,11 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       .def(torch::init<>())
       .def("step", &lowbit::bindings::ShampooEngineHolder::step)
       .def("workspace_bytes", &lowbit::bindings::ShampooEngineHolder::workspace_bytes)
-      .def("configure", &lowbit::bindings::ShampooEngineHolder::configure);
+      .def("configure", &lowbit::bindings::ShampooEngineHolder::configure)
+      .def("can_defer", &lowbit::bindings::ShampooEngineHolder::can_defer)
+      .def("step_deferred", &lowbit::bindings::ShampooEngineHolder::step_deferred)
+      .def("settle", &lowbit::bindings::ShampooEngineHolder::settle)
+      .def("discard_deferred", &lowbit::bindings::ShampooEngineHolder::discard_deferred);
   // The group step as a method of the config too (once ShampooParam is known): calling a
   // method from Python skips the Python-level work of a torch.ops call (docs/BENCHMARKS.md).
   config.def("step", [](const c10::intrusive_ptr<ShampooConfig>& self,

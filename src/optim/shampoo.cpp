@@ -10,6 +10,9 @@
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
+namespace {
+constexpr const char* kWho = "lowbit::Shampoo";
+}  // namespace
 
 using torch::optim::OptimizerParamGroup;
 
@@ -65,7 +68,7 @@ void Shampoo::check_gradients() const {
 bool Shampoo::accepts_step() const {
   // The overflow rule (optim/gradient_health.h): every gradient, then a trial on copies of
   // the parameters whose update no bound guarantees (fp16, extreme options).
-  constexpr const char* who = "lowbit::Shampoo";
+  constexpr const char* who = kWho;
   const auto options_of = [this](size_t g) -> const ShampooOptions& {
     return static_cast<const ShampooOptions&>(param_groups()[g].options());
   };
@@ -105,19 +108,47 @@ torch::Tensor Shampoo::step(LossClosure closure) {
     distributed_step();
     return loss;
   }
+  if (step_deferred(settings.gradient_check())) return loss;
+  engine_->settle(kWho);  // the verdict of earlier deferred steps, before this one writes
   if (!accepts_step()) {
     ++skipped_steps_;
     return loss;
   }
   std::vector<ParamStepRef> refs;
-  for (auto& group : param_groups()) {
+  for (size_t g = 0; g < param_groups().size(); ++g) {
+    auto& group = param_groups()[g];
     const auto& o = static_cast<const ShampooOptions&>(group.options());
-    for (auto& p : group.params())
-      if (p.grad().defined()) refs.push_back({p, p.grad(), &state_for(p, o), &o});
+    for (size_t i = 0; i < group.params().size(); ++i) {
+      auto& p = group.params()[i];
+      if (p.grad().defined())
+        refs.push_back({p, p.grad(), &state_for(p, o), &o, static_cast<int64_t>(g), static_cast<int64_t>(i)});
+    }
   }
   engine_->step(refs);
   return loss;
 }
+
+bool Shampoo::step_deferred(const std::string& gradient_check) {
+  if (gradient_check == "immediate") return false;
+  std::vector<ParamStepRef> refs;
+  for (size_t g = 0; g < param_groups().size(); ++g) {
+    auto& group = param_groups()[g];
+    const auto& o = static_cast<const ShampooOptions&>(group.options());
+    for (size_t i = 0; i < group.params().size(); ++i) {
+      auto& p = group.params()[i];
+      if (!p.grad().defined()) continue;
+      const auto found = state().find(p.unsafeGetTensorImpl());
+      if (found == state().end()) return false;  // a first step: immediate
+      refs.push_back({p, p.grad(), static_cast<ShampooParamState*>(found->second.get()), &o, static_cast<int64_t>(g),
+                      static_cast<int64_t>(i)});
+    }
+  }
+  if (!engine_->can_defer(refs, gradient_check)) return false;
+  engine_->step_deferred(refs);
+  return true;
+}
+
+void Shampoo::settle() { engine_->settle(kWho); }
 
 StateBytes Shampoo::state_bytes() const {
   StateBytes bytes;

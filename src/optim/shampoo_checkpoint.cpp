@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "optim/checkpoint_reader.h"
+#include "optim/shampoo_engine.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -141,6 +142,7 @@ void ShampooParamState::serialize(torch::serialize::InputArchive& archive) {
 }
 
 void Shampoo::save(torch::serialize::OutputArchive& archive) const {
+  engine_->settle("lowbit::Shampoo::save");  // a checkpoint holds no step a deferred check refused
   torch::optim::serialize<ShampooParamState, ShampooOptions>(archive, *this);
 }
 
@@ -183,7 +185,9 @@ void Shampoo::load(torch::serialize::InputArchive& archive) {
                                "parameter " + std::to_string(pi) + " of group " + std::to_string(gi));
     }
   }
-  // Everything checked: take the staged state and options.
+  // Everything checked: take the staged state and options (deferred steps of the state
+  // replaced are moot).
+  engine_->discard_deferred();
   state() = std::move(staged.state());
   for (size_t gi = 0; gi < param_groups().size(); ++gi)
     static_cast<ShampooOptions&>(param_groups()[gi].options()) =

@@ -9,7 +9,37 @@ namespace {
 
 constexpr int64_t kMiB = 1 << 20;
 
+// The state a plain step may write: the parameter and its first-order buffers.
+std::vector<at::Tensor*> plain_step_writes(ShampooParamState& s) {
+  return {&s.momentum_buffer(), &s.exp_avg(), &s.exp_avg_sq(), &s.exp_avg_codes(),
+          &s.exp_avg_scales(), &s.exp_avg_sq_codes(), &s.exp_avg_sq_scales()};
+}
+
 }  // namespace
+
+bool ShampooEngine::can_defer(const std::vector<ParamStepRef>& params, const std::string& gradient_check) const {
+  if (gradient_check == "immediate" || params.empty()) return false;
+  for (const ParamStepRef& p : params) {
+    if (gradient_check == "auto" && !p.param.is_cuda()) return false;
+    const ShampooOptions& o = *p.options;
+    if (p.state == nullptr || p.state->step() < 1 || p.param.scalar_type() == at::kHalf || o.skip_nonfinite() ||
+        o.preconditioner() == "soap" || !shampoo_update_bounded(o) || next_param_step(*p.state, o).any())
+      return false;
+  }
+  return true;
+}
+
+void ShampooEngine::step_deferred(const std::vector<ParamStepRef>& params) {
+  std::vector<at::Tensor> grads;
+  std::vector<DeferredGradientCheck::Stepped> stepped;
+  for (const ParamStepRef& p : params) {
+    grads.push_back(p.grad);
+    stepped.push_back({p.state, p.group, p.index, shampoo_overflow_key(p.param, *p.options)});
+  }
+  const at::Tensor commit = deferred_.begin(grads, std::move(stepped));
+  for (const ParamStepRef& p : params) begin_param_step(*p.state, *p.options);  // refreshes nothing
+  finish(params, commit);
+}
 
 void ShampooEngine::step(const std::vector<ParamStepRef>& params) {
   std::vector<precond::RefreshItem> items;
@@ -45,7 +75,7 @@ void ShampooEngine::refresh(const std::vector<precond::RefreshItem>& items) {
   precond::refresh(items, context);
 }
 
-void ShampooEngine::finish(const std::vector<ParamStepRef>& params) {
+void ShampooEngine::finish(const std::vector<ParamStepRef>& params, const at::Tensor& commit) {
   // The preconditioned directions of every parameter that has one, batched by block shape.
   std::vector<at::Tensor> directions(params.size());
   std::vector<precond::PreconditionItem> items;
@@ -62,7 +92,21 @@ void ShampooEngine::finish(const std::vector<ParamStepRef>& params) {
     at::Tensor param = p.param;
     const at::Tensor direction =
         directions[i].defined() ? directions[i].view(p.grad.sizes()).to(p.grad.scalar_type()) : p.grad;
+    if (!commit.defined()) {
+      apply_direction(param, p.grad, direction, *p.state, *p.options);
+      continue;
+    }
+    // Under a device-side verdict: the writes are kept where it holds, the values before
+    // the step elsewhere (where() takes nothing from the branch it does not select, so a
+    // NaN computed from a bad gradient goes nowhere).
+    const at::Tensor param_before = param.clone();
+    const std::vector<at::Tensor*> writes = plain_step_writes(*p.state);
+    std::vector<at::Tensor> before;
+    for (const at::Tensor* t : writes) before.push_back(t->defined() ? t->clone() : at::Tensor());
     apply_direction(param, p.grad, direction, *p.state, *p.options);
+    param.copy_(at::where(commit, param, param_before));
+    for (size_t k = 0; k < writes.size(); ++k)
+      if (before[k].defined() && writes[k]->defined()) *writes[k] = at::where(commit, *writes[k], before[k]);
   }
   workspace_.end_step();
 }

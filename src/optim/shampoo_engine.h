@@ -8,9 +8,11 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "linalg/workspace.h"
+#include "optim/deferred_check.h"
 #include "optim/shampoo_internal.h"
 #include "precond/factor_refresh.h"
 
@@ -22,6 +24,7 @@ struct ParamStepRef {
   at::Tensor grad;  // checked
   ShampooParamState* state;
   const ShampooOptions* options;
+  int64_t group = 0, index = 0;  // where the parameter stands, for messages
 };
 
 class ShampooEngine {
@@ -36,7 +39,21 @@ class ShampooEngine {
                                   const std::vector<precond::ParameterPreconditioner::FactorMask>& mine,
                                   std::vector<precond::RefreshItem>& items);
   void refresh(const std::vector<precond::RefreshItem>& items);
-  void finish(const std::vector<ParamStepRef>& params);
+  void finish(const std::vector<ParamStepRef>& params, const at::Tensor& commit = {});
+
+  // The deferred gradient check (optim/deferred_check.h), for gradient_check = "deferred"
+  // (or "auto" with every parameter on a GPU). A step may be checked on the device when it
+  // refreshes no factor and nothing but the gradients needs checking: every parameter has
+  // stepped before (its buffers exist), is not fp16, and its group has bounded options,
+  // no skip_nonfinite and is not SOAP (whose plain steps move host counters of their own).
+  bool can_defer(const std::vector<ParamStepRef>& params, const std::string& gradient_check) const;
+  // Such a step: the verdict and the writes stay on the device, committed under it.
+  void step_deferred(const std::vector<ParamStepRef>& params);
+  // Reads the verdict of deferred steps, if any (throws, naming the offender, if one failed;
+  // see DeferredGradientCheck::settle); every other step, save and state dict calls it first.
+  void settle(const std::string& who) { deferred_.settle(who); }
+  // Forgets deferred steps whose states a load replaced.
+  void discard_deferred() { deferred_.discard(); }
 
   const linalg::Workspace& workspace() const { return workspace_; }
   // The most bytes of temporaries one batched refresh or preconditioning pass may take (at
@@ -48,6 +65,7 @@ class ShampooEngine {
   int64_t budget(const at::Device& device) const;
   linalg::Workspace workspace_;
   int64_t workspace_bytes_ = 0;
+  DeferredGradientCheck deferred_;
 };
 
 }  // namespace lowbit

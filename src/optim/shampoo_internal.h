@@ -70,6 +70,8 @@ struct ParamStepPlan {
 // Advances the step counter (and the root-update count when roots are due) and says
 // which matrix work this step does.
 ParamStepPlan begin_param_step(ShampooParamState& state, const ShampooOptions& options);
+// The plan begin_param_step will return, without advancing anything.
+ParamStepPlan next_param_step(const ShampooParamState& state, const ShampooOptions& options);
 // The preconditioned (once a root exists) grafted direction, applied by the first-order rule.
 void finish_param_step(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState& state,
                        const ShampooOptions& options);

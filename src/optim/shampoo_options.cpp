@@ -78,6 +78,7 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
   for (const auto& [name, value] : {std::pair<const char*, double>{"lr", o.lr()}, {"eps", o.eps()},
                                     {"weight_decay", o.weight_decay()}, {"epsilon", o.epsilon()}})
     TORCH_CHECK(std::isfinite(value), p, name, " must be finite; got ", value);
+  check_one_of(p, "gradient_check", o.gradient_check(), {"auto", "immediate", "deferred"});
   TORCH_CHECK(o.workspace_mb() >= 0 && o.workspace_mb() <= 1e9, p,
               "workspace_mb must be in [0, 1e9] (0: automatic); got ", o.workspace_mb());
 }
@@ -177,6 +178,7 @@ void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(error_feedback_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(graft_bits);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(workspace_mb);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(gradient_check);
 }
 
 void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -209,6 +211,7 @@ void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
   error_feedback_decay_ = checkpoint::read_field_or<double>(archive, "error_feedback_decay", 0.0);
   graft_bits_ = checkpoint::read_field_or<int64_t>(archive, "graft_bits", 32);
   workspace_mb_ = checkpoint::read_field_or<double>(archive, "workspace_mb", 0.0);
+  gradient_check_ = checkpoint::read_field_or<std::string>(archive, "gradient_check", "auto");
 }
 
 bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
@@ -220,7 +223,8 @@ bool operator==(const ShampooOptions& a, const ShampooOptions& b) {
          a.start_preconditioning_step() == b.start_preconditioning_step() &&
          a.rectify_steps() == b.rectify_steps() && a.root_method() == b.root_method() && a.eigen_update() == b.eigen_update() &&
          a.skip_nonfinite() == b.skip_nonfinite() && a.error_feedback_decay() == b.error_feedback_decay() &&
-         a.workspace_mb() == b.workspace_mb();
+         a.workspace_mb() == b.workspace_mb() &&
+         a.gradient_check() == b.gradient_check();
 }
 
 double ShampooOptions::get_lr() const { return lr(); }

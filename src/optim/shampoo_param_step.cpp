@@ -17,13 +17,19 @@ ShampooParamState make_param_state(const torch::Tensor& p, const ShampooOptions&
 
 bool all_finite(const torch::Tensor& t) { return t.isfinite().all().item<bool>(); }
 
-ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
-  s.step(s.step() + 1);
+ParamStepPlan next_param_step(const ShampooParamState& s, const ShampooOptions& o) {
   ParamStepPlan plan;
   if (!s.preconditioner) return plan;
-  const int64_t k = s.step();
+  const int64_t k = s.step() + 1;
   plan.statistics = k % o.stat_interval() == 0;
   plan.roots = k >= o.start_preconditioning_step() && k % o.root_interval() == 0;
+  return plan;
+}
+
+ParamStepPlan begin_param_step(ShampooParamState& s, const ShampooOptions& o) {
+  const ParamStepPlan plan = next_param_step(s, o);
+  s.step(s.step() + 1);
+  if (!s.preconditioner) return plan;
   // SOAP keeps v in the bases' coordinates: remember the bases in use before the refresh.
   s.soap_previous_bases.clear();
   if (o.preconditioner() == "soap" && plan.statistics && s.root_updates() > 0)
