@@ -4,6 +4,8 @@
 #include <torch/serialize/archive.h>
 #include <torch/types.h>
 
+#include <functional>
+
 #include "optim/gradient_health.h"
 #include "optim/second_order/optimizer_support.h"
 #include "optim/shampoo_engine.h"
@@ -65,6 +67,27 @@ void Shampoo::check_gradients() const {
   }
 }
 
+namespace {
+
+// The step's parameters with gradients, their states (from `state_of`) and positions.
+std::vector<ParamStepRef> step_refs(
+    torch::optim::Optimizer& optimizer,
+    const std::function<ShampooParamState*(const torch::Tensor&, const ShampooOptions&)>& state_of) {
+  std::vector<ParamStepRef> refs;
+  for (size_t g = 0; g < optimizer.param_groups().size(); ++g) {
+    auto& group = optimizer.param_groups()[g];
+    const auto& o = static_cast<const ShampooOptions&>(group.options());
+    for (size_t i = 0; i < group.params().size(); ++i) {
+      auto& p = group.params()[i];
+      if (p.grad().defined())
+        refs.push_back({p, p.grad(), state_of(p, o), &o, static_cast<int64_t>(g), static_cast<int64_t>(i)});
+    }
+  }
+  return refs;
+}
+
+}  // namespace
+
 bool Shampoo::accepts_step() const {
   // The overflow rule (optim/gradient_health.h): every gradient, then a trial on copies of
   // the parameters whose update no bound guarantees (fp16, extreme options).
@@ -114,36 +137,21 @@ torch::Tensor Shampoo::step(LossClosure closure) {
     ++skipped_steps_;
     return loss;
   }
-  std::vector<ParamStepRef> refs;
-  for (size_t g = 0; g < param_groups().size(); ++g) {
-    auto& group = param_groups()[g];
-    const auto& o = static_cast<const ShampooOptions&>(group.options());
-    for (size_t i = 0; i < group.params().size(); ++i) {
-      auto& p = group.params()[i];
-      if (p.grad().defined())
-        refs.push_back({p, p.grad(), &state_for(p, o), &o, static_cast<int64_t>(g), static_cast<int64_t>(i)});
-    }
-  }
-  engine_->step(refs);
+  engine_->step(step_refs(*this, [this](const torch::Tensor& p, const ShampooOptions& o) { return &state_for(p, o); }));
   return loss;
 }
 
 bool Shampoo::step_deferred(const std::string& gradient_check) {
   if (gradient_check == "immediate") return false;
-  std::vector<ParamStepRef> refs;
-  for (size_t g = 0; g < param_groups().size(); ++g) {
-    auto& group = param_groups()[g];
-    const auto& o = static_cast<const ShampooOptions&>(group.options());
-    for (size_t i = 0; i < group.params().size(); ++i) {
-      auto& p = group.params()[i];
-      if (!p.grad().defined()) continue;
-      const auto found = state().find(p.unsafeGetTensorImpl());
-      if (found == state().end()) return false;  // a first step: immediate
-      refs.push_back({p, p.grad(), static_cast<ShampooParamState*>(found->second.get()), &o, static_cast<int64_t>(g),
-                      static_cast<int64_t>(i)});
-    }
-  }
-  if (!engine_->can_defer(refs, gradient_check)) return false;
+  bool every_state = true;  // else a first step: checked immediately
+  const std::vector<ParamStepRef> refs =
+      step_refs(*this, [this, &every_state](const torch::Tensor& p, const ShampooOptions&) -> ShampooParamState* {
+        const auto found = state().find(p.unsafeGetTensorImpl());
+        if (found != state().end()) return static_cast<ShampooParamState*>(found->second.get());
+        every_state = false;
+        return nullptr;
+      });
+  if (!every_state || !engine_->can_defer(refs, gradient_check)) return false;
   engine_->step_deferred(refs);
   return true;
 }
