@@ -4,6 +4,8 @@ LOWBIT_BUILD="${LOWBIT_BUILD:-$LOWBIT_ROOT/build}"
 # ccache keeps rebuilds cheap; the sloppiness makes it accept precompiled headers.
 export CCACHE_SLOPPINESS="pch_defines,time_macros,include_file_mtime,include_file_ctime"
 export CCACHE_MAXSIZE="${CCACHE_MAXSIZE:-5G}"
+# Paths below the checkout hash relative, so a clone elsewhere (CI's) reuses the cache.
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$LOWBIT_ROOT}"
 
 lowbit_configure_and_build() {
   local launcher=()
