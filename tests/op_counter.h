@@ -1,7 +1,8 @@
 // Counts the ATen operators that code calls, by name, through RecordFunction (what
 // torch.profiler reads). On a GPU a host synchronisation shows up as
 // aten::_local_scalar_dense (item(), bool(), a scalar read) or aten::nonzero; a
-// factorization as aten::linalg_qr, aten::_linalg_eigh or aten::linalg_cholesky_ex. On the
+// factorization as aten::linalg_qr / aten::linalg_householder_product, aten::_linalg_eigh or
+// aten::linalg_cholesky_ex. On the
 // CPU the same calls are made, so these counts are a structural test of the GPU step.
 #pragma once
 
@@ -37,9 +38,11 @@ class OpCounter {
     return count("aten::_local_scalar_dense") + count("aten::nonzero") + count("aten::equal") +
            count("lowbit::read_to_host");
   }
-  // Symmetric eigendecompositions, QR and Cholesky factorizations.
+  // Symmetric eigendecompositions, QR (linalg_qr, or geqrf + linalg_householder_product for Q
+  // alone: counted once, by the latter) and Cholesky factorizations.
   int64_t factorizations() const {
-    return count("aten::_linalg_eigh") + count("aten::linalg_qr") + count("aten::linalg_cholesky_ex");
+    return count("aten::_linalg_eigh") + count("aten::linalg_qr") + count("aten::linalg_householder_product") +
+           count("aten::linalg_cholesky_ex");
   }
   std::map<std::string, int64_t> all() const {
     std::lock_guard<std::mutex> lock(mutex());
