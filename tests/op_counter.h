@@ -2,8 +2,8 @@
 // torch.profiler reads). On a GPU a host synchronisation shows up as
 // aten::_local_scalar_dense (item(), bool(), a scalar read) or aten::nonzero; a
 // factorization as aten::linalg_qr / aten::linalg_householder_product, aten::_linalg_eigh or
-// aten::linalg_cholesky_ex. On the
-// CPU the same calls are made, so these counts are a structural test of the GPU step.
+// aten::linalg_cholesky_ex. On the CPU the same calls are made, so these counts are a
+// structural test of the GPU step.
 #pragma once
 
 #include <ATen/record_function.h>
