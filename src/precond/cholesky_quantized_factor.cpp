@@ -41,20 +41,19 @@ at::Tensor CholeskyQuantizedFactor::statistic() const {
   return at::matmul(c, c.t());
 }
 
-void CholeskyQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshContext& context) {
+void CholeskyQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshContext&) {
   // The jitter ladder of the fp64 Cholesky decides on the host: one factor at a time.
   for (const RefreshItem& item : batch) {
     auto* f = static_cast<CholeskyQuantizedFactor*>(item.factor);
-    if (item.side.defined()) f->update_statistic_of(item.side, context);
-    if (item.root) f->update_root(context);
+    if (item.side.defined()) f->update_statistic_of(item.side);
+    if (item.root) f->update_root();
   }
 }
 
-void CholeskyQuantizedFactor::update_statistic_of(const at::Tensor& side_in, RefreshContext& context) {
+void CholeskyQuantizedFactor::update_statistic_of(const at::Tensor& side_in) {
   // In fp64: S = b C~ C~^T + (1 - b) (G G^T + delta I) with delta = epsilon * max diag, so the
   // factor is that of (L + delta I) and the ridge stays delta at the fixed point.
-  at::Tensor side = side_in.to(at::kDouble);
-  if (context.step_ok.defined()) side = at::where(context.step_ok, side, at::zeros({}, side.options()));
+  const at::Tensor side = side_in.to(at::kDouble);
   const at::Tensor c = reconstruct_factor(factor_).to(at::kDouble);
   at::Tensor a = at::matmul(c, c.t()).mul_(config_.stat_decay);
   a.addmm_(side, side.t(), 1.0, 1.0 - config_.stat_decay);
@@ -62,21 +61,18 @@ void CholeskyQuantizedFactor::update_statistic_of(const at::Tensor& side_in, Ref
   a.diagonal().add_((1.0 - config_.stat_decay) * delta);
   const std::optional<at::Tensor> factor = cholesky_with_jitter(a);
   if (!factor) {
-    count_failure(context.step_ok.defined() ? context.step_ok : at::ones({}, failures_.options().dtype(at::kBool)));
+    count_failure(at::ones({}, failures_.options().dtype(at::kBool)));
     return;
   }
-  QuantizedCholesky next =
-      store_cholesky(*factor, config_.quant, config_.error_feedback, config_.error_feedback_decay, &factor_);
-  if (context.step_ok.defined()) next = select_cholesky(context.step_ok, next, factor_);
-  factor_ = std::move(next);
+  factor_ = store_cholesky(*factor, config_.quant, config_.error_feedback, config_.error_feedback_decay, &factor_);
 }
 
-void CholeskyQuantizedFactor::update_root(RefreshContext& context) {
+void CholeskyQuantizedFactor::update_root() {
   const std::optional<at::Tensor> root =
       linalg::inverse_root_eigen(statistic(), config_.root_exponent, config_.epsilon, config_.eigh);
   const at::Tensor candidate = root ? root->to(at::kFloat) : at::full({order_, order_}, NAN, failures_.options().dtype(at::kFloat));
-  const at::Tensor keep = keep_mask(candidate.unsqueeze(0), context)[0];
-  count_failure(failed_mask(keep, context));
+  const at::Tensor keep = keep_mask(candidate.unsqueeze(0))[0];
+  count_failure(keep.logical_not());
   root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(candidate.nan_to_num(0.0, 0.0, 0.0), root_quant_), root_);
 }
 

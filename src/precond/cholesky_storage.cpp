@@ -55,14 +55,6 @@ QuantizedCholesky store_cholesky(const at::Tensor& c, const QuantOptions& quant,
   return q;
 }
 
-QuantizedCholesky select_cholesky(const at::Tensor& keep, const QuantizedCholesky& a, const QuantizedCholesky& b) {
-  QuantizedCholesky out;
-  out.diagonal = at::where(keep, a.diagonal, b.diagonal);
-  out.lower = QuantizedMatrix::select(keep, a.lower, b.lower);
-  if (a.error.defined()) out.error = QuantizedMatrix::select(keep, a.error, b.error);
-  return out;
-}
-
 at::Tensor reconstruct_factor(const QuantizedCholesky& q) { return unpack_lower(q.lower.dequantize(), q.diagonal); }
 
 }  // namespace lowbit::precond

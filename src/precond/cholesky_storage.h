@@ -39,9 +39,6 @@ struct QuantizedCholesky {
 QuantizedCholesky store_cholesky(const at::Tensor& c, const QuantOptions& quant, bool error_feedback,
                                  double error_decay, const QuantizedCholesky* previous);
 
-// Per stored tensor `keep ? a : b`, chosen on the device (keep: a bool scalar there).
-QuantizedCholesky select_cholesky(const at::Tensor& keep, const QuantizedCholesky& a, const QuantizedCholesky& b);
-
 // C~: the stored factor as a lower triangular fp32 matrix.
 at::Tensor reconstruct_factor(const QuantizedCholesky& q);
 

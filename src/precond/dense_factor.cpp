@@ -53,12 +53,12 @@ void DenseFactor::update_statistics(c10::ArrayRef<DenseFactor*> batch, c10::Arra
   const FactorConfig& config = batch.front()->config_;
   const int64_t count = static_cast<int64_t>(batch.size()), n = batch.front()->order_;
   at::Tensor candidates = context.workspace->take(kCandidates, {count, n, n}, batch.front()->statistic_.options());
-  outer_products(sides, candidates, context);
+  outer_products(sides, candidates);
   std::vector<at::Tensor> statistics;
   for (DenseFactor* f : batch) statistics.push_back(f->statistic_);
   candidates.mul_(1.0 - config.stat_decay);
   at::_foreach_add_(candidates.unbind(0), statistics, config.stat_decay);
-  const at::Tensor keep = keep_mask(candidates, context), failed = failed_mask(keep, context);
+  const at::Tensor keep = keep_mask(candidates), failed = keep.logical_not();
   for (int64_t i = 0; i < count; ++i) {
     DenseFactor& f = *batch[static_cast<size_t>(i)];
     f.statistic_ = at::where(keep[i], candidates[i], f.statistic_);
@@ -92,7 +92,7 @@ void DenseFactor::update_eigenbases(c10::ArrayRef<DenseFactor*> batch, RefreshCo
       const at::Tensor values = at::empty({count, n}, a.options());
       linalg::qr_subspace_step_out(a, stacked(bases, workspace, kVectors), vectors, values, workspace, kScratch);
     }
-    const at::Tensor keep = keep_mask(vectors, context), failed = failed_mask(keep, context);
+    const at::Tensor keep = keep_mask(vectors), failed = keep.logical_not();
     for (int64_t i = 0; i < count; ++i) {
       DenseFactor& f = *(*part)[static_cast<size_t>(i)];
       f.root_ = at::where(keep[i], vectors[i], f.root_);
@@ -122,7 +122,7 @@ void DenseFactor::update_roots(c10::ArrayRef<DenseFactor*> batch, RefreshContext
       candidates[i].copy_(linalg::inverse_root_newton(batch[static_cast<size_t>(i)]->statistic_,
                                                       static_cast<int>(config.root_exponent), config.epsilon));
   }
-  const at::Tensor keep = keep_mask(candidates, context), failed = failed_mask(keep, context);
+  const at::Tensor keep = keep_mask(candidates), failed = keep.logical_not();
   for (int64_t i = 0; i < count; ++i) {
     DenseFactor& f = *batch[static_cast<size_t>(i)];
     f.root_ = at::where(keep[i], candidates[i], f.root_);

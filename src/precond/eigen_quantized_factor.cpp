@@ -108,7 +108,7 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
   std::vector<at::Tensor> values;
   for (const EigenQuantizedFactor* f : batch) values.push_back(f->eigenvalues_);
   const at::Tensor a = workspace.take(kStatistic, {count, n, n}, fp32);
-  outer_products(sides, a, context);
+  outer_products(sides, a);
   at::Tensor weighted = workspace.take(kScratch, {count, n, n}, fp32);
   at::mul_out(weighted, v, at::stack(values).unsqueeze(-2));
   linalg::matmul_into(a, weighted, v.transpose(-2, -1), config.stat_decay, 1.0 - config.stat_decay);
@@ -129,8 +129,8 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
     out.values = e.values;
   }
 
-  out.keep = keep_mask(out.vectors, context).logical_and_(out.values.isfinite().all(-1));
-  const at::Tensor failed = failed_mask(out.keep, context);
+  out.keep = keep_mask(out.vectors).logical_and_(out.values.isfinite().all(-1));
+  const at::Tensor failed = out.keep.logical_not();
   at::Tensor transposed = workspace.take(kTransposed, {count, n, n}, fp32);
   transposed.copy_(out.vectors.transpose(-2, -1));
   const std::vector<QuantizedMatrix> stored = quantize_candidates(transposed, first.vector_quant_);
@@ -153,7 +153,7 @@ void EigenQuantizedFactor::update_roots(c10::ArrayRef<EigenQuantizedFactor*> bat
   at::Tensor roots = workspace.take(kStatistic, {count, n, n}, first.eigenvalues_.options());
   linalg::recompose_out(roots, vectors, linalg::inverse_root_spectrum(values, config.root_exponent, config.epsilon),
                         workspace, kScratch);
-  at::Tensor keep = keep_mask(roots, context), failed = failed_mask(keep, context);
+  at::Tensor keep = keep_mask(roots), failed = keep.logical_not();
   if (usable.defined()) {
     keep.logical_and_(usable);
     failed.logical_and_(usable);  // a failed statistics update was counted already

@@ -91,7 +91,7 @@ class NaiveQuantizedFactor final : public KroneckerFactor {
   void load(const TensorMap& in, const std::string& prefix) override;
 
  private:
-  void update_root(RefreshContext& context);
+  void update_root();
   QuantOptions quant_;
   QuantizedMatrix statistic_;
   QuantizedMatrix root_;
@@ -116,8 +116,8 @@ class CholeskyQuantizedFactor final : public KroneckerFactor {
   const QuantizedCholesky& stored_factor() const { return factor_; }
 
  private:
-  void update_statistic_of(const at::Tensor& side, RefreshContext& context);
-  void update_root(RefreshContext& context);
+  void update_statistic_of(const at::Tensor& side);
+  void update_root();
   QuantOptions root_quant_;
   QuantizedCholesky factor_;
   QuantizedMatrix root_;

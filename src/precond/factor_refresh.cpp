@@ -70,29 +70,16 @@ void refresh(c10::ArrayRef<RefreshItem> items, RefreshContext& context) {
   }
 }
 
-at::Tensor keep_mask(const at::Tensor& candidates, const RefreshContext& context) {
-  at::Tensor keep = candidates.isfinite().flatten(1).all(1);
-  if (context.step_ok.defined()) keep.logical_and_(context.step_ok);
-  return keep;
-}
+at::Tensor keep_mask(const at::Tensor& candidates) { return candidates.isfinite().flatten(1).all(1); }
 
-at::Tensor failed_mask(const at::Tensor& keep, const RefreshContext& context) {
-  at::Tensor failed = keep.logical_not();
-  if (context.step_ok.defined()) failed.logical_and_(context.step_ok);
-  return failed;
-}
-
-void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out, const RefreshContext& context) {
-  const auto safe = [&](const at::Tensor& side) {
-    return context.step_ok.defined() ? at::where(context.step_ok, side, at::zeros({}, side.options())) : side;
-  };
+void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out) {
   // Sides of equal width are stacked for one batched product.
   std::map<int64_t, std::vector<int64_t>> by_width;
   for (size_t i = 0; i < sides.size(); ++i) by_width[sides[i].size(1)].push_back(static_cast<int64_t>(i));
   for (const auto& [width, members] : by_width) {
     const int64_t count = static_cast<int64_t>(members.size());
     std::vector<at::Tensor> stacked;
-    for (int64_t i : members) stacked.push_back(safe(sides[static_cast<size_t>(i)]));
+    for (int64_t i : members) stacked.push_back(sides[static_cast<size_t>(i)]);
     const at::Tensor g = at::stack(stacked);
     if (members.back() - members.front() + 1 == count) {  // consecutive: written in place
       linalg::matmul_into(out.narrow(0, members.front(), count), g, g.transpose(-2, -1));

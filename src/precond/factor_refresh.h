@@ -27,10 +27,6 @@ struct RefreshItem {
 
 struct RefreshContext {
   linalg::Workspace* workspace = nullptr;
-  // A sync-free step that was not checked on the host passes its verdict here: a bool scalar
-  // on the factors' device, false when the step is rejected, and then nothing is stored
-  // (nor counted as a failure). Undefined when the step was checked before it began.
-  at::Tensor step_ok;
   // A group's factors are refreshed in chunks whose temporaries stay under this many bytes
   // (at least one factor per chunk); 0: no limit.
   int64_t workspace_bytes = 0;
@@ -43,13 +39,10 @@ void refresh(c10::ArrayRef<RefreshItem> items, RefreshContext& context);
 int64_t temporaries_per_factor(FactorKind kind);
 
 // Helpers the kinds share.
-// A bool [B] on the device: step_ok (when defined) and every value of each candidate finite.
-at::Tensor keep_mask(const at::Tensor& candidates, const RefreshContext& context);
-// Which factors failed: keep[i] false in a step that was not rejected (bool [B]).
-at::Tensor failed_mask(const at::Tensor& keep, const RefreshContext& context);
-// side side^T of every item into out [B, n, n], one batched product per side width k
-// (sides of a rejected step count as zero).
-void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out, const RefreshContext& context);
+// A bool [B] on the device: every value of each candidate finite (its negation: the failures).
+at::Tensor keep_mask(const at::Tensor& candidates);
+// side side^T of every item into out [B, n, n], one batched product per side width k.
+void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out);
 
 
 }  // namespace lowbit::precond

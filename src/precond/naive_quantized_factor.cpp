@@ -27,13 +27,13 @@ void NaiveQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshCont
     const int64_t count = static_cast<int64_t>(statistics.size()), n = first.order_;
     const at::TensorOptions fp32 = at::TensorOptions(first.device_).dtype(at::kFloat);
     at::Tensor candidates = context.workspace->take(0, {count, n, n}, fp32);
-    outer_products(sides, candidates, context);
+    outer_products(sides, candidates);
     at::Tensor previous = context.workspace->take(1, {count, n, n}, fp32);
     std::vector<const QuantizedMatrix*> stored;
     for (const NaiveQuantizedFactor* f : statistics) stored.push_back(&f->statistic_);
     QuantizedMatrix::dequantize_stack(stored, previous);
     candidates.mul_(1.0 - first.config_.stat_decay).add_(previous, first.config_.stat_decay);
-    const at::Tensor keep = keep_mask(candidates, context), failed = failed_mask(keep, context);
+    const at::Tensor keep = keep_mask(candidates), failed = keep.logical_not();
     const std::vector<QuantizedMatrix> coded = QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), first.quant_);
     for (int64_t i = 0; i < count; ++i) {
       NaiveQuantizedFactor& f = *statistics[static_cast<size_t>(i)];
@@ -43,14 +43,14 @@ void NaiveQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshCont
   }
   // The coupled Newton iteration decides when to stop on the host: one factor at a time.
   for (const RefreshItem& item : batch)
-    if (item.root) static_cast<NaiveQuantizedFactor*>(item.factor)->update_root(context);
+    if (item.root) static_cast<NaiveQuantizedFactor*>(item.factor)->update_root();
 }
 
-void NaiveQuantizedFactor::update_root(RefreshContext& context) {
+void NaiveQuantizedFactor::update_root() {
   const at::Tensor root = linalg::inverse_root_newton(statistic_.dequantize(), static_cast<int>(config_.root_exponent),
                                                       config_.epsilon);
-  const at::Tensor keep = keep_mask(root.unsqueeze(0), context)[0];
-  count_failure(failed_mask(keep, context));
+  const at::Tensor keep = keep_mask(root.unsqueeze(0))[0];
+  count_failure(keep.logical_not());
   root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(root.nan_to_num(0.0, 0.0, 0.0), quant_), root_);
 }
 

@@ -48,8 +48,7 @@ void AdaHessianOptions::serialize(torch::serialize::InputArchive& archive) {
   LOWBIT_DESERIALIZE_ARG(int64_t, hessian_interval);
   LOWBIT_DESERIALIZE_ARG(int64_t, seed);
   // Absent from checkpoints made before the option existed: those used the default.
-  c10::IValue skip;
-  skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
+  skip_nonfinite_ = checkpoint::read_field_or<bool>(archive, "skip_nonfinite", false);
 }
 
 bool operator==(const AdaHessianOptions& a, const AdaHessianOptions& b) {

@@ -100,8 +100,7 @@ void MFACOptions::serialize(torch::serialize::InputArchive& archive) {
   LOWBIT_DESERIALIZE_ARG(std::string, mapping);
   LOWBIT_DESERIALIZE_ARG(int64_t, quant_block_size);
   // Absent from checkpoints made before the option existed: those used the default.
-  c10::IValue skip;
-  skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
+  skip_nonfinite_ = checkpoint::read_field_or<bool>(archive, "skip_nonfinite", false);
 }
 
 bool operator==(const MFACOptions& a, const MFACOptions& b) {

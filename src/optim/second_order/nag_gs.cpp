@@ -36,8 +36,7 @@ void NagGSOptions::serialize(torch::serialize::InputArchive& archive) {
   LOWBIT_DESERIALIZE_ARG(double, mu);
   LOWBIT_DESERIALIZE_ARG(double, gamma);
   // Absent from checkpoints made before the option existed: those used the default.
-  c10::IValue skip;
-  skip_nonfinite_ = archive.try_read("skip_nonfinite", skip) && skip.toBool();
+  skip_nonfinite_ = checkpoint::read_field_or<bool>(archive, "skip_nonfinite", false);
 }
 
 bool operator==(const NagGSOptions& a, const NagGSOptions& b) {
