@@ -24,9 +24,7 @@ void sgdm_update(torch::Tensor& p, torch::Tensor d, ShampooParamState& state, co
 
 int64_t first_order_bytes(const ShampooParamState& s) {
   int64_t total = 0;
-  for (const torch::Tensor* t : {&s.momentum_buffer(), &s.exp_avg(), &s.exp_avg_sq(), &s.exp_avg_codes(),
-                                 &s.exp_avg_scales(), &s.exp_avg_sq_codes(), &s.exp_avg_sq_scales()})
-    total += support::bytes_of(*t);
+  for (const torch::Tensor* t : first_order_tensors(s)) total += support::bytes_of(*t);
   return total;
 }
 

@@ -9,12 +9,6 @@ namespace {
 
 constexpr int64_t kMiB = 1 << 20;
 
-// The state a plain step may write: the parameter and its first-order buffers.
-std::vector<at::Tensor*> plain_step_writes(ShampooParamState& s) {
-  return {&s.momentum_buffer(), &s.exp_avg(), &s.exp_avg_sq(), &s.exp_avg_codes(),
-          &s.exp_avg_scales(), &s.exp_avg_sq_codes(), &s.exp_avg_sq_scales()};
-}
-
 }  // namespace
 
 bool ShampooEngine::can_defer(const std::vector<ParamStepRef>& params, const std::string& gradient_check) const {
@@ -100,7 +94,7 @@ void ShampooEngine::finish(const std::vector<ParamStepRef>& params, const at::Te
     // the step elsewhere (where() takes nothing from the branch it does not select, so a
     // NaN computed from a bad gradient goes nowhere).
     const at::Tensor param_before = param.clone();
-    const std::vector<at::Tensor*> writes = plain_step_writes(*p.state);
+    const auto writes = first_order_tensors(*p.state);  // a plain step writes these and the parameter
     std::vector<at::Tensor> before;
     for (const at::Tensor* t : writes) before.push_back(t->defined() ? t->clone() : at::Tensor());
     apply_direction(param, p.grad, direction, *p.state, *p.options);

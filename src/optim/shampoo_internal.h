@@ -3,7 +3,9 @@
 
 #include <lowbit/shampoo.h>
 
+#include <array>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "optim/adamw_rule.h"
@@ -95,6 +97,13 @@ void soap_update(torch::Tensor& p, const torch::Tensor& grad, ShampooParamState&
 // as handles (created as zeros on first use; updates write through).
 // Bytes of the first-order state (momentum, AdamW moments in fp32 or low-bit).
 int64_t first_order_bytes(const ShampooParamState& state);
+// That state's tensors (const or not, as the state is): what a step writes besides the
+// parameter and its preconditioner.
+template <typename State>
+std::array<decltype(&std::declval<State&>().exp_avg()), 7> first_order_tensors(State& s) {
+  return {&s.momentum_buffer(), &s.exp_avg(), &s.exp_avg_sq(), &s.exp_avg_codes(),
+          &s.exp_avg_scales(), &s.exp_avg_sq_codes(), &s.exp_avg_sq_scales()};
+}
 
 adamw::MomentLayout graft_layout(const torch::Tensor& p, const ShampooOptions& o);
 adamw::Moments graft_moments(ShampooParamState& state, const adamw::MomentLayout& layout, const torch::Tensor& p);

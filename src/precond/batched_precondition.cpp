@@ -23,10 +23,6 @@ struct BlockWork {
 // Workspace slots ([B, ., .] each).
 enum Slot { kGrad = 0, kLeft = 1, kRight = 2, kFirst = 3, kSecond = 4 };
 
-at::Tensor block_of(const at::Tensor& m, const BlockSlice& s) {
-  return m.slice(0, s.row0, s.row0 + s.rows).slice(1, s.col0, s.col0 + s.cols);
-}
-
 // The inverse roots of `factors` (one order) stacked into out [B, n, n]: quantized roots
 // with one codec call, dense ones copied.
 void roots_into(const std::vector<const KroneckerFactor*>& factors, const at::Tensor& out) {

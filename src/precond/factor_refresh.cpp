@@ -70,6 +70,12 @@ void refresh(c10::ArrayRef<RefreshItem> items, RefreshContext& context) {
   }
 }
 
+void refresh_alone(c10::ArrayRef<RefreshItem> items) {
+  linalg::Workspace workspace;
+  RefreshContext context{&workspace};
+  refresh(items, context);
+}
+
 at::Tensor keep_mask(const at::Tensor& candidates) { return candidates.isfinite().flatten(1).all(1); }
 
 void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out) {

@@ -34,6 +34,9 @@ struct RefreshContext {
 
 // Runs every item, group by group. Items of one factor must not repeat.
 void refresh(c10::ArrayRef<RefreshItem> items, RefreshContext& context);
+// The same with a workspace of their own, without a budget (one-off refreshes: one factor's
+// or one parameter's, for tests and tools).
+void refresh_alone(c10::ArrayRef<RefreshItem> items);
 
 // What a kind's batched refresh needs, for chunking: n x n fp32 temporaries per factor.
 int64_t temporaries_per_factor(FactorKind kind);

@@ -13,17 +13,9 @@ KroneckerFactor::KroneckerFactor(int64_t order, const at::TensorOptions& device,
     : order_(order), config_(config), device_(device.device()),
       failures_(at::zeros({}, device.dtype(at::kLong))) {}
 
-void KroneckerFactor::update_statistic(const at::Tensor& side) {
-  linalg::Workspace workspace;
-  RefreshContext context{&workspace};
-  refresh({RefreshItem{this, side, false}}, context);
-}
+void KroneckerFactor::update_statistic(const at::Tensor& side) { refresh_alone({RefreshItem{this, side, false}}); }
 
-void KroneckerFactor::update_inverse_root() {
-  linalg::Workspace workspace;
-  RefreshContext context{&workspace};
-  refresh({RefreshItem{this, at::Tensor(), true}}, context);
-}
+void KroneckerFactor::update_inverse_root() { refresh_alone({RefreshItem{this, at::Tensor(), true}}); }
 
 int64_t KroneckerFactor::failures() const { return failures_.item<int64_t>(); }
 

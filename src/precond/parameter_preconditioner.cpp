@@ -1,15 +1,11 @@
 #include "precond/parameter_preconditioner.h"
 
-#include "precond/batched_precondition.h"
-
 #include <ATen/ATen.h>
+
+#include "precond/batched_precondition.h"
 
 namespace lowbit::precond {
 namespace {
-
-at::Tensor block_of(const at::Tensor& m, const BlockSlice& s) {
-  return m.slice(0, s.row0, s.row0 + s.rows).slice(1, s.col0, s.col0 + s.cols);
-}
 
 std::string block_prefix(size_t index, const char* side) {
   return "block" + std::to_string(index) + "." + side + ".";
@@ -58,26 +54,16 @@ void ParameterPreconditioner::plan_refresh(const at::Tensor& grad, bool statisti
   }
 }
 
-namespace {
-
-void run_alone(const std::vector<RefreshItem>& items) {
-  linalg::Workspace workspace;
-  RefreshContext context{&workspace};
-  refresh(items, context);
-}
-
-}  // namespace
-
 void ParameterPreconditioner::update_statistics(const at::Tensor& grad, const FactorMask& mask) {
   std::vector<RefreshItem> items;
   plan_refresh(grad, true, false, mask, items);
-  run_alone(items);
+  refresh_alone(items);
 }
 
 void ParameterPreconditioner::update_inverse_roots(const FactorMask& mask) {
   std::vector<RefreshItem> items;
   plan_refresh(at::Tensor(), false, true, mask, items);
-  run_alone(items);
+  refresh_alone(items);
 }
 
 at::Tensor ParameterPreconditioner::precondition(const at::Tensor& grad) const {

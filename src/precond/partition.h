@@ -11,6 +11,11 @@ struct BlockSlice {
   int64_t row0, rows, col0, cols;
 };
 
+// The block `s` of the 2-D matrix m (a view).
+inline at::Tensor block_of(const at::Tensor& m, const BlockSlice& s) {
+  return m.slice(0, s.row0, s.row0 + s.rows).slice(1, s.col0, s.col0 + s.cols);
+}
+
 struct Partition {
   int64_t rows = 0, cols = 0;     // the 2-D view of the parameter (when preconditioned)
   std::vector<BlockSlice> blocks; // empty: no preconditioner (scalars and vectors)
