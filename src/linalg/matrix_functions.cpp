@@ -73,27 +73,16 @@ EighSolver default_eigh_solver() {
   return [](const at::Tensor& a) { return at::linalg_eigh(a); };
 }
 
-std::optional<Eigen> eigh_with_fallback(const at::Tensor& a, const EighSolver& solver) {
+namespace {
+
+// The eigendecomposition of symmetrize(a) in a's dtype, then in fp64 if the solver throws
+// (or, with `require_finite`, returns NaN/Inf: a host read), in a's dtype; none if both fail.
+std::optional<Eigen> eigh_in_two_precisions(const at::Tensor& a, const EighSolver& solver, bool require_finite) {
   for (const at::ScalarType dtype : {a.scalar_type(), at::kDouble}) {
     try {
       const auto [values, vectors] = solver(symmetrize(a.to(dtype)));
-      if (all_finite(values) && all_finite(vectors))
+      if (!require_finite || (all_finite(values) && all_finite(vectors)))
         return Eigen{values.to(a.scalar_type()), vectors.to(a.scalar_type())};
-    } catch (const c10::Error&) {
-      // fall through to the next precision
-    }
-    if (dtype == at::kDouble) break;
-  }
-  return std::nullopt;
-}
-
-namespace {
-
-std::optional<Eigen> try_eigh(const at::Tensor& symmetric, const EighSolver& solver) {
-  for (const at::ScalarType dtype : {symmetric.scalar_type(), at::kDouble}) {
-    try {
-      const auto [values, vectors] = solver(symmetric.to(dtype));
-      return Eigen{values.to(symmetric.scalar_type()), vectors.to(symmetric.scalar_type())};
     } catch (const c10::Error&) {
       // fall through to the next precision
     }
@@ -104,15 +93,19 @@ std::optional<Eigen> try_eigh(const at::Tensor& symmetric, const EighSolver& sol
 
 }  // namespace
 
+std::optional<Eigen> eigh_with_fallback(const at::Tensor& a, const EighSolver& solver) {
+  return eigh_in_two_precisions(a, solver, /*require_finite=*/true);
+}
+
 Eigen eigh_batched(const at::Tensor& a, const EighSolver& solver) {
-  const at::Tensor symmetric = symmetrize(a);
-  if (std::optional<Eigen> all = try_eigh(symmetric, solver)) return *all;
+  // Non-finite results are not looked for here (that would read the device): the caller masks them.
+  if (std::optional<Eigen> all = eigh_in_two_precisions(a, solver, /*require_finite=*/false)) return *all;
   const int64_t n = a.size(-1);
-  const at::Tensor flat = symmetric.reshape({-1, n, n});
+  const at::Tensor flat = a.reshape({-1, n, n});
   Eigen out{at::full(flat.sizes().slice(0, 2), NAN, a.options()), at::full(flat.sizes(), NAN, a.options())};
   if (flat.size(0) > 1)
     for (int64_t i = 0; i < flat.size(0); ++i)
-      if (std::optional<Eigen> one = try_eigh(flat[i], solver)) {
+      if (std::optional<Eigen> one = eigh_in_two_precisions(flat[i], solver, /*require_finite=*/false)) {
         out.values[i].copy_(one->values);
         out.vectors[i].copy_(one->vectors);
       }
