@@ -642,18 +642,11 @@ class Shampoo(Optimizer):
         if not self._accepts(grads, where):
             return loss
 
-        # States first (a parameter's first step creates one), then the steps.
-        prepared = [(config, [self._state_of(p, config)._cpp for p in ps], ps, gs) for config, ps, gs in work]
-        if self._sharding is not None:
-            self._sharding.step([c for c, states, _, _ in prepared for _ in states],
-                                [s for _, states, _, _ in prepared for s in states],
-                                [p for _, _, ps, _ in prepared for p in ps],
-                                [g for _, _, _, gs in prepared for g in gs])
-            return loss
-        self._engine.step([c for c, states, _, _ in prepared for _ in states],
-                          [s for _, states, _, _ in prepared for s in states],
-                          [p for _, _, ps, _ in prepared for p in ps],
-                          [g for _, _, _, gs in prepared for g in gs])
+        # States first (a parameter's first step creates one), then one step of every parameter
+        # (sharded: every rank calls it, with or without gradients).
+        rows = [(config, self._state_of(p, config)._cpp, p, g) for config, ps, gs in work for p, g in zip(ps, gs)]
+        configs, states, params, grads = ([row[k] for row in rows] for k in range(4))
+        (self._sharding if self._sharding is not None else self._engine).step(configs, states, params, grads)
         return loss
 
     def _step_deferred(self, work: List, where: List[Tuple[int, int]]) -> bool:
