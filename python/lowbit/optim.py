@@ -667,10 +667,8 @@ class Shampoo(Optimizer):
                 states.append(state._cpp)
                 params.append(p)
                 grads.append(g)
-        if not self._engine.can_defer(configs, states, params, grads, mode):
-            return False
-        self._engine.step_deferred(configs, states, params, grads, [gi for gi, _ in where], [pi for _, pi in where])
-        return True
+        return self._engine.step_deferred(configs, states, params, grads, [gi for gi, _ in where],
+                                          [pi for _, pi in where], mode)
 
     def settle(self) -> None:
         """Reads the verdict of the steps checked on the device (``gradient_check="deferred"``,

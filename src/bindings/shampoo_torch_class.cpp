@@ -48,35 +48,26 @@ struct ShampooEngineHolder : torch::CustomClassHolder {
     at::NoGradGuard no_grad;
     engine.step(refs);
   }
-  // The deferred gradient check (ShampooEngine::can_defer): whether this step may run on
-  // the device unchecked, and that step (`groups` / `indices`: where each parameter stands,
-  // for the message settle() may raise later).
-  bool can_defer(const std::vector<c10::intrusive_ptr<ShampooConfig>>& configs,
-                 const std::vector<c10::intrusive_ptr<ShampooParam>>& states, const std::vector<at::Tensor>& params,
-                 const std::vector<at::Tensor>& grads, const std::string& gradient_check) {
-    std::vector<ParamStepRef> refs;
-    for (size_t i = 0; i < states.size(); ++i) {
-      ShampooParamState* state = states[i]->ready(params[i], configs[i]);
-      if (state == nullptr) return false;
-      refs.push_back({params[i], grads[i], state, &configs[i]->options});
-    }
-    return engine.can_defer(refs, gradient_check);
-  }
-  void step_deferred(const std::vector<c10::intrusive_ptr<ShampooConfig>>& configs,
+  // The step checked on the device (ShampooEngine::can_defer), when it may be: true when it
+  // was taken, false when it is to be checked now and taken by step(). `groups` / `indices`:
+  // where each parameter stands, for the message settle() may raise later.
+  bool step_deferred(const std::vector<c10::intrusive_ptr<ShampooConfig>>& configs,
                      const std::vector<c10::intrusive_ptr<ShampooParam>>& states, const std::vector<at::Tensor>& params,
                      const std::vector<at::Tensor>& grads, const std::vector<int64_t>& groups,
-                     const std::vector<int64_t>& indices) {
+                     const std::vector<int64_t>& indices, const std::string& gradient_check) {
     TORCH_CHECK(configs.size() == states.size() && states.size() == params.size() && params.size() == grads.size() &&
                     grads.size() == groups.size() && groups.size() == indices.size(),
                 kWho, "step_deferred needs one config, state, parameter, gradient, group and index per parameter");
     std::vector<ParamStepRef> refs;
     for (size_t i = 0; i < states.size(); ++i) {
       ShampooParamState* state = states[i]->ready(params[i], configs[i]);
-      TORCH_CHECK(state != nullptr, kWho, "step_deferred: parameter ", i, " needs preparing; check can_defer first");
+      if (state == nullptr) return false;  // moving or reconfiguring first: checked now
       refs.push_back({params[i], grads[i], state, &configs[i]->options, groups[i], indices[i]});
     }
+    if (!engine.can_defer(refs, gradient_check)) return false;
     at::NoGradGuard no_grad;
     engine.step_deferred(refs);
+    return true;
   }
   // Reads the verdict of deferred steps (raises if one failed), or forgets them.
   void settle() { engine.settle("lowbit.Shampoo"); }
@@ -158,7 +149,6 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       .def("step", &lowbit::bindings::ShampooEngineHolder::step)
       .def("workspace_bytes", &lowbit::bindings::ShampooEngineHolder::workspace_bytes)
       .def("configure", &lowbit::bindings::ShampooEngineHolder::configure)
-      .def("can_defer", &lowbit::bindings::ShampooEngineHolder::can_defer)
       .def("step_deferred", &lowbit::bindings::ShampooEngineHolder::step_deferred)
       .def("settle", &lowbit::bindings::ShampooEngineHolder::settle)
       .def("discard_deferred", &lowbit::bindings::ShampooEngineHolder::discard_deferred);
