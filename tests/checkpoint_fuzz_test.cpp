@@ -248,7 +248,10 @@ c10::IValue random_ivalue(CaseRng& r) {
     case 0: return c10::IValue(r.one_of(std::vector<int64_t>{-1, 0, 1, 3, INT64_MAX, INT64_MIN, int64_t{1} << 40}));
     case 1: return c10::IValue(r.one_of(std::vector<double>{0.0, -1.0, 1e308, NAN, INFINITY, 0.5}));
     case 2: return c10::IValue(r.one_of(std::vector<std::string>{"", "bogus", "linear2", "dynamic", "adamw", "4"}));
-    case 3: return c10::IValue(at::randn({r.between(0, 4)}));
+    case 3: {  // from the case's seed, so that a rerun of one seed edits the same way
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(r.bits());
+      return c10::IValue(at::randn({r.between(0, 4)}, gen));
+    }
     case 4: return c10::IValue(at::tensor(r.between(-2, 1000000), at::kLong));
     default: return c10::IValue(std::make_tuple(0.5, r.one_of(std::vector<double>{0.9, NAN, -1.0, 2.0})));
   }
@@ -448,6 +451,25 @@ bool extreme(const Node& loaded, const std::map<std::string, double>& clean) {
 }
 
 // ------------------------------------------------------------------ the fuzz test
+// A copy of a checkpoint tree whose parameter keys (state.<key> and each group's params/i)
+// are "1", "2", ... in the order of the groups' parameter lists.
+std::shared_ptr<Node> with_ordinal_keys(const Node& checkpoint) {
+  auto out = testing::deep_copy(checkpoint);
+  std::map<std::string, std::string> ordinal;
+  for (Slot& s : testing::slots(*out)) {
+    auto* value = std::get_if<c10::IValue>(&testing::entry_at(s));
+    if (value == nullptr || !value->isString() || s.key.rfind("params/", 0) != 0) continue;
+    const std::string fresh = std::to_string(ordinal.size() + 1);
+    const auto [it, inserted] = ordinal.emplace(value->toStringRef(), fresh);
+    testing::entry_at(s) = c10::IValue(it->second);
+  }
+  auto& states = std::get<std::shared_ptr<Node>>(out->entries.at("state"))->entries;
+  std::map<std::string, Entry> renamed;
+  for (auto& [key, entry] : states) renamed[ordinal.at(key)] = std::move(entry);
+  states = std::move(renamed);
+  return out;
+}
+
 // Per subject: the source's checkpoint (bytes and tree), and what an untouched target does.
 struct Prepared {
   Subject subject;
@@ -475,8 +497,11 @@ Prepared prepare(const Subject& s) {
   std::vector<at::Tensor> source = make_params(1);
   auto opt = s.make(source);
   for (int t = 0; t < kSourceSteps; ++t) take_step(s, *opt, source);
-  p.checkpoint = testing::save_to_string(*opt);
-  p.tree = read_tree(p.checkpoint);
+  // torch::optim keys each parameter's state by the address of its TensorImpl; with
+  // those keys the bytes (and the order of the tree's entries) change from run to run,
+  // and a seed would not replay its case. Ordinal keys make every case reproducible.
+  p.tree = with_ordinal_keys(*read_tree(testing::save_to_string(*opt)));
+  p.checkpoint = tree_bytes(*p.tree);
   magnitudes(*p.tree, "", p.magnitudes);
 
   std::vector<at::Tensor> params;
@@ -522,6 +547,7 @@ TEST(CheckpointFuzz, TheUneditedTreeRoundTripResumesLikeTheCheckpoint) {
 struct Tally {
   int64_t unwritable = 0, rejected_by_torch = 0, rejected = 0, loaded = 0, loaded_extreme = 0;
   int64_t extreme_not_finite = 0;  // of loaded_extreme: the next steps overflowed or raised
+  int64_t loaded_unreadable = 0;   // loaded, but torch's reader refused the same bytes again
 };
 Tally tally;
 
@@ -589,7 +615,21 @@ void checkpoint_case(uint64_t seed) {
   // Loaded: loading itself never moves parameters; the next steps work and stay finite
   // (unless the state is extreme, see the top of the file).
   ASSERT_TRUE(all_equal(params, p.target_before)) << "load changed the parameters";
-  const std::shared_ptr<Node> loaded_tree = read_tree(bytes);
+  // torch's archive reader is not consistent on corrupt TorchScript code: a flipped byte in
+  // a code record can pass one load_from and fail the next in the same process (its parse
+  // depends on what the process imported before). Then the loaded values are unknown to
+  // the test, and only the weak property of extreme states is checked.
+  std::shared_ptr<Node> loaded_tree;
+  const Outcome reread = outcome_of([&] { loaded_tree = read_tree(bytes); });
+  if (reread.threw) {
+    ++tally.loaded_unreadable;
+    const Outcome stepped = outcome_of([&] {
+      take_step(p.subject, *target, params);
+      take_step(p.subject, *target, params);
+    });
+    EXPECT_TRUE(!stepped.threw || stepped.c10) << "not a c10::Error: " << stepped.message;
+    return;
+  }
   const bool is_extreme = extreme(*loaded_tree, p.magnitudes);
   ++(is_extreme ? tally.loaded_extreme : tally.loaded);
   const Outcome stepped = outcome_of([&] {
@@ -615,7 +655,8 @@ TEST(CheckpointFuzz, EveryCorruptionIsAClearErrorOrLoadsAndStepsFinitely) {
   std::cout << "checkpoint fuzz outcomes: " << tally.rejected << " rejected by lowbit, " << tally.rejected_by_torch
             << " rejected by torch's archive reader, " << tally.loaded << " loaded and stepped finitely, "
             << tally.loaded_extreme << " loaded with extreme values (" << tally.extreme_not_finite
-            << " of them overflowed in the next steps), " << tally.unwritable
+            << " of them overflowed in the next steps), " << tally.loaded_unreadable
+            << " loaded that torch could not read a second time, " << tally.unwritable
             << " edited trees torch could not write" << std::endl;
   for (const auto& [name, value] : {std::pair<const char*, int64_t>{"rejected", tally.rejected},
                                     {"rejected_by_torch", tally.rejected_by_torch}, {"loaded", tally.loaded},
