@@ -257,15 +257,25 @@ TEST(CorruptCheckpoint, InfiniteOptionsAreRefused) {
   // Options come from the checkpoint too; lr = Inf passed "lr >= 0" and every step gave Inf.
   const c10::IValue inf(std::numeric_limits<double>::infinity());
   expect_refused<Shampoo>(small_shampoo(4), [&](Node& t) { value_at(t, "options.lr") = inf; },
-                          {"lowbit::Shampoo::load", "ShampooOptions.lr must be finite; got inf"});
+                          {"lowbit::Shampoo::load", "ShampooOptions.lr must be finite and within float32 range (|x| <= 3.4e38); got inf"});
   expect_refused<AdamW>(AdamWOptions(0.01), [&](Node& t) { value_at(t, "options.weight_decay") = inf; },
-                        {"lowbit::AdamW", "AdamWOptions.weight_decay must be finite; got inf"});
+                        {"lowbit::AdamW", "AdamWOptions.weight_decay must be finite and within float32 range (|x| <= 3.4e38); got inf"});
   expect_refused<NagGS>(NagGSOptions(0.2), [&](Node& t) { value_at(t, "options.mu") = inf; },
-                        {"lowbit::NagGS", "NagGSOptions.mu must be finite; got inf"});
+                        {"lowbit::NagGS", "NagGSOptions.mu must be finite and within float32 range (|x| <= 3.4e38); got inf"});
   expect_refused<Sophia>(SophiaOptions(0.05), [&](Node& t) { value_at(t, "options.rho") = inf; },
-                         {"lowbit::Sophia", "SophiaOptions.rho must be finite; got inf"});
+                         {"lowbit::Sophia", "SophiaOptions.rho must be finite and within float32 range (|x| <= 3.4e38); got inf"});
   expect_refused<MFAC>(MFACOptions(0.05).window(3).damping(0.1), [&](Node& t) { value_at(t, "options.lr") = inf; },
-                       {"lowbit::MFAC", "MFACOptions.lr must be finite; got inf"});
+                       {"lowbit::MFAC", "MFACOptions.lr must be finite and within float32 range (|x| <= 3.4e38); got inf"});
+  // Finite but beyond float32: c10 refused lr = 1e308 with a std::runtime_error in M-FAC's
+  // step (found by the checkpoint fuzz), and Shampoo's epsilon = 1e308 made its initial
+  // statistic epsilon I infinite, refused by the codec without naming the optimizer.
+  const c10::IValue huge(1e308);
+  expect_refused<MFAC>(MFACOptions(0.05).window(3).damping(0.1), [&](Node& t) { value_at(t, "options.lr") = huge; },
+                       {"lowbit::MFAC", "MFACOptions.lr must be finite and within float32 range"});
+  expect_refused<Shampoo>(small_shampoo(8), [&](Node& t) { value_at(t, "options.epsilon") = huge; },
+                          {"lowbit::Shampoo::load", "ShampooOptions.epsilon must be finite and within float32 range"});
+  expect_refused<Shampoo>(small_shampoo(8), [&](Node& t) { value_at(t, "options.epsilon") = c10::IValue(1e36); },
+                          {"lowbit::Shampoo::load", "ShampooOptions.epsilon must be <= 2^104"});
 }
 
 TEST(CorruptCheckpoint, AFieldOfAnotherTypeIsNamed) {

@@ -9,6 +9,8 @@
 #include <utility>
 
 #include "optim/checkpoint_reader.h"
+#include "optim/gradient_health.h"
+#include "optim/second_order/optimizer_support.h"
 #include "optim/shampoo_internal.h"
 
 namespace lowbit {
@@ -75,9 +77,12 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
   TORCH_CHECK(o.graft_bits() == 32 || o.graft() == "adamw", p, "graft_bits=", o.graft_bits(),
               " quantizes AdamW moments and needs graft \"adamw\"; got \"", o.graft(), "\"");
   // (Checkpoints carry options too: an infinite one would make every step NaN/Inf.)
-  for (const auto& [name, value] : {std::pair<const char*, double>{"lr", o.lr()}, {"eps", o.eps()},
-                                    {"weight_decay", o.weight_decay()}, {"epsilon", o.epsilon()}})
-    TORCH_CHECK(std::isfinite(value), p, name, " must be finite; got ", value);
+  support::check_finite_options(p, {{"lr", o.lr()}, {"eps", o.eps()}, {"weight_decay", o.weight_decay()},
+                                    {"epsilon", o.epsilon()}});
+  // epsilon I starts every statistic and is added to it: with the statistics' entries below
+  // 2^104 (optim/gradient_health.h, rule 1) a sum of both stays below 2^105, far from FLT_MAX.
+  TORCH_CHECK(o.epsilon() <= health::kMaxGradientSquaredNorm, p, "epsilon must be <= 2^104 (about 2e31), so that "
+              "epsilon I plus the statistics stays within float32 range; got ", o.epsilon());
   check_one_of(p, "gradient_check", o.gradient_check(), {"auto", "immediate", "deferred"});
   TORCH_CHECK(o.workspace_mb() >= 0 && o.workspace_mb() <= 1e9, p,
               "workspace_mb must be in [0, 1e9] (0: automatic); got ", o.workspace_mb());

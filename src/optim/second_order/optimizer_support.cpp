@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <cfloat>
 #include <cmath>
 
 #include "optim/gradient_health.h"
@@ -102,8 +103,11 @@ void check_adam_options(const std::string& p, double lr, const std::tuple<double
 }
 
 void check_finite_options(const std::string& prefix, std::initializer_list<std::pair<const char*, double>> options) {
+  // The options are applied to fp32 (or narrower) tensors as scalars; c10 converts a double
+  // beyond FLT_MAX with a std::runtime_error in the middle of a step, so refuse it here.
   for (const auto& [name, value] : options)
-    TORCH_CHECK(std::isfinite(value), prefix, name, " must be finite; got ", value);
+    TORCH_CHECK(std::isfinite(value) && std::abs(value) <= FLT_MAX, prefix, name,
+                " must be finite and within float32 range (|x| <= 3.4e38); got ", value);
 }
 
 void check_one_of(const std::string& who, const char* name, const std::string& value,

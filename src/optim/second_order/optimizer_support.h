@@ -111,7 +111,7 @@ torch::Tensor evaluate(const torch::optim::Optimizer::LossClosure& closure);
 void check_adam_options(const std::string& prefix, double lr, const std::tuple<double, double>& betas, double eps,
                         double weight_decay);
 
-// Throws naming the first option of `options` that is NaN or +-Inf.
+// Throws naming the first option of `options` that is NaN, +-Inf or beyond float32 range.
 void check_finite_options(const std::string& prefix, std::initializer_list<std::pair<const char*, double>> options);
 
 void check_one_of(const std::string& who, const char* name, const std::string& value,
