@@ -74,6 +74,14 @@ struct FieldType<std::tuple<A, B>> {
   static constexpr const char* name = "a pair";
 };
 
+// A loaded tensor as state may hold it: contiguous, on storage of its own. torch's archive
+// writes a storage once however many entries share it, so a checkpoint can make two state
+// tensors (say exp_avg and exp_avg_sq) one; every in-place update would then write both,
+// and v = m could turn negative and sqrt(v) NaN (found by the checkpoint fuzz).
+inline at::Tensor owned(const at::Tensor& t) {
+  return t.defined() ? t.clone(at::MemoryFormat::Contiguous) : t;
+}
+
 // Field `name` of a state or options archive: absent is allowed for tensors (an undefined
 // tensor is not written) and an error for anything else; present, it must hold a T.
 template <typename T>
@@ -85,6 +93,7 @@ std::optional<T> read_field(torch::serialize::InputArchive& archive, const char*
   }
   TORCH_CHECK(FieldType<T>::holds(v), "the entry \"", name, "\" must be ", FieldType<T>::name, "; got ",
               kind_of(v));
+  if constexpr (std::is_same_v<T, at::Tensor>) return owned(v.toTensor());
   return v.to<T>();
 }
 

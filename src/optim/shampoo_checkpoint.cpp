@@ -137,7 +137,7 @@ void ShampooParamState::serialize(torch::serialize::InputArchive& archive) {
     c10::IValue t;
     archive.read(key, t);
     TORCH_CHECK(t.isTensor(), "the entry \"", key, "\" must be a tensor; got ", checkpoint::kind_of(t));
-    loaded_preconditioner[from_archive_key(key)] = t.toTensor();
+    loaded_preconditioner[from_archive_key(key)] = checkpoint::owned(t.toTensor());
   }
 }
 
