@@ -5,39 +5,19 @@ ranks load into M, a failing rank stops the others with a clear error."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List
+from typing import Dict, List
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowbit
 import distributed_worker as worker
+from rank_runner import run_ranks
 from conftest import make_params, set_grads
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
-
-
-def run_ranks(tmp_path, world: int, target: Callable[..., None], *args: Any, timeout: float = 120) -> List[Dict]:
-    """Starts `world` rank processes of worker.`target` and returns what each saved."""
-    init_file = str(tmp_path / f"init-{target.__name__}-{world}-{len(os.listdir(tmp_path))}")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, world, init_file, str(tmp_path), *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-    results = []
-    for r in range(world):
-        path = tmp_path / f"rank{r}.pt"
-        results.append(torch.load(path, weights_only=True) if path.exists() else None)
-        if path.exists():
-            path.unlink()
-    return results
 
 
 def assert_ranks_agree(results: List[Dict]) -> None:
