@@ -155,14 +155,14 @@ class AdamW(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(p) or self._new_state(p, o)
+                    s = self.state.get(self._key(p)) or self._new_state(p, o)
                     step = s["step"].clone()
 
                     def run(c: List[Any], p: torch.Tensor = p, g: torch.Tensor = g, o: Dict[str, Any] = o,
                             step: torch.Tensor = step) -> None:
                         _ops.adamw_update_(c[0], g.detach(), *c[1:], step, o["lr"], o["betas"][0], o["betas"][1],
                                            o["eps"], o["weight_decay"], *self._layout_args(o), o["rounding"],
-                                           o["seed"], position[id(p)])
+                                           o["seed"], position[id(self._key(p))])
 
                     if not self._trial(p, [p, *(s.get(n) for n in _MOMENTS)], ("values",) + _MOMENTS, run):
                         return loss
@@ -171,7 +171,7 @@ class AdamW(_SecondOrderOptimizer):
                     s = self._state_for(p, o)
                     _ops.adamw_update_(p, g.detach(), *(s.get(n) for n in _MOMENTS), s["step"], o["lr"],
                                        o["betas"][0], o["betas"][1], o["eps"], o["weight_decay"],
-                                       *self._layout_args(o), o["rounding"], o["seed"], position[id(p)])
+                                       *self._layout_args(o), o["rounding"], o["seed"], position[id(self._key(p))])
         return loss
 
 

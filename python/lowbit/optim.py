@@ -31,6 +31,7 @@ from typing import (
 import torch
 from torch.optim import Optimizer
 
+from . import _dtensor
 from ._library import load as _load_library
 
 _load_library()
@@ -120,9 +121,11 @@ def _matched_state_dict(optimizer: Optimizer, state_dict: Dict[str, Any], who: s
             raise ValueError(who + f"param group {gi} of the state dict must be a dict with a 'params' list of "
                              "parameter ids; nothing was loaded")
         for pid in sg["params"]:
-            if isinstance(pid, bool) or not isinstance(pid, int):
+            # Ints from state_dict(); parameter names (FQNs) from torch.distributed.checkpoint's
+            # set_optimizer_state_dict, which maps positions the same way.
+            if isinstance(pid, bool) or not isinstance(pid, (int, str)):
                 raise ValueError(who + f"param group {gi} of the state dict lists {pid!r} as a parameter id; ids "
-                                 "are ints; nothing was loaded")
+                                 "are ints (or parameter names); nothing was loaded")
             if pid in seen:
                 raise ValueError(who + f"parameter id {pid} appears twice in the state dict's param groups ("
                                  f"{seen[pid]} and {gi}); nothing was loaded")
@@ -551,6 +554,7 @@ class Shampoo(Optimizer):
         group = self.param_groups[index]
         try:
             _require_floating("lowbit.Shampoo", "Shampoo", index, group["params"])
+            self._check_dtensors(index, group)
             values = _options_of(group, self.defaults)
             options, config = _make_config(values, f" (param group {index})")
         except Exception:
@@ -558,6 +562,19 @@ class Shampoo(Optimizer):
             raise
         group.update(options)
         self._configs.append((_options_of(group, self.defaults), config, options))
+
+    def _check_dtensors(self, index: int, group: Dict[str, Any]) -> None:
+        """ValueError naming the first DTensor parameter lowbit cannot take (lowbit/_dtensor.py)."""
+        for pi, p in enumerate(group["params"]):
+            if not _dtensor.is_dtensor(p):
+                continue
+            problem = _dtensor.placement_problem(p)
+            if problem:
+                raise ValueError(f"lowbit.Shampoo: {self._describe(index, pi, p, group)} {problem}")
+            if getattr(self, "_sharding", None) is not None:
+                raise ValueError(f"lowbit.Shampoo: {self._describe(index, pi, p, group)} is a DTensor (FSDP2), and "
+                                 "process_group shares Shampoo's work for replicated parameters (DDP); FSDP2 "
+                                 "parameters are preconditioned on their local shards without it: drop process_group")
 
     def _config(self, index: int, group: Dict[str, Any]) -> Any:
         """The C++ config of a group, rebuilt (and validated) when its options changed."""
@@ -583,14 +600,18 @@ class Shampoo(Optimizer):
         engine.configure(float(self.defaults.get("workspace_mb", 0.0)))
         return engine
 
-    def _state_of(self, p: torch.Tensor, config: Any) -> ShampooState:
-        s = self.state.get(p)
+    def _state_of(self, key: torch.Tensor, p: torch.Tensor, config: Any) -> ShampooState:
+        """The state of parameter ``key``, whose local tensor is ``p`` (the same but for a
+        DTensor, whose local shard it is)."""
+        s = self.state.get(key)
         if isinstance(s, ShampooState):
             return s
         cpp = _ShampooParam(p, config)
         if s:  # plain entries (an unpickled or deep-copied optimizer)
+            if _dtensor.is_dtensor(key):
+                s = _dtensor.from_saved(key, s, "lowbit.Shampoo: ", "a parameter")
             cpp.load_state_dict(p, {k: v.to(p.device) for k, v in s.items()}, "lowbit.Shampoo: ", "a parameter")
-        self.state[p] = wrapped = ShampooState(cpp)
+        self.state[key] = wrapped = ShampooState(cpp)
         return wrapped
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
@@ -613,11 +634,17 @@ class Shampoo(Optimizer):
         where: List[Tuple[int, int]] = []
         for gi, group in enumerate(self.param_groups):
             config = self._config(gi, group)
-            ps, gs = [], []
+            keys, ps, gs = [], [], []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                key = p
+                if _dtensor.is_dtensor(p):  # FSDP2: the local shard is this rank's parameter
+                    problem = _dtensor.check_gradient(p, g)
+                    if problem:
+                        raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, p, group)} {problem}")
+                    p, g = _dtensor.local(p), _dtensor.local(g)  # (may have no rows on this rank)
                 if g.is_sparse:
                     raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, p, group)} has a sparse "
                                        "gradient; Shampoo needs dense gradients")
@@ -627,24 +654,30 @@ class Shampoo(Optimizer):
                 if g.shape != p.shape or g.device != p.device:
                     raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, p, group)} on {p.device} has "
                                        f"a gradient of shape {list(g.shape)} on {g.device}")
+                keys.append(key)
                 ps.append(p)
                 gs.append(g)
                 where.append((gi, pi))
             if ps:
-                work.append((config, ps, gs))
+                work.append((config, keys, ps, gs))
             grads.extend(gs)
 
         if self._sharding is not None and self._average_gradients:
             self._sharding.average(grads)  # equal gradients on every rank, so equal decisions below
-        if self._sharding is None and self._step_deferred(work, where):
+        keys = [self.param_groups[gi]["params"][pi] for gi, pi in where]
+        sharded = [_dtensor.is_sharded(key) for key in keys]
+        if self._sharding is None and not any(sharded) and self._step_deferred(work, where):
             return loss
         self._engine.settle()  # the verdict of earlier deferred steps, before this one writes
-        if not self._accepts(grads, where):
+        params = [p for _, _, ps, _ in work for p in ps]
+        if not self._accepts(params, grads, where, sharded):
             return loss
 
         # States first (a parameter's first step creates one), then one step of every parameter
-        # (sharded: every rank calls it, with or without gradients).
-        rows = [(config, self._state_of(p, config)._cpp, p, g) for config, ps, gs in work for p, g in zip(ps, gs)]
+        # (sharded: every rank calls it, with or without gradients; FSDP2: the local shards
+        # that have rows).
+        rows = [(config, self._state_of(key, p, config)._cpp, p, g)
+                for config, keys, ps, gs in work for key, p, g in zip(keys, ps, gs) if p.numel() > 0]
         configs, states, params, grads = ([row[k] for row in rows] for k in range(4))
         (self._sharding if self._sharding is not None else self._engine).step(configs, states, params, grads)
         return loss
@@ -658,7 +691,7 @@ class Shampoo(Optimizer):
         if mode == "immediate" or not work:
             return False
         configs, states, params, grads = [], [], [], []
-        for config, ps, gs in work:
+        for config, _, ps, gs in work:
             for p, g in zip(ps, gs):
                 state = self.state.get(p)
                 if not isinstance(state, ShampooState):
@@ -677,39 +710,48 @@ class Shampoo(Optimizer):
         that step. The next step that refreshes factors and :meth:`state_dict` call it too."""
         self._engine.settle()
 
-    def _accepts(self, grads: List[torch.Tensor], where: List[Tuple[int, int]]) -> bool:
+    def _accepts(self, params: List[torch.Tensor], grads: List[torch.Tensor], where: List[Tuple[int, int]],
+                 sharded: List[bool]) -> bool:
         """The overflow rule (docs/shampoo.md, Robustness), before anything is written: every
         gradient's squared norm (fp64, one batched computation, read once) at most 2^104 and
         finite, then the steps no bound guarantees (fp16 parameters, extreme options) tried on
         copies. True when the step may go on; False when it is skipped (``skip_nonfinite`` of the
-        offending parameter's group; counted); raises ``RuntimeError`` otherwise."""
-        index, value = _first_offence(_squared_norms(grads))
+        offending parameter's group; counted); raises ``RuntimeError`` otherwise.
+        ``params`` and ``grads`` are local tensors (an FSDP2 parameter's shard); the squared
+        norms of the ``sharded`` ones are summed over their ranks first, so that every rank
+        judges the whole gradient and all reach the same verdict."""
+        norms = _squared_norms(grads)
+        if any(sharded):
+            norms = _dtensor.summed_over_shards(norms, [self.param_groups[gi]["params"][pi] for gi, pi in where])
+        index, value = _first_offence(norms)
         if index >= 0:
             gi, pi = where[index]
             group = self.param_groups[gi]
-            p = group["params"][pi]
-            key = self._configs[gi][1].overflow_key(p)
-            return self._refuse(gi, torch.ops.lowbit.offence_message(self._describe(gi, pi, p, group), key, value))
+            described = self._describe(gi, pi, group["params"][pi], group)
+            key = self._configs[gi][1].overflow_key(params[index])
+            return self._refuse(gi, torch.ops.lowbit.offence_message(described, key, value))
         bounded: Dict[int, bool] = {}
-        for (gi, pi), g in zip(where, grads):
+        for (gi, pi), p, g in zip(where, params, grads):
             config = self._configs[gi][1]
             if gi not in bounded:
                 bounded[gi] = config.update_bounded()
             group = self.param_groups[gi]
-            p = group["params"][pi]
-            if p.dtype != torch.float16 and bounded[gi]:
+            key = group["params"][pi]
+            if (p.dtype != torch.float16 and bounded[gi]) or p.numel() == 0:
                 continue
-            state = self.state.get(p)
+            state = self.state.get(key)
             if isinstance(state, ShampooState):
                 cpp = state._cpp
             else:  # no state yet (or plain entries): a temporary one, not kept
                 cpp = _ShampooParam(p, config)
                 if state:
+                    if _dtensor.is_dtensor(key):
+                        state = _dtensor.from_saved(key, state, "lowbit.Shampoo: ", "a parameter")
                     cpp.load_state_dict(p, {k: v.to(p.device) for k, v in state.items()}, "lowbit.Shampoo: ",
                                         "a parameter")
             problem = cpp.trial_step(p, g, config)
             if problem:
-                return self._refuse(gi, f"{self._describe(gi, pi, p, group)}: {problem}")
+                return self._refuse(gi, f"{self._describe(gi, pi, key, group)}: {problem}")
         return True
 
     def _refuse(self, group_index: int, problem: str) -> bool:
@@ -755,7 +797,12 @@ class Shampoo(Optimizer):
     def _plain_state(self) -> Dict[Any, Any]:
         plain: Dict[Any, Any] = defaultdict(dict)
         for key, s in self.state.items():
-            plain[key] = dict(s._cpp.state_dict()) if isinstance(s, ShampooState) else s
+            if not isinstance(s, ShampooState):
+                plain[key] = s
+            elif _dtensor.is_dtensor(key):  # FSDP2: moments as DTensors, blocks per rank
+                plain[key] = _dtensor.to_saved(key, dict(s._cpp.state_dict()), _dtensor.ELEMENTWISE)
+            else:
+                plain[key] = dict(s._cpp.state_dict())
         return plain
 
     def state_dict(self) -> Dict[str, Any]:
@@ -810,9 +857,17 @@ class Shampoo(Optimizer):
             _check_entries(entries, who, what)
             if not entries:
                 continue
-            cpp = _ShampooParam(p, configs[gi][1])
+            if _dtensor.is_dtensor(p):
+                entries = _dtensor.from_saved(p, entries, who, what)
+            else:
+                _dtensor.refuse_rank_tags(entries, who, what)
+            local = _dtensor.local(p)
+            if local.numel() == 0:  # an FSDP2 parameter with no rows on this rank has no state
+                continue
+            cpp = _ShampooParam(local, configs[gi][1])
             try:
-                cpp.load_state_dict(p, {k: v.to(device=p.device, copy=True) for k, v in entries.items()}, who, what)
+                cpp.load_state_dict(local, {k: v.to(device=local.device, copy=True) for k, v in entries.items()},
+                                    who, what)
             except RuntimeError as e:
                 message = _message(e)
                 raise ValueError(message if "nothing was loaded" in message else message + "; nothing was loaded") \

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Seq
 import torch
 from torch.optim import Optimizer
 
+from . import _dtensor
 from ._library import load as _load_library
 
 _load_library()
@@ -130,12 +131,14 @@ class _SecondOrderOptimizer(Optimizer):
     _PRECONDITIONER: Tuple[str, ...] = ()     # which entries state_bytes() counts where
     _FIRST_ORDER: Tuple[str, ...] = ()
     _OVERFLOW_KEY = ""                        # what a gradient beyond the overflow rule would overflow
+    _HESSIAN_THROUGH_MODEL = False            # Hessian-vector products by double backward (not on FSDP2)
 
     def __init__(self, params: ParamsT, options: Dict[str, Any]) -> None:
         # Per param group: (option values the check ran on, the checked options).
         self._validated: List[Tuple[Tuple[Any, ...], Optional[Dict[str, Any]]]] = []
         self._steps = 0  # step() calls so far: the schedule of Hessian refreshes and the probes' seed
         self._where: Dict[int, Tuple[int, int]] = {}  # id(p) -> (group, index) of this step's parameters
+        self._keys: Dict[int, torch.Tensor] = {}  # id(local shard) -> its FSDP2 (DTensor) parameter, this step
         self.skipped_steps = 0  # steps skipped by skip_nonfinite
         defaults = self._checked(options, " (defaults)")
         super().__init__(params, defaults)
@@ -171,6 +174,14 @@ class _SecondOrderOptimizer(Optimizer):
         group = self.param_groups[index]
         try:
             _require_floating(self._who, self._NAME, index, group["params"], group)
+            for pi, p in enumerate(group["params"]):
+                problem = _dtensor.placement_problem(p) if _dtensor.is_dtensor(p) else None
+                if _dtensor.is_dtensor(p) and self._HESSIAN_THROUGH_MODEL:
+                    problem = ("is a DTensor (FSDP2); " + self._NAME + " needs Hessian-vector products by a "
+                               "second backward through the model, and FSDP2 reduce-scatters gradients without "
+                               "their graph; use lowbit.Shampoo, AdamW, MFAC or NagGS on FSDP2 models")
+                if problem:
+                    raise ValueError(f"{self._who}: {_describe(index, pi, p, group)} {problem}")
             options = self._checked(group, f" (param group {index})")
             self._check_seed(options, f" (param group {index})")
         except Exception:
@@ -205,16 +216,26 @@ class _SecondOrderOptimizer(Optimizer):
     def _gradients(self, key: str = "") -> Optional[List[List[Tuple[torch.Tensor, torch.Tensor]]]]:
         """(parameter, gradient) of each group, every gradient checked (dense, floating, shaped
         and placed like its parameter, and the overflow rule: see :meth:`_accept`) before
-        anything is written; None when the step is to be skipped (``skip_nonfinite``)."""
+        anything is written; None when the step is to be skipped (``skip_nonfinite``).
+        An FSDP2 (DTensor) parameter comes as its local shard and gradient (lowbit/_dtensor.py);
+        its state stays keyed by the parameter (:meth:`_key`). A shard without rows on this
+        rank is checked (its norm is part of the sum) but not stepped."""
         work: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
+        checked: List[torch.Tensor] = []
         flat: List[torch.Tensor] = []
-        self._where = {}
+        self._where, self._keys = {}, {}
         for gi, group in enumerate(self.param_groups):
             items = []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                if _dtensor.is_dtensor(p):
+                    problem = _dtensor.check_gradient(p, g)
+                    if problem:
+                        raise RuntimeError(f"{self._who}: {_describe(gi, pi, p, group)} {problem}")
+                    owner, p, g = p, _dtensor.local(p), _dtensor.local(g)
+                    self._keys[id(p)] = owner
                 if g.layout != torch.strided:
                     raise RuntimeError(f"{self._who}: {_describe(gi, pi, p, group)} has a sparse gradient; "
                                        f"{self._NAME} needs dense gradients")
@@ -224,13 +245,20 @@ class _SecondOrderOptimizer(Optimizer):
                 if g.shape != p.shape or g.device != p.device:
                     raise RuntimeError(f"{self._who}: {_describe(gi, pi, p, group)} on {p.device} has a gradient "
                                        f"of shape {list(g.shape)} on {g.device}")
-                items.append((p, g))
+                if p.numel() > 0:
+                    items.append((p, g))
+                checked.append(p)
                 flat.append(g)
                 self._where[id(p)] = (gi, pi)
             work.append(items)
-        if not self._accept([p for items in work for p, _ in items], flat, key or self._OVERFLOW_KEY):
+        if not self._accept(checked, flat, key or self._OVERFLOW_KEY):
             return None
         return work
+
+    def _key(self, p: torch.Tensor) -> torch.Tensor:
+        """The parameter whose state ``p`` uses: p itself, or the FSDP2 parameter p is the
+        local shard of (in this step)."""
+        return self._keys.get(id(p), p)
 
     # ------------------------------------------------------------------ the overflow rule
     # docs/second_order.md: gradients and Hessian estimates of squared norm beyond 2^104 (or
@@ -240,7 +268,7 @@ class _SecondOrderOptimizer(Optimizer):
     def _what(self, p: torch.Tensor) -> Tuple[int, str]:
         gi, pi = self._where[id(p)]
         group = self.param_groups[gi]
-        return gi, _describe(gi, pi, p, group)
+        return gi, _describe(gi, pi, group["params"][pi], group)
 
     def _refuse(self, group_index: int, problem: str) -> bool:
         """False (the step is skipped and counted) with the group's ``skip_nonfinite``; raises
@@ -253,8 +281,13 @@ class _SecondOrderOptimizer(Optimizer):
 
     def _accept(self, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], key: str) -> bool:
         """The rule on ``tensors`` (gradients, or Hessian estimates, of ``params``): one batched
-        fp64 squared norm each, read once. True when all pass."""
-        index, value = _ops.first_offence(_ops.squared_norms(list(tensors)))
+        fp64 squared norm each, read once. True when all pass. The norms of FSDP2 shards are
+        summed over their ranks first: every rank judges the whole tensor, and all agree."""
+        norms = _ops.squared_norms(list(tensors))
+        keys = [self._key(p) for p in params]
+        if any(_dtensor.is_sharded(k) for k in keys):
+            norms = _dtensor.summed_over_shards(norms, keys)
+        index, value = _ops.first_offence(norms)
         if index < 0:
             return True
         gi, what = self._what(params[index])
@@ -283,9 +316,9 @@ class _SecondOrderOptimizer(Optimizer):
 
     def _state_for(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """p's state, created on its first step, on p's device (it follows ``model.to(...)``)."""
-        state = self.state.get(p)
+        state = self.state.get(self._key(p))
         if not state:
-            state = self.state[p] = self._new_state(p, options)
+            state = self.state[self._key(p)] = self._new_state(p, options)
         for name, t in state.items():
             if name not in _COUNTERS and t.device != p.device:
                 state[name] = t.to(p.device)
@@ -368,7 +401,13 @@ class _SecondOrderOptimizer(Optimizer):
         and numbers; the tensors are the live state, as in torch), plus ``"lowbit_steps"``
         (steps taken; the schedule of Hessian refreshes and the probes) for Sophia and
         AdaHessian."""
-        sd = super().state_dict()
+        live = self.state
+        self.state = {k: (_dtensor.to_saved(k, v, _dtensor.ELEMENTWISE) if _dtensor.is_dtensor(k) else v)
+                      for k, v in live.items()}  # type: ignore[assignment]
+        try:
+            sd = super().state_dict()
+        finally:
+            self.state = live
         if self._SEEDED:
             sd["lowbit_steps"] = self._steps
         return sd
@@ -437,6 +476,10 @@ class _SecondOrderOptimizer(Optimizer):
             _check_entries(entries, who, what)
             if not entries:
                 continue
+            if _dtensor.is_dtensor(p):  # FSDP2: this rank's shard of the state
+                entries = _dtensor.from_saved(p, entries, who, what)
+            else:
+                _dtensor.refuse_rank_tags(entries, who, what)
             nonfinite = [k for k, v in entries.items()
                          if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
             if nonfinite:
@@ -444,7 +487,7 @@ class _SecondOrderOptimizer(Optimizer):
                 # are refused): a checkpoint that does is corrupt, and would make the parameters NaN.
                 raise ValueError(who + f"{what}: state \"{nonfinite[0]}\" holds NaN or Inf; nothing was loaded")
             try:
-                new_state[p] = self._load_state(p, dict(entries), validated[gi][1], what)
+                new_state[p] = self._load_state(_dtensor.local(p), dict(entries), validated[gi][1], what)
             except (RuntimeError, ValueError) as e:
                 raise failed(e) from None
 
@@ -577,6 +620,7 @@ class Sophia(_SecondOrderOptimizer):
     _OVERFLOW_KEY = "sophia"
     _CPP = "sophia"
     _SEEDED = True
+    _HESSIAN_THROUGH_MODEL = True
     _TABLE = {
         "lr": _Option(1e-4, "number", "learning rate", ">= 0"),
         "betas": _Option((0.965, 0.99), "number pair", "(b1: momentum, b2: Hessian EMA)", "each in [0, 1)"),
@@ -638,7 +682,7 @@ class Sophia(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(p) or self._new_state(p, o)
+                    s = self.state.get(self._key(p)) or self._new_state(p, o)
                     e, step = estimate_of.get(id(p)), s["step"].clone()
 
                     def run(c: List[Any], e: Any = e, g: torch.Tensor = g, o: Dict[str, Any] = o,
@@ -692,7 +736,7 @@ class Sophia(_SecondOrderOptimizer):
                 for (p, _), e in zip(items, es):
                     if p.dtype != torch.float16:
                         continue
-                    s = self.state.get(p) or self._new_state(p, o)
+                    s = self.state.get(self._key(p)) or self._new_state(p, o)
 
                     def run(c: List[Any], e: torch.Tensor = e, o: Dict[str, Any] = o) -> None:
                         _ops.ema_([c[0]], [e], o["betas"][1])
@@ -742,6 +786,7 @@ class AdaHessian(_SecondOrderOptimizer):
     _OVERFLOW_KEY = "adahessian"
     _CPP = "adahessian"
     _SEEDED = True
+    _HESSIAN_THROUGH_MODEL = True
     _TABLE = {
         "lr": _Option(0.15, "number", "learning rate", ">= 0"),
         "betas": _Option((0.9, 0.999), "number pair", "(b1, b2)", "each in [0, 1)"),
@@ -779,7 +824,7 @@ class AdaHessian(_SecondOrderOptimizer):
         if work is None:
             return loss
         due = [(p, g) for items, o in zip(work, options) for p, g in items
-               if self._steps % o["hessian_interval"] == 0 or "hessian_diag" not in self.state.get(p, {})]
+               if self._steps % o["hessian_interval"] == 0 or "hessian_diag" not in self.state.get(self._key(p), {})]
         estimates = self._hutchinson(due, "step()")
         with torch.no_grad():
             diagonals = {p: _ops.adahessian_diagonal(e) for (p, _), e in zip(due, estimates)}
@@ -790,7 +835,7 @@ class AdaHessian(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(p) or self._new_state(p, o)
+                    s = self.state.get(self._key(p)) or self._new_state(p, o)
                     diagonal = diagonals[p] if p in diagonals else s["hessian_diag"]
                     step = s["step"].clone()
 
@@ -921,7 +966,7 @@ class MFAC(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(p) or self._new_state(p, o)
+                    s = self.state.get(self._key(p)) or self._new_state(p, o)
                     buffer = s.get("momentum_buffer")
                     if o["momentum"] != 0 and buffer is None:
                         buffer = _zeros(p)
@@ -1021,7 +1066,7 @@ class NagGS(_SecondOrderOptimizer):
                     continue
                 # NAG-GS's state is not bounded by the gradient: bounded from the largest
                 # magnitudes (one read per group), else tried on copies.
-                states = [self.state.get(p) or self._new_state(p, o) for p, _ in items]
+                states = [self.state.get(self._key(p)) or self._new_state(p, o) for p, _ in items]
                 bounded = _ops.nag_gs_bounded([p for p, _ in items],
                                               [s["velocity"].to(p.device) for (p, _), s in zip(items, states)],
                                               [g for _, g in items], [s["gamma"] for s in states], o["lr"], o["mu"])

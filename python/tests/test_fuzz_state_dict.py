@@ -364,7 +364,9 @@ def mutate(sd: Dict[str, Any], d, options: List[str]) -> List[str]:
     if i == 0 and len(group["params"]) == 1:
         return []
     group["params"][i] = d.draw(st.sampled_from([group["params"][i - 1], "0", 1.0, None, [0]]))
-    return ["parameter id", "twice"]
+    # (A str id is a parameter name, as set_optimizer_state_dict passes: then the state of
+    # the id it replaced belongs to no group.)
+    return ["parameter id", "twice", "in no param group"]
 
 
 def option_names(opt) -> List[str]:

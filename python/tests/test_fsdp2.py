@@ -1,0 +1,104 @@
+"""lowbit's optimizers on FSDP2 models (fully_shard, DTensor parameters sharded on dim 0),
+on loopback Gloo with 2 and 3 ranks (3: uneven shards). Default mode: each rank
+preconditions its local shard as a plain tensor (docs/distributed.md, "FSDP2")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fsdp2_worker as worker
+from rank_runner import run_ranks
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with Gloo is not available")
+
+
+def _all_ranks(results):
+    assert all(r is not None for r in results), "a rank did not finish"
+    return results
+
+
+KINDS = ["shampoo4", "shampoo32", "shampoo4-sgdm-graft4", "caspr4", "soap4", "cholesky4", "adamw4", "adamw8",
+         "mfac4", "naggs"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_shard_moves_as_a_plain_optimizer_on_it(tmp_path, world):
+    # The same local gradients given to a plain optimizer over clones of the local shards:
+    # bit for bit, since both run the same kernels on the same tensors in one process.
+    results = _all_ranks(run_ranks(tmp_path, world, worker.local_shards_equal_plain_optimizer, KINDS, 5))
+    for rank, r in enumerate(results):
+        for kind in KINDS:
+            assert r[kind]["finite"], kind
+            for i, (got, want) in enumerate(zip(r[kind]["got"], r[kind]["want"])):
+                assert torch.equal(got, want), f"{kind}, rank {rank}, parameter {i}: the FSDP2 step differs"
+
+
+@pytest.mark.parametrize("bits", [4, 32])
+def test_state_per_rank_is_one_nth_of_one_process(tmp_path, bits):
+    # Widths that divide by 2 and blocks of 8: the shards' blocks are exactly the blocks of
+    # one process, split between the ranks, so each rank holds exactly half the state.
+    one = run_ranks(tmp_path, 1, worker.state_bytes_per_rank, bits)[0]
+    two = _all_ranks(run_ranks(tmp_path, 2, worker.state_bytes_per_rank, bits))
+    for key in ("preconditioner", "first_order"):
+        assert one[key] > 0
+        assert [r[key] for r in two] == [one[key] // 2] * 2, key
+
+
+@pytest.mark.parametrize("kind", ["shampoo4", "shampoo32", "adamw4"])
+def test_a_dcp_checkpoint_resumes_exactly_on_the_same_ranks(tmp_path, kind):
+    ckpt = str(tmp_path / "ckpt")
+    uninterrupted = _all_ranks(run_ranks(tmp_path, 2, worker.checkpoint_round_trip, kind, ckpt, "save"))
+    resumed = _all_ranks(run_ranks(tmp_path, 2, worker.checkpoint_round_trip, kind, ckpt, "resume"))
+    for rank, (a, b) in enumerate(zip(uninterrupted, resumed)):
+        assert "error" not in b, b.get("error")
+        for i, (x, y) in enumerate(zip(a["params"], b["params"])):
+            assert torch.equal(x, y), f"rank {rank}, parameter {i}: the resumed run differs"
+
+
+def test_a_shampoo_checkpoint_of_two_ranks_is_refused_on_three_by_name(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _all_ranks(run_ranks(tmp_path, 2, worker.checkpoint_round_trip, "shampoo4", ckpt, "save"))
+    resumed = _all_ranks(run_ranks(tmp_path, 3, worker.checkpoint_round_trip, "shampoo4", ckpt, "resume"))
+    for r in resumed:
+        assert "error" in r
+        # DCP looks for this rank's blocks, whose names record the rank and the rank count.
+        assert "of3" in r["error"], r["error"]
+
+
+def test_an_fp32_adamw_checkpoint_of_two_ranks_resumes_on_three(tmp_path):
+    # Elementwise state is saved as DTensors, which DCP reshards.
+    ckpt = str(tmp_path / "ckpt")
+    _all_ranks(run_ranks(tmp_path, 2, worker.checkpoint_round_trip, "adamw32", ckpt, "save"))
+    resumed = _all_ranks(run_ranks(tmp_path, 3, worker.checkpoint_round_trip, "adamw32", ckpt, "resume"))
+    for r in resumed:
+        assert "error" not in r, r["error"]
+        assert all(bool(p.isfinite().all()) for p in r["params"])
+
+
+def test_unsupported_placements_are_refused_naming_parameter_and_placement(tmp_path):
+    for r in _all_ranks(run_ranks(tmp_path, 2, worker.refused_placements)):
+        assert "layer.shard1" in r["shard1"] and "Shard(dim=1)" in r["shard1"], r["shard1"]
+        assert "layer.mesh2d" in r["mesh2d"] and "2-D device mesh" in r["mesh2d"], r["mesh2d"]
+        assert "drop process_group" in r["process_group"], r["process_group"]
+
+
+def test_fsdp2_and_plain_groups_with_other_bits_in_one_optimizer(tmp_path):
+    for rank, r in enumerate(_all_ranks(run_ranks(tmp_path, 2, worker.mixed_groups))):
+        for i, (got, want) in enumerate(zip(r["got"], r["want"])):
+            assert torch.equal(got, want), f"rank {rank}, parameter {i}"
+
+
+def test_a_nan_in_one_shard_is_refused_on_every_rank(tmp_path):
+    results = _all_ranks(run_ranks(tmp_path, 2, worker.nonfinite_gradient_on_one_rank))
+    for r in results:
+        assert "NaN or Inf" in r["message"] or "nan" in r["message"].lower(), r["message"]
+        assert r["unchanged"]
+
+
+def test_sophia_and_adahessian_are_refused_on_fsdp2_by_name(tmp_path):
+    for r in _all_ranks(run_ranks(tmp_path, 2, worker.hessian_optimizers_refused)):
+        for name in ("Sophia", "AdaHessian"):
+            assert f"{name} needs Hessian-vector products" in r[name.lower()], r
