@@ -75,7 +75,7 @@ def is_sharded(p: Any) -> bool:
     return is_dtensor(p) and tuple(p.placements) == (Shard(0),)
 
 
-def summed_over_shards(norms: torch.Tensor, params: List[Any]) -> torch.Tensor:
+def summed_over_shards(norms: torch.Tensor, params: List[Any], who: str) -> torch.Tensor:
     """``norms`` (one squared norm per entry of ``params``, of the local gradients) with the
     entries of Shard(0) parameters summed over their mesh: the squared norm of the whole
     gradient. One all-reduce per mesh; every rank calls it with the same parameters (an
@@ -90,7 +90,13 @@ def summed_over_shards(norms: torch.Tensor, params: List[Any]) -> torch.Tensor:
     for mesh, indices in by_mesh.items():
         index = torch.tensor(indices, device=norms.device)
         part = out.index_select(0, index)
-        dist.all_reduce(part, group=mesh.get_group())
+        try:
+            dist.all_reduce(part, group=mesh.get_group())
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise RuntimeError(
+                f"{who}: the all-reduce of the FSDP2 shards' gradient norms over {mesh} failed; another rank has "
+                f"failed, or is not stepping (timed out after the process group's timeout); nothing was updated "
+                f"on this rank. ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
         out.index_copy_(0, index, part)
     return out
 

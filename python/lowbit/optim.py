@@ -31,7 +31,7 @@ from typing import (
 import torch
 from torch.optim import Optimizer
 
-from . import _dtensor
+from . import _dtensor, _fsdp_lossless
 from ._library import load as _load_library
 
 _load_library()
@@ -457,7 +457,13 @@ class Shampoo(Optimizer):
     ``distributed_timeout`` (seconds) bounds every collective: a rank that died or raised
     makes the others fail with a clear error instead of hanging. The state dict is the
     same on every rank and loads into any number of ranks (or none). See
-    :meth:`communication` for the bytes exchanged.
+:meth:`communication` for the bytes exchanged.
+
+    FSDP2 (``fully_shard``; DTensor parameters with Shard(0) on a 1-D mesh), without
+    ``process_group``: with ``fsdp_mode="local"`` (default) each rank preconditions its
+    local shard with state of its own; with ``fsdp_mode="lossless"`` one owner rank steps
+    each whole parameter (gathered), exactly as a single process would, and broadcasts it
+    back. See docs/distributed.md, "FSDP2".
 
     T1 = 100 / T2 = 500 suit runs of tens of thousands of steps; scale them down for short
     runs (e.g. 10 / 50) and check :meth:`root_updates`.
@@ -524,6 +530,7 @@ class Shampoo(Optimizer):
         process_group: Optional[Any] = None,
         average_gradients: bool = False,
         distributed_timeout: float = 300.0,
+        fsdp_mode: Literal["local", "lossless"] = "local",
     ) -> None:
         given = dict(
             lr=lr, graft=graft, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
@@ -543,6 +550,10 @@ class Shampoo(Optimizer):
         self.skipped_steps = 0
         self._sharding = _make_sharding(process_group, average_gradients, distributed_timeout)
         self._average_gradients = bool(average_gradients)
+        if fsdp_mode not in ("local", "lossless"):
+            raise ValueError(f'lowbit.Shampoo: fsdp_mode must be "local" or "lossless"; got {fsdp_mode!r}')
+        self._fsdp_mode = fsdp_mode
+        self._fsdp_bytes = 0  # lossless mode: bytes this rank gathered and broadcast
         super().__init__(params, defaults)
         self._engine = self._make_engine()
 
@@ -675,12 +686,33 @@ class Shampoo(Optimizer):
 
         # States first (a parameter's first step creates one), then one step of every parameter
         # (sharded: every rank calls it, with or without gradients; FSDP2: the local shards
-        # that have rows).
-        rows = [(config, self._state_of(key, p, config)._cpp, p, g)
-                for config, keys, ps, gs in work for key, p, g in zip(keys, ps, gs) if p.numel() > 0]
+        # that have rows, or in lossless mode the whole parameters this rank owns).
+        rows, whole = [], []
+        for config, keys, ps, gs in work:
+            for key, p, g in zip(keys, ps, gs):
+                if self._lossless(key):
+                    whole.append((config, key))
+                elif p.numel() > 0:
+                    rows.append((config, self._state_of(key, p, config)._cpp, p, g))
+        gathered = _fsdp_lossless.gather(whole, [self._max_dim_of(key) for _, key in whole])
+        for g in gathered:
+            self._fsdp_bytes += 2 * g.full.numel() * g.full.element_size()
+            if _fsdp_lossless.is_mine(g):
+                rows.append((g.config, self._state_of(g.key, g.full, g.config)._cpp, g.full, g.grad))
         configs, states, params, grads = ([row[k] for row in rows] for k in range(4))
         (self._sharding if self._sharding is not None else self._engine).step(configs, states, params, grads)
+        self._fsdp_bytes += _fsdp_lossless.scatter_back(gathered)
         return loss
+
+    def _lossless(self, key: torch.Tensor) -> bool:
+        """Whether ``key`` is stepped whole by its owner rank (``fsdp_mode="lossless"``)."""
+        return self._fsdp_mode == "lossless" and _dtensor.is_sharded(key)
+
+    def _max_dim_of(self, key: torch.Tensor) -> int:
+        for gi, group in enumerate(self.param_groups):
+            if any(p is key for p in group["params"]):
+                return int(self._configs[gi][2]["max_preconditioner_dim"])
+        raise KeyError("not a parameter of this optimizer")
 
     def _step_deferred(self, work: List, where: List[Tuple[int, int]]) -> bool:
         """A step checked on the device (``gradient_check``; docs/shampoo.md, "Execution"):
@@ -722,7 +754,8 @@ class Shampoo(Optimizer):
         judges the whole gradient and all reach the same verdict."""
         norms = _squared_norms(grads)
         if any(sharded):
-            norms = _dtensor.summed_over_shards(norms, [self.param_groups[gi]["params"][pi] for gi, pi in where])
+            norms = _dtensor.summed_over_shards(norms, [self.param_groups[gi]["params"][pi] for gi, pi in where],
+                                                  "lowbit.Shampoo")
         index, value = _first_offence(norms)
         if index >= 0:
             gi, pi = where[index]
@@ -739,6 +772,11 @@ class Shampoo(Optimizer):
             key = group["params"][pi]
             if (p.dtype != torch.float16 and bounded[gi]) or p.numel() == 0:
                 continue
+            if self._lossless(key):  # the trial would run on the owner alone: ranks could disagree
+                raise RuntimeError(f"lowbit.Shampoo: {self._describe(gi, pi, key, group)}: fsdp_mode=\"lossless\" "
+                                   "needs options that bound the update (see update_bounded in docs/shampoo.md) "
+                                   "and no fp16 parameters; use the default fsdp_mode=\"local\"; nothing was "
+                                   "updated")
             state = self.state.get(key)
             if isinstance(state, ShampooState):
                 cpp = state._cpp
@@ -765,9 +803,11 @@ class Shampoo(Optimizer):
     def communication(self) -> Dict[str, int]:
         """This rank's traffic in distributed mode: ``exchanges`` (steps that exchanged
         updated preconditioner factors), ``state_bytes`` (factor state broadcast, summed over
-        all owners), ``gradient_bytes`` (gradients all-reduced); all zero otherwise."""
+        all owners), ``gradient_bytes`` (gradients all-reduced); all zero otherwise. Without
+        ``process_group`` also ``fsdp_bytes``: FSDP2 lossless mode's whole parameters and
+        gradients gathered and parameters broadcast, as bytes of the whole tensors."""
         if self._sharding is None:
-            return {"exchanges": 0, "state_bytes": 0, "gradient_bytes": 0}
+            return {"exchanges": 0, "state_bytes": 0, "gradient_bytes": 0, "fsdp_bytes": self._fsdp_bytes}
         exchanges, state_bytes, gradient_bytes = self._sharding.traffic()
         return {"exchanges": exchanges, "state_bytes": state_bytes, "gradient_bytes": gradient_bytes}
 
@@ -799,10 +839,18 @@ class Shampoo(Optimizer):
         for key, s in self.state.items():
             if not isinstance(s, ShampooState):
                 plain[key] = s
-            elif _dtensor.is_dtensor(key):  # FSDP2: moments as DTensors, blocks per rank
-                plain[key] = _dtensor.to_saved(key, dict(s._cpp.state_dict()), _dtensor.ELEMENTWISE)
+            elif _dtensor.is_dtensor(key):  # FSDP2: moments as DTensors, blocks per rank (lossless:
+                # the whole parameter's state, on its owner)
+                plain[key] = _dtensor.to_saved(key, dict(s._cpp.state_dict()),
+                                               () if self._lossless(key) else _dtensor.ELEMENTWISE)
             else:
                 plain[key] = dict(s._cpp.state_dict())
+        # An FSDP2 parameter whose state is on another rank (lossless mode) or that has no
+        # rows here: an empty entry, which set_optimizer_state_dict requires of every parameter.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if _dtensor.is_dtensor(p) and p not in plain:
+                    plain[p] = {}
         return plain
 
     def state_dict(self) -> Dict[str, Any]:
@@ -862,7 +910,9 @@ class Shampoo(Optimizer):
             else:
                 _dtensor.refuse_rank_tags(entries, who, what)
             local = _dtensor.local(p)
-            if local.numel() == 0:  # an FSDP2 parameter with no rows on this rank has no state
+            if self._lossless(p):  # the state of the whole parameter (this rank owns it)
+                local = torch.empty(p.shape, dtype=p.dtype, device=local.device)
+            elif local.numel() == 0:  # an FSDP2 parameter with no rows on this rank has no state
                 continue
             cpp = _ShampooParam(local, configs[gi][1])
             try:
@@ -897,6 +947,8 @@ class Shampoo(Optimizer):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.__dict__.setdefault("_sharding", None)
         self.__dict__.setdefault("_average_gradients", False)
+        self.__dict__.setdefault("_fsdp_mode", "local")
+        self.__dict__.setdefault("_fsdp_bytes", 0)
         self._engine = self._make_engine()
         # Configs are rebuilt (and validated) at the next step.
         self._configs = [((), None, {}) for _ in self.param_groups]

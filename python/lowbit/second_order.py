@@ -286,7 +286,7 @@ class _SecondOrderOptimizer(Optimizer):
         norms = _ops.squared_norms(list(tensors))
         keys = [self._key(p) for p in params]
         if any(_dtensor.is_sharded(k) for k in keys):
-            norms = _dtensor.summed_over_shards(norms, keys)
+            norms = _dtensor.summed_over_shards(norms, keys, self._who)
         index, value = _ops.first_offence(norms)
         if index < 0:
             return True

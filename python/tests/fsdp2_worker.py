@@ -41,10 +41,10 @@ KINDS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def _init(rank: int, world: int, init_file: str) -> Any:
+def _init(rank: int, world: int, init_file: str, timeout: float = 60) -> Any:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=timeout))
     return init_device_mesh("cpu", (world,))
 
 
@@ -73,6 +73,16 @@ def _backward(model: torch.nn.Module, width: int, step: int) -> None:
 
 def _locals(model: torch.nn.Module) -> List[torch.Tensor]:
     return [p.to_local().detach().clone() for p in model.parameters()]
+
+
+def _refused_step(opt: torch.optim.Optimizer, model: torch.nn.Module, before: List[torch.Tensor]) -> Dict[str, Any]:
+    """A step expected to raise: its message, and whether the shards stayed as ``before``."""
+    message = ""
+    try:
+        opt.step()
+    except RuntimeError as e:
+        message = str(e)
+    return {"message": message, "unchanged": all(torch.equal(a, b) for a, b in zip(before, _locals(model)))}
 
 
 def _save(out_dir: str, rank: int, result: Dict[str, Any]) -> None:
@@ -207,14 +217,7 @@ def nonfinite_gradient_on_one_rank(rank: int, world: int, init_file: str, out_di
     _backward(model, widths[0], 1)
     if rank == world - 1:
         next(iter(model.parameters())).grad.to_local().view(-1)[0] = float("nan")
-    message = ""
-    try:
-        opt.step()
-    except RuntimeError as e:
-        message = str(e)
-    _save(out_dir, rank, {"message": message,
-                          "unchanged": all(torch.equal(a, b) for a, b in zip(before, _locals(model)))})
-
+    _save(out_dir, rank, _refused_step(opt, model, before))
 
 
 def hessian_optimizers_refused(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -230,3 +233,49 @@ def hessian_optimizers_refused(rank: int, world: int, init_file: str, out_dir: s
         except ValueError as e:
             errors[name] = str(e)
     _save(out_dir, rank, errors)
+
+
+def a_rank_stops_stepping(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """The last rank stops before a step (it failed elsewhere); the others' step raises a
+    clear error within the process group's timeout (5 s here) and changes nothing."""
+    mesh = _init(rank, world, init_file, timeout=5)
+    widths = [12, 9, 5]
+    model = _model(mesh, widths)
+    opt = lowbit.Shampoo(model.parameters(), bits=4, **SHAMPOO)
+    _backward(model, widths[0], 0)
+    opt.step()
+    _backward(model, widths[0], 1)
+    if rank == world - 1:
+        _save(out_dir, rank, {"stopped": True})
+        return
+    _save(out_dir, rank, _refused_step(opt, model, _locals(model)))
+
+
+def lossless_equals_one_process(rank: int, world: int, init_file: str, out_dir: str, bits: int, steps: int,
+                                ckpt: str = "") -> None:
+    """fsdp_mode="lossless": the whole parameters equal a single process's lowbit.Shampoo on
+    whole clones given the same (gathered) gradients, bit for bit. With ``ckpt``: a DCP
+    checkpoint after 2 steps, loaded into a fresh optimizer, continues identically."""
+    mesh = _init(rank, world, init_file)
+    widths = [12, 9, 5]
+    model = _model(mesh, widths)
+    options = dict(SHAMPOO, bits=bits)
+    opt = lowbit.Shampoo(model.parameters(), fsdp_mode="lossless", **options)
+    reference = [torch.nn.Parameter(p.detach().full_tensor().clone()) for p in model.parameters()]
+    reference_opt = lowbit.Shampoo(reference, **options)
+    for step in range(steps):
+        _backward(model, widths[0], step)
+        for q, p in zip(reference, model.parameters()):
+            q.grad = p.grad.full_tensor().clone()
+        opt.step()
+        reference_opt.step()
+        if ckpt and step == 1:
+            dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+            opt = lowbit.Shampoo(model.parameters(), fsdp_mode="lossless", **options)
+            model.zero_grad(set_to_none=True)  # as in a fresh process: DCP then makes the state to load into
+            state = {"optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=ckpt)
+            set_optimizer_state_dict(model, opt, state["optim"])
+    _save(out_dir, rank, {"got": [p.detach().full_tensor().clone() for p in model.parameters()],
+                          "want": [q.detach().clone() for q in reference],
+                          "state_bytes": opt.state_bytes().total, "fsdp_bytes": opt.communication()["fsdp_bytes"]})

@@ -136,7 +136,8 @@ def test_bad_distributed_arguments_are_named():
         lowbit.Shampoo(params, average_gradients=True)
     with pytest.raises(ValueError, match="distributed_timeout"):
         lowbit.Shampoo(params, distributed_timeout=0)
-    assert lowbit.Shampoo(params).communication() == {"exchanges": 0, "state_bytes": 0, "gradient_bytes": 0}
+    assert lowbit.Shampoo(params).communication() == {"exchanges": 0, "state_bytes": 0, "gradient_bytes": 0,
+                                                      "fsdp_bytes": 0}
 
 
 def test_torchrun_ddp_example_keeps_ranks_identical(tmp_path):

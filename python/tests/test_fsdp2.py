@@ -102,3 +102,45 @@ def test_sophia_and_adahessian_are_refused_on_fsdp2_by_name(tmp_path):
     for r in _all_ranks(run_ranks(tmp_path, 2, worker.hessian_optimizers_refused)):
         for name in ("Sophia", "AdaHessian"):
             assert f"{name} needs Hessian-vector products" in r[name.lower()], r
+
+
+def test_a_rank_that_stops_makes_the_others_raise_a_clear_error(tmp_path):
+    results = _all_ranks(run_ranks(tmp_path, 2, worker.a_rank_stops_stepping, timeout=60))
+    assert results[1]["stopped"]
+    assert "all-reduce of the FSDP2 shards' gradient norms" in results[0]["message"], results[0]["message"]
+    assert "another rank has failed" in results[0]["message"]
+    assert results[0]["unchanged"]
+
+
+@pytest.mark.parametrize("world,bits", [(2, 4), (3, 4), (3, 32)])
+def test_lossless_mode_equals_one_process_on_the_whole_parameters(tmp_path, world, bits):
+    results = _all_ranks(run_ranks(tmp_path, world, worker.lossless_equals_one_process, bits, 5))
+    for rank, r in enumerate(results):
+        for i, (got, want) in enumerate(zip(r["got"], r["want"])):
+            assert torch.equal(got, want), f"rank {rank}, parameter {i}: lossless differs from one process"
+        assert r["fsdp_bytes"] > 0
+    # Each parameter's state lives on one rank: the ranks' states add up to one process's.
+    assert all(r["state_bytes"] < sum(x["state_bytes"] for x in results) for r in results)
+
+
+def test_lossless_mode_resumes_exactly_from_a_dcp_checkpoint(tmp_path):
+    results = _all_ranks(run_ranks(tmp_path, 2, worker.lossless_equals_one_process, 4, 5,
+                                   str(tmp_path / "ckpt")))
+    for rank, r in enumerate(results):
+        for i, (got, want) in enumerate(zip(r["got"], r["want"])):
+            assert torch.equal(got, want), f"rank {rank}, parameter {i}: the resumed lossless run differs"
+
+
+def test_lossless_owners_balance_the_work_however_uneven():
+    # Greedy largest-first: no rank gets more than the mean load plus the largest single
+    # parameter's (Graham's bound for LPT), and the assignment depends only on the costs.
+    from lowbit._fsdp_lossless import owners, work_of
+
+    shapes = [(1024, 1024), (4096, 1024), (1024, 4096), (17, 3), (1000, 7), (512,), (333, 333), (2048, 2048)]
+    costs = [work_of(s, 1200) for s in shapes]
+    for world in (2, 3, 4, 8):
+        assigned = owners(costs, world)
+        assert assigned == owners(costs, world)
+        load = [sum(c for c, r in zip(costs, assigned) if r == rank) for rank in range(world)]
+        assert max(load) <= sum(costs) / world + max(costs)
+        assert sorted(set(assigned)) == list(range(min(world, len(costs))))
