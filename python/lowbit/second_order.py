@@ -131,7 +131,6 @@ class _SecondOrderOptimizer(Optimizer):
     _PRECONDITIONER: Tuple[str, ...] = ()     # which entries state_bytes() counts where
     _FIRST_ORDER: Tuple[str, ...] = ()
     _OVERFLOW_KEY = ""                        # what a gradient beyond the overflow rule would overflow
-    _HESSIAN_THROUGH_MODEL = False            # Hessian-vector products by double backward (not on FSDP2)
 
     def __init__(self, params: ParamsT, options: Dict[str, Any]) -> None:
         # Per param group: (option values the check ran on, the checked options).
@@ -174,21 +173,35 @@ class _SecondOrderOptimizer(Optimizer):
         group = self.param_groups[index]
         try:
             _require_floating(self._who, self._NAME, index, group["params"], group)
-            for pi, p in enumerate(group["params"]):
-                problem = _dtensor.placement_problem(p) if _dtensor.is_dtensor(p) else None
-                if _dtensor.is_dtensor(p) and self._HESSIAN_THROUGH_MODEL:
-                    problem = ("is a DTensor (FSDP2); " + self._NAME + " needs Hessian-vector products by a "
-                               "second backward through the model, and FSDP2 reduce-scatters gradients without "
-                               "their graph; use lowbit.Shampoo, AdamW, MFAC or NagGS on FSDP2 models")
-                if problem:
-                    raise ValueError(f"{self._who}: {_describe(index, pi, p, group)} {problem}")
             options = self._checked(group, f" (param group {index})")
             self._check_seed(options, f" (param group {index})")
+            self._check_dtensors(index, group, options)
         except Exception:
             self.param_groups.pop()
             raise
         group.update(options)
         self._validated.append((self._values(group), options))
+
+    def _double_backward(self, options: Dict[str, Any]) -> bool:
+        """Whether a group with these options draws Hessian-vector products by a second
+        backward through the model (Hutchinson)."""
+        return False
+
+    def _check_dtensors(self, index: int, group: Dict[str, Any], options: Dict[str, Any]) -> None:
+        """ValueError naming the first DTensor parameter of the group lowbit cannot take: an
+        unsupported placement (lowbit/_dtensor.py), or FSDP2 with a second backward, which its
+        reduce-scattered gradients (no graph) cannot give."""
+        for pi, p in enumerate(group["params"]):
+            if not _dtensor.is_dtensor(p):
+                continue
+            problem = _dtensor.placement_problem(p)
+            if problem is None and self._double_backward(options):
+                problem = (f"is a DTensor (FSDP2), and {self._NAME} with these options needs Hessian-vector "
+                           "products by a second backward through the model; FSDP2 reduce-scatters gradients "
+                           "without their graph. Use Sophia's estimator=\"gnb\", or lowbit.Shampoo, AdamW, MFAC "
+                           "or NagGS")
+            if problem:
+                raise ValueError(f"{self._who}: {_describe(index, pi, p, group)} {problem}")
 
     def _group_options(self, index: int, group: Dict[str, Any]) -> Dict[str, Any]:
         """A group's checked options, checked again when the group was edited (schedulers,
@@ -205,6 +218,7 @@ class _SecondOrderOptimizer(Optimizer):
             raise ValueError(f"{self._who}: cannot change {', '.join(changed)} of param group {index} after its "
                              "first step (they decide the layout of the state); make a new optimizer, or load "
                              "a state dict into one built with the new options")
+        self._check_dtensors(index, group, checked)
         group.update(checked)
         self._validated[index] = (self._values(group), checked)
         return checked
@@ -620,7 +634,6 @@ class Sophia(_SecondOrderOptimizer):
     _OVERFLOW_KEY = "sophia"
     _CPP = "sophia"
     _SEEDED = True
-    _HESSIAN_THROUGH_MODEL = True
     _TABLE = {
         "lr": _Option(1e-4, "number", "learning rate", ">= 0"),
         "betas": _Option((0.965, 0.99), "number pair", "(b1: momentum, b2: Hessian EMA)", "each in [0, 1)"),
@@ -646,6 +659,9 @@ class Sophia(_SecondOrderOptimizer):
 
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return {"step": _step0(), "exp_avg": _zeros(p), "hessian": _zeros(p)}
+
+    def _double_backward(self, options: Dict[str, Any]) -> bool:
+        return options["estimator"] == "hutchinson"
 
     def _due(self, options: Dict[str, Any]) -> bool:
         return self._steps % options["hessian_interval"] == 0
@@ -786,7 +802,6 @@ class AdaHessian(_SecondOrderOptimizer):
     _OVERFLOW_KEY = "adahessian"
     _CPP = "adahessian"
     _SEEDED = True
-    _HESSIAN_THROUGH_MODEL = True
     _TABLE = {
         "lr": _Option(0.15, "number", "learning rate", ">= 0"),
         "betas": _Option((0.9, 0.999), "number pair", "(b1, b2)", "each in [0, 1)"),
@@ -801,6 +816,9 @@ class AdaHessian(_SecondOrderOptimizer):
     _OPTIONAL = ("hessian_diag",)
     _PRECONDITIONER = ("exp_hessian_diag_sq", "hessian_diag")
     _FIRST_ORDER = ("exp_avg",)
+
+    def _double_backward(self, options: Dict[str, Any]) -> bool:
+        return True  # Hutchinson's estimator, always
 
     def __init__(self, params: ParamsT, lr: float = 0.15, *, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 1.0,

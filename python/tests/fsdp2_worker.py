@@ -38,6 +38,7 @@ KINDS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw32": lambda ps: lowbit.AdamW(ps, lr=0.01, bits=32),
     "mfac4": lambda ps: lowbit.MFAC(ps, lr=0.01, window=3, damping=0.1, bits=4, quant_block_size=16),
     "naggs": lambda ps: lowbit.NagGS(ps, lr=0.05),
+    "sophia-gnb": lambda ps: lowbit.Sophia(ps, lr=0.01, hessian_interval=2),
 }
 
 
@@ -104,6 +105,9 @@ def local_shards_equal_plain_optimizer(rank: int, world: int, init_file: str, ou
             _backward(model, widths[0], step)
             for q, p in zip(reference, model.parameters()):
                 q.grad = p.grad.to_local().detach().clone()
+            if hasattr(opt, "update_hessian") and opt.hessian_due():  # Sophia-G: the gradient stands in
+                opt.update_hessian(16)  # for the sampled-label one
+                reference_opt.update_hessian(16)
             opt.step()
             reference_opt.step()
         result[kind] = {"got": _locals(model), "want": [q.detach().clone() for q in reference],
@@ -221,17 +225,28 @@ def nonfinite_gradient_on_one_rank(rank: int, world: int, init_file: str, out_di
 
 
 def hessian_optimizers_refused(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """Sophia and AdaHessian draw Hessian-vector products by a second backward, which FSDP2's
-    gradients do not carry: refused when made, by name."""
+    """Sophia's Hutchinson estimator and AdaHessian draw Hessian-vector products by a second
+    backward, which FSDP2's gradients do not carry: refused when made, by name; also when a
+    Sophia group is switched to Hutchinson later."""
     mesh = _init(rank, world, init_file)
     model = _model(mesh, [12, 9, 5])
     errors: Dict[str, str] = {}
-    for name, make in [("sophia", lowbit.Sophia), ("adahessian", lowbit.AdaHessian)]:
+    makers = [("sophia", lambda ps: lowbit.Sophia(ps, lr=0.01, estimator="hutchinson")),
+              ("adahessian", lambda ps: lowbit.AdaHessian(ps, lr=0.01))]
+    for name, make in makers:
         try:
-            make(model.parameters(), lr=0.01)
+            make(model.parameters())
             errors[name] = ""
         except ValueError as e:
             errors[name] = str(e)
+    opt = lowbit.Sophia(model.parameters(), lr=0.01)
+    opt.param_groups[0]["estimator"] = "hutchinson"
+    _backward(model, 12, 0)
+    try:
+        opt.step()
+        errors["switched"] = ""
+    except ValueError as e:
+        errors["switched"] = str(e)
     _save(out_dir, rank, errors)
 
 
