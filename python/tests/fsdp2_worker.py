@@ -29,7 +29,10 @@ SHAMPOO = dict(lr=0.01, stat_interval=1, root_interval=2, max_preconditioner_dim
 KINDS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
     "shampoo4": lambda ps: lowbit.Shampoo(ps, bits=4, **SHAMPOO),
     "shampoo32": lambda ps: lowbit.Shampoo(ps, bits=32, **SHAMPOO),
-    "shampoo4-sgdm-graft4": lambda ps: lowbit.Shampoo(ps, bits=4, **dict(SHAMPOO, graft="sgdm")),
+    "shampoo8": lambda ps: lowbit.Shampoo(ps, bits=8, **SHAMPOO),
+    "naive4": lambda ps: lowbit.Shampoo(ps, bits=4, quantize="matrix", **SHAMPOO),
+    "shampoo4-sgdm": lambda ps: lowbit.Shampoo(ps, bits=4, **dict(SHAMPOO, graft="sgdm")),
+    "shampoo4-graft4": lambda ps: lowbit.Shampoo(ps, bits=4, graft_bits=4, **SHAMPOO),
     "caspr4": lambda ps: lowbit.Shampoo(ps, bits=4, preconditioner="caspr", **SHAMPOO),
     "soap4": lambda ps: lowbit.Shampoo(ps, bits=4, preconditioner="soap", graft_bits=4, **SHAMPOO),
     "cholesky4": lambda ps: lowbit.Shampoo(ps, bits=4, quantize="cholesky", **SHAMPOO),

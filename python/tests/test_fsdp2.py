@@ -20,8 +20,8 @@ def _all_ranks(results):
     return results
 
 
-KINDS = ["shampoo4", "shampoo32", "shampoo4-sgdm-graft4", "caspr4", "soap4", "cholesky4", "adamw4", "adamw8",
-         "mfac4", "naggs", "sophia-gnb"]
+KINDS = ["shampoo4", "shampoo32", "shampoo8", "naive4", "shampoo4-sgdm", "shampoo4-graft4", "caspr4", "soap4",
+         "cholesky4", "adamw4", "adamw8", "mfac4", "naggs", "sophia-gnb"]
 
 
 @pytest.mark.parametrize("world", [2, 3])
