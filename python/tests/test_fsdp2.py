@@ -144,3 +144,21 @@ def test_lossless_owners_balance_the_work_however_uneven():
         load = [sum(c for c, r in zip(costs, assigned) if r == rank) for rank in range(world)]
         assert max(load) <= sum(costs) / world + max(costs)
         assert sorted(set(assigned)) == list(range(min(world, len(costs))))
+
+
+@pytest.mark.parametrize("mode", ["local", "lossless"])
+def test_the_torchrun_fsdp2_example_matches_one_process(mode):
+    # The example's own check: its loss curve against one process on the whole batch,
+    # within the tolerance it states (exit status 1 otherwise).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "train_fsdp2.py"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
+         "--mode", mode, "--steps", "30"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "MATCH" in run.stdout and "rank 1: optimizer state" in run.stdout, run.stdout
