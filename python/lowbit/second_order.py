@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Seq
 import torch
 from torch.optim import Optimizer
 
-from . import _dtensor
+from . import _dtensor, _fsdp_hessian
 from ._library import load as _load_library
 
 _load_library()
@@ -175,31 +175,20 @@ class _SecondOrderOptimizer(Optimizer):
             _require_floating(self._who, self._NAME, index, group["params"], group)
             options = self._checked(group, f" (param group {index})")
             self._check_seed(options, f" (param group {index})")
-            self._check_dtensors(index, group, options)
+            self._check_dtensors(index, group)
         except Exception:
             self.param_groups.pop()
             raise
         group.update(options)
         self._validated.append((self._values(group), options))
 
-    def _double_backward(self, options: Dict[str, Any]) -> bool:
-        """Whether a group with these options draws Hessian-vector products by a second
-        backward through the model (Hutchinson)."""
-        return False
-
-    def _check_dtensors(self, index: int, group: Dict[str, Any], options: Dict[str, Any]) -> None:
-        """ValueError naming the first DTensor parameter of the group lowbit cannot take: an
-        unsupported placement (lowbit/_dtensor.py), or FSDP2 with a second backward, which its
-        reduce-scattered gradients (no graph) cannot give."""
+    def _check_dtensors(self, index: int, group: Dict[str, Any]) -> None:
+        """ValueError naming the first DTensor parameter of the group lowbit cannot take (an
+        unsupported placement: lowbit/_dtensor.py)."""
         for pi, p in enumerate(group["params"]):
             if not _dtensor.is_dtensor(p):
                 continue
             problem = _dtensor.placement_problem(p)
-            if problem is None and self._double_backward(options):
-                problem = (f"is a DTensor (FSDP2), and {self._NAME} with these options needs Hessian-vector "
-                           "products by a second backward through the model; FSDP2 reduce-scatters gradients "
-                           "without their graph. Use Sophia's estimator=\"gnb\", or lowbit.Shampoo, AdamW, MFAC "
-                           "or NagGS")
             if problem:
                 raise ValueError(f"{self._who}: {_describe(index, pi, p, group)} {problem}")
 
@@ -218,7 +207,6 @@ class _SecondOrderOptimizer(Optimizer):
             raise ValueError(f"{self._who}: cannot change {', '.join(changed)} of param group {index} after its "
                              "first step (they decide the layout of the state); make a new optimizer, or load "
                              "a state dict into one built with the new options")
-        self._check_dtensors(index, group, checked)
         group.update(checked)
         self._validated[index] = (self._values(group), checked)
         return checked
@@ -364,8 +352,15 @@ class _SecondOrderOptimizer(Optimizer):
 
         return on
 
-    def _hutchinson(self, due: List[Tuple[torch.Tensor, torch.Tensor]], what: str) -> List[torch.Tensor]:
-        """z * (H z) for the (parameter, gradient) pairs due, one Rademacher probe each."""
+    def _hutchinson(self, due: List[Tuple[torch.Tensor, torch.Tensor]], what: str,
+                    closure: Optional[Callable[[], Any]]) -> List[torch.Tensor]:
+        """z * (H z) for the (parameter, gradient) pairs due, one Rademacher probe each. H z
+        comes from a second backward, or on FSDP2 models from one more call of ``closure``
+        (a finite difference of gradients; lowbit/_fsdp_hessian.py)."""
+        every = [p for group in self.param_groups for p in group["params"]]
+        sharded = [p for p in every if _dtensor.is_dtensor(p)]
+        if sharded:
+            return self._hutchinson_by_differences(due, every, sharded[0].device_mesh.get_group(), closure)
         if not due:
             return []
         params = [p for p, _ in due]
@@ -377,6 +372,19 @@ class _SecondOrderOptimizer(Optimizer):
         on = self._probe_generators()
         z = [_rademacher_like(p.detach(), on(p.device)) for p in params]
         hz = hessian_vector_product(grads, params, z)
+        return [zi * hi for zi, hi in zip(z, hz)]
+
+    def _hutchinson_by_differences(self, due: List[Tuple[torch.Tensor, torch.Tensor]], every: List[torch.Tensor],
+                                   group: Any, closure: Optional[Callable[[], Any]]) -> List[torch.Tensor]:
+        """_hutchinson on an FSDP2 model: every rank takes part when any rank has a due shard."""
+        if not _fsdp_hessian.anywhere(bool(due), group):
+            return []
+        assert closure is not None  # step() required it
+        on = self._probe_generators()
+        params = [p for p, _ in due]
+        z = [_rademacher_like(p.detach(), on(p.device)) for p in params]
+        hz = _fsdp_hessian.hessian_times_probe(params, [g for _, g in due], [self._key(p) for p in params], every,
+                                               z, closure, group)
         return [zi * hi for zi, hi in zip(z, hz)]
 
     def _require_closure(self, closure: Optional[Callable[[], Any]], what: str) -> None:
@@ -660,9 +668,6 @@ class Sophia(_SecondOrderOptimizer):
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return {"step": _step0(), "exp_avg": _zeros(p), "hessian": _zeros(p)}
 
-    def _double_backward(self, options: Dict[str, Any]) -> bool:
-        return options["estimator"] == "hutchinson"
-
     def _due(self, options: Dict[str, Any]) -> bool:
         return self._steps % options["hessian_interval"] == 0
 
@@ -688,7 +693,7 @@ class Sophia(_SecondOrderOptimizer):
             return loss
         refresh = [o["estimator"] == "hutchinson" and self._due(o) for o in options]
         due = [pg for items, r in zip(work, refresh) if r for pg in items]
-        estimates = self._hutchinson(due, 'estimator="hutchinson"')
+        estimates = self._hutchinson(due, 'estimator="hutchinson"', closure)
         if due and not self._accept([p for p, _ in due], estimates, "sophia.hutchinson"):
             return loss
         estimate_of = {id(p): e for (p, _), e in zip(due, estimates)}
@@ -817,9 +822,6 @@ class AdaHessian(_SecondOrderOptimizer):
     _PRECONDITIONER = ("exp_hessian_diag_sq", "hessian_diag")
     _FIRST_ORDER = ("exp_avg",)
 
-    def _double_backward(self, options: Dict[str, Any]) -> bool:
-        return True  # Hutchinson's estimator, always
-
     def __init__(self, params: ParamsT, lr: float = 0.15, *, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 1.0,
                  hessian_interval: int = 1, seed: int = 0, skip_nonfinite: bool = False) -> None:
@@ -843,7 +845,7 @@ class AdaHessian(_SecondOrderOptimizer):
             return loss
         due = [(p, g) for items, o in zip(work, options) for p, g in items
                if self._steps % o["hessian_interval"] == 0 or "hessian_diag" not in self.state.get(self._key(p), {})]
-        estimates = self._hutchinson(due, "step()")
+        estimates = self._hutchinson(due, "step()", closure)
         with torch.no_grad():
             diagonals = {p: _ops.adahessian_diagonal(e) for (p, _), e in zip(due, estimates)}
             if due and not self._accept([p for p, _ in due], [diagonals[p] for p, _ in due], "adahessian.hutchinson"):
