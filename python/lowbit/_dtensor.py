@@ -55,6 +55,15 @@ def placement_problem(p: Any) -> Optional[str]:
     return None
 
 
+def first_unsupported(params: Iterable[Any]) -> Optional[Tuple[int, str]]:
+    """(index, why) of the first DTensor of ``params`` lowbit cannot take, or None."""
+    for i, p in enumerate(params):
+        problem = placement_problem(p) if is_dtensor(p) else None
+        if problem:
+            return i, problem
+    return None
+
+
 def check_gradient(p: Any, g: Any) -> Optional[str]:
     """Why gradient ``g`` of DTensor parameter ``p`` cannot be used (None when it can)."""
     if not is_dtensor(g):

@@ -576,16 +576,15 @@ class Shampoo(Optimizer):
 
     def _check_dtensors(self, index: int, group: Dict[str, Any]) -> None:
         """ValueError naming the first DTensor parameter lowbit cannot take (lowbit/_dtensor.py)."""
-        for pi, p in enumerate(group["params"]):
-            if not _dtensor.is_dtensor(p):
-                continue
-            problem = _dtensor.placement_problem(p)
-            if problem:
-                raise ValueError(f"lowbit.Shampoo: {self._describe(index, pi, p, group)} {problem}")
-            if getattr(self, "_sharding", None) is not None:
-                raise ValueError(f"lowbit.Shampoo: {self._describe(index, pi, p, group)} is a DTensor (FSDP2), and "
-                                 "process_group shares Shampoo's work for replicated parameters (DDP); FSDP2 "
-                                 "parameters are preconditioned on their local shards without it: drop process_group")
+        params = group["params"]
+        found = _dtensor.first_unsupported(params)
+        if found:
+            raise ValueError(f"lowbit.Shampoo: {self._describe(index, found[0], params[found[0]], group)} {found[1]}")
+        if getattr(self, "_sharding", None) is not None and _dtensor.any_dtensor(params):
+            pi = next(i for i, p in enumerate(params) if _dtensor.is_dtensor(p))
+            raise ValueError(f"lowbit.Shampoo: {self._describe(index, pi, params[pi], group)} is a DTensor (FSDP2), "
+                             "and process_group shares Shampoo's work for replicated parameters (DDP); FSDP2 "
+                             "parameters are preconditioned on their local shards without it: drop process_group")
 
     def _config(self, index: int, group: Dict[str, Any]) -> Any:
         """The C++ config of a group, rebuilt (and validated) when its options changed."""

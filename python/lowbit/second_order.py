@@ -185,12 +185,9 @@ class _SecondOrderOptimizer(Optimizer):
     def _check_dtensors(self, index: int, group: Dict[str, Any]) -> None:
         """ValueError naming the first DTensor parameter of the group lowbit cannot take (an
         unsupported placement: lowbit/_dtensor.py)."""
-        for pi, p in enumerate(group["params"]):
-            if not _dtensor.is_dtensor(p):
-                continue
-            problem = _dtensor.placement_problem(p)
-            if problem:
-                raise ValueError(f"{self._who}: {_describe(index, pi, p, group)} {problem}")
+        found = _dtensor.first_unsupported(group["params"])
+        if found:
+            raise ValueError(f"{self._who}: {_describe(index, found[0], group['params'][found[0]], group)} {found[1]}")
 
     def _group_options(self, index: int, group: Dict[str, Any]) -> Dict[str, Any]:
         """A group's checked options, checked again when the group was edited (schedulers,
