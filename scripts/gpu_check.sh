@@ -87,6 +87,8 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   # Issue 18: step time and peak memory of lowbit fp32 / 4-bit against torch AdamW.
   step gpu-compare "$LOGS/gpu_compare.log" env LOWBIT_LIBRARY="$BUILD/liblowbit.so" PYTHONPATH="$ROOT/python" \
     python3 "$ROOT/bench/gpu_compare.py" --device cuda --json "$LOGS/gpu_compare.json"
+  # Issue 18: whether padding different orders to batch their eigh / QR pays on the GPU.
+  step padding "$LOGS/gpu_compare.log" python3 "$ROOT/bench/padding.py" --device cuda --repeats 5
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then
