@@ -182,6 +182,17 @@ def refused_placements(rank: int, world: int, init_file: str, out_dir: str) -> N
         errors["process_group"] = ""
     except ValueError as e:
         errors["process_group"] = str(e)
+    # A state dict of this rank's blocks, relabelled as if saved on world + 1 ranks.
+    opt = lowbit.Shampoo([row], bits=4, **SHAMPOO)
+    row.grad = distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)])
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0] = {k.replace(f"of{world}", f"of{world + 1}"): v for k, v in sd["state"][0].items()}
+    try:
+        lowbit.Shampoo([row], bits=4, **SHAMPOO).load_state_dict(sd)
+        errors["other_ranks"] = ""
+    except ValueError as e:
+        errors["other_ranks"] = str(e)
     _save(out_dir, rank, errors)
 
 

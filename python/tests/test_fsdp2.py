@@ -83,6 +83,7 @@ def test_unsupported_placements_are_refused_naming_parameter_and_placement(tmp_p
         assert "layer.shard1" in r["shard1"] and "Shard(dim=1)" in r["shard1"], r["shard1"]
         assert "layer.mesh2d" in r["mesh2d"] and "2-D device mesh" in r["mesh2d"], r["mesh2d"]
         assert "drop process_group" in r["process_group"], r["process_group"]
+        assert "was saved by rank" in r["other_ranks"] and "resume on 3 ranks" in r["other_ranks"], r["other_ranks"]
 
 
 def test_fsdp2_and_plain_groups_with_other_bits_in_one_optimizer(tmp_path):
