@@ -457,7 +457,7 @@ class Shampoo(Optimizer):
     ``distributed_timeout`` (seconds) bounds every collective: a rank that died or raised
     makes the others fail with a clear error instead of hanging. The state dict is the
     same on every rank and loads into any number of ranks (or none). See
-:meth:`communication` for the bytes exchanged.
+    :meth:`communication` for the bytes exchanged.
 
     FSDP2 (``fully_shard``; DTensor parameters with Shard(0) on a 1-D mesh), without
     ``process_group``: with ``fsdp_mode="local"`` (default) each rank preconditions its
@@ -616,13 +616,19 @@ class Shampoo(Optimizer):
         s = self.state.get(key)
         if isinstance(s, ShampooState):
             return s
-        cpp = _ShampooParam(p, config)
-        if s:  # plain entries (an unpickled or deep-copied optimizer)
-            if _dtensor.is_dtensor(key):
-                s = _dtensor.from_saved(key, s, "lowbit.Shampoo: ", "a parameter")
-            cpp.load_state_dict(p, {k: v.to(p.device) for k, v in s.items()}, "lowbit.Shampoo: ", "a parameter")
-        self.state[key] = wrapped = ShampooState(cpp)
+        self.state[key] = wrapped = ShampooState(self._cpp_state(key, p, config, s))
         return wrapped
+
+    @staticmethod
+    def _cpp_state(key: torch.Tensor, p: torch.Tensor, config: Any, plain: Any) -> Any:
+        """A C++ state for ``p``: fresh, or from ``plain`` entries (an unpickled or deep-copied
+        optimizer; for a DTensor ``key``, in their state-dict form)."""
+        cpp = _ShampooParam(p, config)
+        if plain:
+            if _dtensor.is_dtensor(key):
+                plain = _dtensor.from_saved(key, plain, "lowbit.Shampoo: ", "a parameter")
+            cpp.load_state_dict(p, {k: v.to(p.device) for k, v in plain.items()}, "lowbit.Shampoo: ", "a parameter")
+        return cpp
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:  # type: ignore[override]
         """One optimizer step. ``closure`` (optional) re-evaluates the model and returns the loss.
@@ -669,31 +675,31 @@ class Shampoo(Optimizer):
                 gs.append(g)
                 where.append((gi, pi))
             if ps:
-                work.append((config, keys, ps, gs))
+                work.append((gi, config, keys, ps, gs))
             grads.extend(gs)
 
         if self._sharding is not None and self._average_gradients:
             self._sharding.average(grads)  # equal gradients on every rank, so equal decisions below
-        keys = [self.param_groups[gi]["params"][pi] for gi, pi in where]
-        sharded = [_dtensor.is_sharded(key) for key in keys]
-        if self._sharding is None and not any(sharded) and self._step_deferred(work, where):
+        keys = [key for _, _, ks, _, _ in work for key in ks]
+        if self._sharding is None and not any(map(_dtensor.is_sharded, keys)) and self._step_deferred(work, where):
             return loss
         self._engine.settle()  # the verdict of earlier deferred steps, before this one writes
-        params = [p for _, _, ps, _ in work for p in ps]
-        if not self._accepts(params, grads, where, sharded):
+        params = [p for _, _, _, ps, _ in work for p in ps]
+        if not self._accepts(keys, params, grads, where):
             return loss
 
         # States first (a parameter's first step creates one), then one step of every parameter
         # (sharded: every rank calls it, with or without gradients; FSDP2: the local shards
         # that have rows, or in lossless mode the whole parameters this rank owns).
-        rows, whole = [], []
-        for config, keys, ps, gs in work:
-            for key, p, g in zip(keys, ps, gs):
+        rows, whole, max_dims = [], [], []
+        for gi, config, group_keys, ps, gs in work:
+            for key, p, g in zip(group_keys, ps, gs):
                 if self._lossless(key):
                     whole.append((config, key))
+                    max_dims.append(int(self._configs[gi][2]["max_preconditioner_dim"]))
                 elif p.numel() > 0:
                     rows.append((config, self._state_of(key, p, config)._cpp, p, g))
-        gathered = _fsdp_lossless.gather(whole, [self._max_dim_of(key) for _, key in whole])
+        gathered = _fsdp_lossless.gather(whole, max_dims)
         for g in gathered:
             self._fsdp_bytes += 2 * g.full.numel() * g.full.element_size()
             if _fsdp_lossless.is_mine(g):
@@ -707,12 +713,6 @@ class Shampoo(Optimizer):
         """Whether ``key`` is stepped whole by its owner rank (``fsdp_mode="lossless"``)."""
         return self._fsdp_mode == "lossless" and _dtensor.is_sharded(key)
 
-    def _max_dim_of(self, key: torch.Tensor) -> int:
-        for gi, group in enumerate(self.param_groups):
-            if any(p is key for p in group["params"]):
-                return int(self._configs[gi][2]["max_preconditioner_dim"])
-        raise KeyError("not a parameter of this optimizer")
-
     def _step_deferred(self, work: List, where: List[Tuple[int, int]]) -> bool:
         """A step checked on the device (``gradient_check``; docs/shampoo.md, "Execution"):
         True when it was taken that way, False when it is to be checked now (a first step,
@@ -722,9 +722,9 @@ class Shampoo(Optimizer):
         if mode == "immediate" or not work:
             return False
         configs, states, params, grads = [], [], [], []
-        for config, _, ps, gs in work:
-            for p, g in zip(ps, gs):
-                state = self.state.get(p)
+        for _, config, keys, ps, gs in work:
+            for key, p, g in zip(keys, ps, gs):
+                state = self.state.get(key)
                 if not isinstance(state, ShampooState):
                     return False
                 configs.append(config)
@@ -741,20 +741,19 @@ class Shampoo(Optimizer):
         that step. The next step that refreshes factors and :meth:`state_dict` call it too."""
         self._engine.settle()
 
-    def _accepts(self, params: List[torch.Tensor], grads: List[torch.Tensor], where: List[Tuple[int, int]],
-                 sharded: List[bool]) -> bool:
+    def _accepts(self, keys: List[torch.Tensor], params: List[torch.Tensor], grads: List[torch.Tensor],
+                 where: List[Tuple[int, int]]) -> bool:
         """The overflow rule (docs/shampoo.md, Robustness), before anything is written: every
         gradient's squared norm (fp64, one batched computation, read once) at most 2^104 and
         finite, then the steps no bound guarantees (fp16 parameters, extreme options) tried on
         copies. True when the step may go on; False when it is skipped (``skip_nonfinite`` of the
         offending parameter's group; counted); raises ``RuntimeError`` otherwise.
-        ``params`` and ``grads`` are local tensors (an FSDP2 parameter's shard); the squared
-        norms of the ``sharded`` ones are summed over their ranks first, so that every rank
-        judges the whole gradient and all reach the same verdict."""
+        ``params`` and ``grads`` are the local tensors of parameters ``keys`` (an FSDP2
+        parameter's shard); the squared norms of sharded ones are summed over their ranks
+        first, so that every rank judges the whole gradient and all reach the same verdict."""
         norms = _squared_norms(grads)
-        if any(sharded):
-            norms = _dtensor.summed_over_shards(norms, [self.param_groups[gi]["params"][pi] for gi, pi in where],
-                                                  "lowbit.Shampoo")
+        if any(map(_dtensor.is_sharded, keys)):
+            norms = _dtensor.summed_over_shards(norms, keys, "lowbit.Shampoo")
         index, value = _first_offence(norms)
         if index >= 0:
             gi, pi = where[index]
@@ -763,12 +762,11 @@ class Shampoo(Optimizer):
             key = self._configs[gi][1].overflow_key(params[index])
             return self._refuse(gi, torch.ops.lowbit.offence_message(described, key, value))
         bounded: Dict[int, bool] = {}
-        for (gi, pi), p, g in zip(where, params, grads):
+        for (gi, pi), key, p, g in zip(where, keys, params, grads):
             config = self._configs[gi][1]
             if gi not in bounded:
                 bounded[gi] = config.update_bounded()
             group = self.param_groups[gi]
-            key = group["params"][pi]
             if (p.dtype != torch.float16 and bounded[gi]) or p.numel() == 0:
                 continue
             if self._lossless(key):  # the trial would run on the owner alone: ranks could disagree
@@ -777,15 +775,8 @@ class Shampoo(Optimizer):
                                    "and no fp16 parameters; use the default fsdp_mode=\"local\"; nothing was "
                                    "updated")
             state = self.state.get(key)
-            if isinstance(state, ShampooState):
-                cpp = state._cpp
-            else:  # no state yet (or plain entries): a temporary one, not kept
-                cpp = _ShampooParam(p, config)
-                if state:
-                    if _dtensor.is_dtensor(key):
-                        state = _dtensor.from_saved(key, state, "lowbit.Shampoo: ", "a parameter")
-                    cpp.load_state_dict(p, {k: v.to(p.device) for k, v in state.items()}, "lowbit.Shampoo: ",
-                                        "a parameter")
+            # No state yet (or plain entries): a temporary one, not kept.
+            cpp = state._cpp if isinstance(state, ShampooState) else self._cpp_state(key, p, config, state)
             problem = cpp.trial_step(p, g, config)
             if problem:
                 return self._refuse(gi, f"{self._describe(gi, pi, key, group)}: {problem}")
