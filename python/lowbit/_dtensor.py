@@ -39,7 +39,7 @@ def is_dtensor(t: Any) -> bool:
 
 
 def any_dtensor(tensors: Iterable[Any]) -> bool:
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    return any(map(is_dtensor, tensors))
 
 
 def placement_problem(p: Any) -> Optional[str]:

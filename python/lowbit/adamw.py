@@ -155,7 +155,7 @@ class AdamW(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(self._key(p)) or self._new_state(p, o)
+                    s = self._trial_state(p, o)
                     step = s["step"].clone()
 
                     def run(c: List[Any], p: torch.Tensor = p, g: torch.Tensor = g, o: Dict[str, Any] = o,

@@ -313,6 +313,11 @@ class _SecondOrderOptimizer(Optimizer):
     def _new_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _trial_state(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """p's state for the checks before a step (bounds, trials on copies): the stored one, or
+        a fresh one that is not kept."""
+        return self.state.get(self._key(p)) or self._new_state(p, options)
+
     def _state_for(self, p: torch.Tensor, options: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """p's state, created on its first step, on p's device (it follows ``model.to(...)``)."""
         state = self.state.get(self._key(p))
@@ -700,7 +705,7 @@ class Sophia(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(self._key(p)) or self._new_state(p, o)
+                    s = self._trial_state(p, o)
                     e, step = estimate_of.get(id(p)), s["step"].clone()
 
                     def run(c: List[Any], e: Any = e, g: torch.Tensor = g, o: Dict[str, Any] = o,
@@ -754,7 +759,7 @@ class Sophia(_SecondOrderOptimizer):
                 for (p, _), e in zip(items, es):
                     if p.dtype != torch.float16:
                         continue
-                    s = self.state.get(self._key(p)) or self._new_state(p, o)
+                    s = self._trial_state(p, o)
 
                     def run(c: List[Any], e: torch.Tensor = e, o: Dict[str, Any] = o) -> None:
                         _ops.ema_([c[0]], [e], o["betas"][1])
@@ -852,7 +857,7 @@ class AdaHessian(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(self._key(p)) or self._new_state(p, o)
+                    s = self._trial_state(p, o)
                     diagonal = diagonals[p] if p in diagonals else s["hessian_diag"]
                     step = s["step"].clone()
 
@@ -983,7 +988,7 @@ class MFAC(_SecondOrderOptimizer):
                 for p, g in items:
                     if not self._needs_trial(p, bounded):
                         continue
-                    s = self.state.get(self._key(p)) or self._new_state(p, o)
+                    s = self._trial_state(p, o)
                     buffer = s.get("momentum_buffer")
                     if o["momentum"] != 0 and buffer is None:
                         buffer = _zeros(p)
@@ -1083,7 +1088,7 @@ class NagGS(_SecondOrderOptimizer):
                     continue
                 # NAG-GS's state is not bounded by the gradient: bounded from the largest
                 # magnitudes (one read per group), else tried on copies.
-                states = [self.state.get(self._key(p)) or self._new_state(p, o) for p, _ in items]
+                states = [self._trial_state(p, o) for p, _ in items]
                 bounded = _ops.nag_gs_bounded([p for p, _ in items],
                                               [s["velocity"].to(p.device) for (p, _), s in zip(items, states)],
                                               [g for _, g in items], [s["gamma"] for s in states], o["lr"], o["mu"])
