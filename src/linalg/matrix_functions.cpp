@@ -43,7 +43,7 @@ void bjorck_orthonormalize_(const at::Tensor& x, int steps, Workspace& workspace
   for (int i = 0; i < steps; ++i) {
     const at::Tensor gram = workspace.take(slot, square, options);
     matmul_into(gram, x.transpose(-2, -1), x);
-    const at::Tensor product = workspace.take(slot + 1, x.sizes(), options);
+    const at::Tensor product = workspace.take_like(slot + 1, x);
     matmul_into(product, x, gram);
     x.mul_(1.5).add_(product, -0.5);
   }
@@ -57,16 +57,21 @@ Eigen qr_subspace_step(const at::Tensor& a, const at::Tensor& v) {
 
 void qr_subspace_step_out(const at::Tensor& a, const at::Tensor& v, const at::Tensor& vectors,
                           const at::Tensor& values, Workspace& workspace, int slot) {
-  at::Tensor product = workspace.take(slot, a.sizes(), a.options());
-  matmul_into(product, a, v);
+  // Products are made transposed, as (A V)^T = V^T A^T, so that they are column-major, the
+  // layout LAPACK works in: geqrf then copies its input without transposing it, and the
+  // Householder product writes straight into a column-major `vectors` (the caller's choice:
+  // its rows are then the stored eigenvectors, with no transposed copy).
+  at::Tensor product_t = workspace.take(slot, a.sizes(), a.options());
+  matmul_into(product_t, v.mT(), a.mT());
   // Q of the Householder QR (LAPACK geqrf + orgqr), without forming R: linalg_qr would also
   // copy out its upper triangle, which is discarded (a fifth of the QR's time at order 1024
   // on a 2-core CPU; the same Q bit for bit).
-  const auto [reflectors, tau] = at::geqrf(product);
+  const auto [reflectors, tau] = at::geqrf(product_t.mT());
   at::Tensor q = vectors, diagonal = values;
   at::linalg_householder_product_out(q, reflectors, tau);
-  matmul_into(product, a, vectors);  // A P
-  at::sum_out(diagonal, product.mul_(vectors), {-2});  // diag(P^T A P)
+  matmul_into(product_t, vectors.mT(), a);  // P^T A
+  // diag(P^T A P)_i = sum_k (P^T A)_ik (P^T)_ik (both contiguous when `vectors` is column-major).
+  at::sum_out(diagonal, product_t.mul_(vectors.mT()), {-1});
 }
 
 EighSolver default_eigh_solver() {
@@ -150,7 +155,7 @@ at::Tensor inverse_root_from_eigen(const Eigen& e, double p, double epsilon) {
 
 void recompose_out(const at::Tensor& out, const at::Tensor& vectors, const at::Tensor& d, Workspace& workspace,
                    int slot) {
-  at::Tensor scaled = workspace.take(slot, vectors.sizes(), vectors.options());
+  at::Tensor scaled = workspace.take_like(slot, vectors);
   at::mul_out(scaled, vectors, d.unsqueeze(-2));
   matmul_into(out, scaled, vectors.transpose(-2, -1));
 }

@@ -41,7 +41,8 @@ struct Eigen {
 // P = QR(A V).Q ; values = diag(P^T A P).
 Eigen qr_subspace_step(const at::Tensor& a, const at::Tensor& v);
 // The same, batched, into given tensors: P into `vectors` ([..., n, n]), diag(P^T A P) into
-// `values` ([..., n]); A V and A P use workspace slot `slot` (Q is formed without R).
+// `values` ([..., n]); A V and A P use workspace slot `slot` (Q is formed without R). Fastest
+// with a column-major `vectors` (vectors.mT() contiguous), which LAPACK writes in place.
 void qr_subspace_step_out(const at::Tensor& a, const at::Tensor& v, const at::Tensor& vectors,
                           const at::Tensor& values, Workspace& workspace, int slot);
 

@@ -18,6 +18,12 @@ at::Tensor Workspace::take(int slot, at::IntArrayRef shape, const at::TensorOpti
   return buffer.narrow(0, 0, numel).view(shape);
 }
 
+at::Tensor Workspace::take_like(int slot, const at::Tensor& like) {
+  if (like.dim() < 2 || like.is_contiguous() || !like.mT().is_contiguous())
+    return take(slot, like.sizes(), like.options());
+  return take(slot, like.mT().sizes(), like.options()).mT();
+}
+
 void Workspace::end_step() {
   for (auto it = buffers_.begin(); it != buffers_.end();)
     it = it->second.is_cpu() ? std::next(it) : buffers_.erase(it);

@@ -11,8 +11,9 @@ QuantOptions with_diagonal(QuantOptions q, bool keep) {
 }
 
 // Workspace slots of a batch ([B, n, n] each). kVectors + 1 and + 2 hold Björck's products
-// while the eigenvectors are rectified; the later steps reuse them.
-enum Slot { kVectors = 0, kStatistic = 1, kScratch = 2, kBasis = 4, kTransposed = 5 };
+// while the eigenvectors are rectified; the later steps reuse them. kBasisRows holds the new
+// eigenvectors as rows (P^T), the layout they are stored in.
+enum Slot { kVectors = 0, kStatistic = 1, kScratch = 2, kBasisRows = 4 };
 
 // The candidates of a batch as codes, replacing non-finite values (whose factors the keep
 // mask rejects anyway) so that the codec, which refuses them, can run on the whole batch.
@@ -109,7 +110,7 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
   for (const EigenQuantizedFactor* f : batch) values.push_back(f->eigenvalues_);
   const at::Tensor a = workspace.take(kStatistic, {count, n, n}, fp32);
   outer_products(sides, a);
-  at::Tensor weighted = workspace.take(kScratch, {count, n, n}, fp32);
+  at::Tensor weighted = workspace.take_like(kScratch, v);
   at::mul_out(weighted, v, at::stack(values).unsqueeze(-2));
   linalg::matmul_into(a, weighted, v.transpose(-2, -1), config.stat_decay, 1.0 - config.stat_decay);
 
@@ -120,7 +121,8 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
   Refreshed out;
   const bool first_basis = config.eigenbasis && !first.has_basis_;
   if (config.eigen_update == EigenUpdate::QrStep && !first_basis) {
-    out.vectors = workspace.take(kBasis, {count, n, n}, fp32);
+    // Column-major, so that the QR writes P in place and P^T (the stored rows) is contiguous.
+    out.vectors = workspace.take(kBasisRows, {count, n, n}, fp32).mT();
     out.values = at::empty({count, n}, fp32);
     linalg::qr_subspace_step_out(a, v, out.vectors, out.values, workspace, kScratch);
   } else {
@@ -131,9 +133,11 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
 
   out.keep = keep_mask(out.vectors).logical_and_(out.values.isfinite().all(-1));
   const at::Tensor failed = out.keep.logical_not();
-  at::Tensor transposed = workspace.take(kTransposed, {count, n, n}, fp32);
-  transposed.copy_(out.vectors.transpose(-2, -1));
-  const std::vector<QuantizedMatrix> stored = quantize_candidates(transposed, first.vector_quant_);
+  // Stored as rows. The codec's copy of non-finite values as zeros happens in place: only the
+  // factors that the keep mask already rejects (with their fresh roots) change.
+  at::Tensor rows = out.vectors.mT();
+  if (!rows.is_contiguous()) rows = workspace.take(kBasisRows, rows.sizes(), fp32).copy_(rows);
+  const std::vector<QuantizedMatrix> stored = quantize_candidates(rows, first.vector_quant_);
   for (int64_t i = 0; i < count; ++i) {
     EigenQuantizedFactor& f = *batch[static_cast<size_t>(i)];
     f.eigenvectors_t_ = QuantizedMatrix::select(out.keep[i], stored[static_cast<size_t>(i)], f.eigenvectors_t_);

@@ -37,7 +37,7 @@ void refresh_batch(FactorKind kind, c10::ArrayRef<RefreshItem> batch, RefreshCon
 int64_t temporaries_per_factor(FactorKind kind) {
   switch (kind) {
     case FactorKind::Dense: return 3;           // stacked statistics / candidates, eigenvectors, V diag
-    case FactorKind::EigenQuantized: return 6;  // U, A, A V / A P, R, P, P^T
+    case FactorKind::EigenQuantized: return 5;  // U, A, A V / P^T A, R (reflectors), P^T
     case FactorKind::NaiveQuantized: return 2;  // statistic, outer product
     case FactorKind::CholeskyQuantized: return 0;  // factor by factor (its own temporaries)
   }
