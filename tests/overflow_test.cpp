@@ -96,6 +96,8 @@ std::vector<Variant> variants() {
       {"shampoo-32", maker<Shampoo>(shampoo(32)), skipped_of<Shampoo>, statistics, false, 5000},
       {"shampoo-4", maker<Shampoo>(shampoo(4)), skipped_of<Shampoo>, statistics, false, 5000},
       {"shampoo-4-matrix", maker<Shampoo>(shampoo(4).quantize("matrix")), skipped_of<Shampoo>, statistics, false, 5000},
+      {"shampoo-8-eigen-form", maker<Shampoo>(shampoo(8).root_storage("eigen")), skipped_of<Shampoo>, statistics, false,
+       5000},
       {"shampoo-4-cholesky", maker<Shampoo>(shampoo(4).quantize("cholesky")), skipped_of<Shampoo>, statistics, false,
        5000},
       {"caspr-4", maker<Shampoo>(shampoo(4).preconditioner("caspr")), skipped_of<Shampoo>, statistics, false, 5000},

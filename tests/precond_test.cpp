@@ -132,5 +132,60 @@ TEST(QuantizedPreconditioners, NaiveQuantizedStaysFiniteAndBounded) {
   EXPECT_LT(n4, 0.45);
 }
 
+// The eigen-form root (root_storage "eigen") against an fp64 reference built in the test from
+// the factor's saved state: the eigenvectors it stores (dequantized by the codec, which its
+// own tests check), t1 Björck steps and (lambda + eps lambda_max)^(-1/4), all in fp64.
+// The factor computes the same in fp32: t1 = 1 Björck step (two products) and one
+// recomposition, each an inner product of length n with entries of V bounded by ~1 (its
+// columns have unit norm) and of D by max D, so each entry carries at most ~n u relative
+// error per product (the classical gamma_n bound, u = 2^-24), and Björck's error reaches the
+// root through both copies of V: 2 * 2 n u + n u = 5 n u, times max D; fp32 pow of the
+// spectrum adds 1 ulp (u max D). Bound: 8 n u max D. The batched root of the step (one
+// stacked dequantization, Björck and recomposition for the factors of one order) must give the
+// same directions: the preconditioned gradient L^(-1/4) G R^(-1/4) from the per-factor
+// roots, rescaled to the gradient's norm, within the same 8 n u relative error (each root
+// with relative error <= 8 n u; the two products and the norm add ~2 n u, already within
+// the margin the bound leaves over the sum of the worst cases).
+TEST(QuantizedPreconditioners, EigenFormRootIsTheStoredEigenvectorsRecomposedAndStoresNoRoot) {
+  PreconditionerConfig c = config(FactorKind::EigenQuantized);
+  c.factor.eigen_form_root = true;
+  ParameterPreconditioner p({128, 96}, at::TensorOptions(), c);
+  at::manual_seed(3);
+  const at::Tensor left = at::diag(at::logspace(0, -2, 128));
+  for (int k = 0; k < 4; ++k) {
+    p.update_statistics(at::matmul(left, at::randn({128, 96})));
+    p.update_inverse_roots();
+  }
+  TensorMap saved;
+  p.save(saved);
+  for (const auto& [key, value] : saved) EXPECT_EQ(key.find("root"), std::string::npos) << key;
+  const double u = std::ldexp(1.0, -24);
+  std::vector<at::Tensor> roots;
+  for (const KroneckerFactor* f : p.factors()) {
+    ASSERT_EQ(f->kind(), FactorKind::EigenQuantized);
+    const int64_t n = f->order();
+    // State: 4-bit U^T (n^2 / 2 bytes of codes, an fp32 scale per 64-block) and fp32 lambda.
+    EXPECT_EQ(f->state_bytes(), n * n / 2 + 4 * n * ((n + 63) / 64) + 4 * n);
+    EXPECT_EQ(f->quantized_root(), nullptr);
+    TensorMap mine;
+    f->save(mine, "");
+    const QuantizedMatrix stored = load_quantized(mine, "eigenvectors_t.", {n, n}, c.factor.quant);
+    at::Tensor v = stored.dequantize().t().to(at::kDouble);
+    for (int i = 0; i < c.factor.bjorck_stat_steps; ++i) v = 1.5 * v - 0.5 * v.mm(v.t().mm(v));
+    const at::Tensor lambda = mine.at("eigenvalues").to(at::kDouble).clamp_min(0);
+    const at::Tensor d = (lambda + c.factor.epsilon * lambda.max()).pow(-0.25);
+    const at::Tensor want = (v * d.unsqueeze(0)).mm(v.t());
+    const at::Tensor got = f->inverse_root();
+    roots.push_back(got);
+    const double bound = 8 * n * u * d.max().item<double>();
+    EXPECT_LE((got.to(at::kDouble) - want).abs().max().item<double>(), bound) << "order " << n;
+  }
+  const at::Tensor g = at::randn({128, 96});
+  const at::Tensor raw = roots[0].mm(g).mm(roots[1]);
+  const at::Tensor want = raw * (g.norm() / raw.norm());
+  const at::Tensor got = p.precondition(g);
+  EXPECT_LE(((got - want).norm() / want.norm()).item<double>(), 8 * 128 * u);
+}
+
 }  // namespace
 }  // namespace lowbit::precond

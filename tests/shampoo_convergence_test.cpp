@@ -105,10 +105,11 @@ double median(std::vector<int> v) {
 // ~9% error at 4 bits (eigenvector rounding after Björck ~6.6%, re-quantized root ~6%),
 // which costs it ~40% more steps than 32-bit Shampoo here; issue 20 is about that gap.
 TEST(ShampooConvergence, FewerStepsThanSgdAndAdamWOnIllConditionedLeastSquaresOverSeeds) {
-  auto shampoo = [](int64_t bits) -> Factory {
-    return [bits](std::vector<at::Tensor> p, double lr) {
+  auto shampoo = [](int64_t bits, const std::string& root_storage = "quantized") -> Factory {
+    return [bits, root_storage](std::vector<at::Tensor> p, double lr) {
       return std::make_unique<Shampoo>(p, ShampooOptions(lr).graft("adamw").bits(bits).stat_interval(1)
-                                              .root_interval(5).min_quant_numel(1024).epsilon(1e-6));
+                                              .root_interval(5).min_quant_numel(1024).epsilon(1e-6)
+                                              .root_storage(root_storage));
     };
   };
   const std::vector<std::pair<std::string, Factory>> optimizers{
@@ -122,7 +123,9 @@ TEST(ShampooConvergence, FewerStepsThanSgdAndAdamWOnIllConditionedLeastSquaresOv
        }},
       {"Shampoo-32", shampoo(32)},
       {"Shampoo-8", shampoo(8)},
-      {"Shampoo-4", shampoo(4)}};
+      {"Shampoo-4", shampoo(4)},
+      {"Shampoo-4-eigen-form", shampoo(4, "eigen")},
+      {"Shampoo-8U-eigen-form", shampoo(8, "eigen")}};
   std::map<std::string, std::vector<int>> steps;
   for (const uint64_t seed : {42, 43, 44, 45, 46}) {
     const Problem problem(seed);
@@ -153,6 +156,16 @@ TEST(ShampooConvergence, FewerStepsThanSgdAndAdamWOnIllConditionedLeastSquaresOv
   EXPECT_LE(mean_ratio("Shampoo-8", "Shampoo-32"), 1.05);
   EXPECT_LE(mean_ratio("Shampoo-4", "Shampoo-32"), 1.60);
   EXPECT_GE(mean_ratio("AdamW", "Shampoo-4"), 0.90);
+  // Issue 20 (docs/shampoo.md, "Fidelity"). root_storage "eigen" serves U diag(lambda^-1/4) U^T
+  // from the stored eigenvectors instead of a second, quantized root. Measured on seeds 42..46
+  // (Intel AVX-512, 1 and 2 threads): 8-bit U in eigen form (the bytes of the paper's 4-bit U
+  // plus 4-bit root) took 56 steps on every seed, mean ratio to Shampoo-32 1.000, per-seed
+  // sigma 0.023 (SE 0.010): the bound 1.10 (issue 20's goal) is 10 SE away. 4-bit U in eigen
+  // form took 65-69 steps against the stored root's 72-79, every seed better: mean ratios
+  // 1.201-1.208 against 1.318-1.329; the per-seed difference of the ratios has mean 0.11-0.13
+  // and sigma 0.033 (SE 0.015), so "eigen form needs fewer steps" holds by more than 7 SE.
+  EXPECT_LE(mean_ratio("Shampoo-8U-eigen-form", "Shampoo-32"), 1.10);
+  EXPECT_LT(mean_ratio("Shampoo-4-eigen-form", "Shampoo-32"), mean_ratio("Shampoo-4", "Shampoo-32"));
 }
 
 }  // namespace

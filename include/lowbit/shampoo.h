@@ -59,6 +59,10 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   TORCH_ARG(rectify_t, rectify_steps) = std::make_tuple(1, 4);  // t1, t2 (Björck steps)
   TORCH_ARG(std::string, root_method) = "eigen";     // "eigen" | "newton" (fp32 Shampoo)
   TORCH_ARG(std::string, eigen_update) = "qr";       // 4-bit: "qr" (paper: one subspace step) | "eigh" (full)
+  // Low-bit "eigenvectors": "quantized" (paper: the inverse root stored at `bits`, refreshed
+  // every T2) | "eigen" (no root stored: U diag(lambda^(-1/4)) U^T from the stored eigenvectors
+  // at every step; with bits=8 the same bytes as the paper's 4-bit U + 4-bit root; docs/shampoo.md).
+  TORCH_ARG(std::string, root_storage) = "quantized";
   TORCH_ARG(bool, skip_nonfinite) = false;           // skip (and count) a step that would overflow instead of raising
   // "shampoo": L^(-1/4) G R^(-1/4); "caspr" (Duvvuri et al. 2024): with L~ = L^(-1/2),
   // R~ = R^(-1/2), J = L~ G + G R~ and U = L~ J + J R~. Same factors and state layout; the

@@ -67,6 +67,8 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
     "rectify_steps": ((1, 4), "int pair", "(t1, t2) Bjorck steps", "each in [0, 100]"),
     "root_method": ("eigen", "str", "inverse root of 32-bit Shampoo", '"eigen", "newton"'),
     "eigen_update": ("qr", "str", "eigenbasis refresh of 4-bit Shampoo", '"qr", "eigh"'),
+    "root_storage": ("quantized", "str", "(lowbit) low-bit root: stored, or U diag U^T each step",
+                     '"quantized", "eigen"'),
     "skip_nonfinite": (False, "bool", "(lowbit) skip steps that would overflow, not raise", "bool"),
     "preconditioner": ("shampoo", "str", "Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)",
                        '"shampoo", "caspr", "soap" (needs graft "adamw")'),
@@ -427,6 +429,7 @@ class Shampoo(Optimizer):
     ``rectify_steps``               (t1, t2) Bjorck steps                                    (1, 4)              each in [0, 100]
     ``root_method``                 inverse root of 32-bit Shampoo                           ``"eigen"``         ``"eigen"``, ``"newton"``
     ``eigen_update``                eigenbasis refresh of 4-bit Shampoo                      ``"qr"``            ``"qr"`` (paper), ``"eigh"``
+    ``root_storage``                (lowbit) low-bit root: stored, or U diag U^T each step   ``"quantized"``     ``"quantized"`` (paper), ``"eigen"``
     ``skip_nonfinite``              (lowbit) skip steps that would overflow, not raise       False               bool
     ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
     ``graft_bits``                  bits of the AdamW moments (graft, or SOAP's Adam)        32                  32, 8, 4 (8, 4: needs graft ``"adamw"``)
@@ -522,6 +525,7 @@ class Shampoo(Optimizer):
         rectify_steps: Tuple[int, int] = (1, 4),
         root_method: Literal["eigen", "newton"] = "eigen",
         eigen_update: Literal["qr", "eigh"] = "qr",
+        root_storage: Literal["quantized", "eigen"] = "quantized",
         skip_nonfinite: bool = False,
         preconditioner: Literal["shampoo", "caspr", "soap"] = "shampoo",
         graft_bits: Literal[32, 8, 4] = 32,
@@ -541,7 +545,7 @@ class Shampoo(Optimizer):
             stat_decay=stat_decay, epsilon=epsilon, stat_interval=stat_interval,
             root_interval=root_interval, start_preconditioning_step=start_preconditioning_step,
             rectify_steps=rectify_steps, root_method=root_method, eigen_update=eigen_update,
-            skip_nonfinite=skip_nonfinite, preconditioner=preconditioner, graft_bits=graft_bits,
+            root_storage=root_storage, skip_nonfinite=skip_nonfinite, preconditioner=preconditioner, graft_bits=graft_bits,
             workspace_mb=workspace_mb, gradient_check=gradient_check,
         )
         defaults, _ = _make_config(tuple(given[n] for n in _NAMES), " (defaults)")

@@ -56,6 +56,7 @@ CONFIGS: Dict[str, Callable[[List[torch.Tensor]], Any]] = {
     "shampoo4-dq-adamw8": shampoo(bits=4, graft_bits=8, double_quant_scales=True, mapping="dynamic",
                                   quant_block_size=16),
     "shampoo3-eigh-blocks": shampoo(bits=3, eigen_update="eigh", max_preconditioner_dim=4),
+    "shampoo4-eigen-form-caspr": shampoo(bits=4, root_storage="eigen", preconditioner="caspr"),
     "adamw32": lambda ps: lowbit.AdamW(two_groups(ps, 0.02), lr=0.01, bits=32),
     "adamw8": lambda ps: lowbit.AdamW(two_groups(ps, 0.02), lr=0.01, bits=8, min_quant_numel=0, block_size=16),
     "adamw4-stochastic": lambda ps: lowbit.AdamW(two_groups(ps, 0.02), lr=0.01, bits=4, min_quant_numel=0,

@@ -65,6 +65,7 @@ VARIANTS = [
     Variant("shampoo-4", shampoo(bits=4), STATISTICS),
     Variant("shampoo-4-matrix", shampoo(bits=4, quantize="matrix"), STATISTICS),
     Variant("shampoo-4-cholesky", shampoo(bits=4, quantize="cholesky"), STATISTICS),
+    Variant("shampoo-8-eigen-form", shampoo(bits=8, root_storage="eigen"), STATISTICS),
     Variant("caspr-4", shampoo(bits=4, preconditioner="caspr"), STATISTICS),
     Variant("soap-4", shampoo(bits=4, preconditioner="soap"), STATISTICS),
     Variant("shampoo-32-sgdm", shampoo(bits=32, graft="sgdm"), STATISTICS),

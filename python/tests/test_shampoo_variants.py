@@ -571,6 +571,8 @@ BAD = [
     (dict(error_feedback_decay=-0.1), r"error_feedback_decay must be in \[0, 1\)"),
     (dict(preconditioner="soap", graft="sgdm"), 'preconditioner "soap" .*needs graft "adamw"; got "sgdm"'),
     (dict(preconditioner="soap", bits=4, quantize="matrix"), 'preconditioner "soap".*quantize "eigenvectors"'),
+    (dict(bits=4, quantize="matrix", root_storage="eigen"), 'root_storage "eigen".*quantize "matrix"'),
+    (dict(bits=4, root_storage="stored"), "root_storage must be one of"),
     (dict(preconditioner="soap", bits=8, quantize="cholesky"), 'preconditioner "soap".*quantize "eigenvectors"'),
     (dict(graft_bits=4, graft="sgdm"), 'graft_bits=4 .*needs graft "adamw"'),
     (dict(quantize="qr"), 'quantize must be one of "eigenvectors", "matrix", "cholesky"; got "qr"'),

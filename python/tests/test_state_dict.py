@@ -20,6 +20,7 @@ KINDS = [
     dict(bits=3, graft="adamw", eigen_update="eigh"),
     dict(bits=4, graft="adamw", double_quant_scales=True, mapping="dynamic"),
     dict(bits=8, graft="sgdm", max_preconditioner_dim=16),
+    dict(bits=8, graft="adamw", root_storage="eigen"),
 ]
 
 

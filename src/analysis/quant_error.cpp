@@ -160,6 +160,19 @@ std::vector<QuantErrorRow> quant_error_rows(const std::string& label, const at::
         const linalg::Eigen approx{values_fp32, rectify ? linalg::bjorck_orthonormalize(v, kRectificationSteps) : v};
         rows.push_back(measure(f, linalg::inverse_root_from_eigen(approx, kInverseRootPower, epsilon), row));
       }
+      // What the paper's 4-bit Shampoo applies: the root from the rectified eigenvectors,
+      // quantized a second time (fp32 diagonal + low-bit off-diagonal). The rectified row
+      // above is what root_storage "eigen" applies (no second rounding).
+      {
+        QuantErrorRow row = base;
+        row.quantized = "eigenvectors+root";
+        row.rectified = true;
+        const linalg::Eigen approx{values_fp32, linalg::bjorck_orthonormalize(v, kRectificationSteps)};
+        QuantOptions root_options = options;
+        root_options.keep_diagonal = true;
+        const at::Tensor root = linalg::inverse_root_from_eigen(approx, kInverseRootPower, epsilon);
+        rows.push_back(measure(f, round_trip(root, root_options), row));
+      }
 
       const double ridge = epsilon * exact.values.max().item<double>();
       const at::Tensor a64 = a.to(at::kDouble);

@@ -35,7 +35,9 @@ struct QuantErrorRow {
   std::string matrix;
   std::string mapping;    // "linear2" | "dynamic"
   int bits = 4;
-  std::string quantized;  // "matrix" (A itself, naive) | "eigenvectors" | "cholesky"
+  // "matrix" (A itself, naive) | "eigenvectors" | "eigenvectors+root" (the root made from them,
+  // rectified, then quantized itself: what the paper's 4-bit Shampoo stores) | "cholesky"
+  std::string quantized;
   bool rectified = false; // Björck (4 steps) applied to the dequantized eigenvectors
   double nre = 0;
   double angle_deg = 0;
@@ -58,7 +60,8 @@ struct QuantErrorOptions {
 };
 
 // Rows for one SPD matrix: mappings {linear2, dynamic} x bits {8, 4, 3} x methods
-// {matrix, eigenvectors, eigenvectors + Björck, cholesky (one store), cholesky after
+// {matrix, eigenvectors, eigenvectors + Björck, eigenvectors + Björck + quantized root,
+// cholesky (one store), cholesky after
 // kCholeskyChainUpdates updates without and with error feedback}, in that nesting order.
 std::vector<QuantErrorRow> quant_error_rows(const std::string& label, const at::Tensor& a,
                                             int64_t block_size, double epsilon);

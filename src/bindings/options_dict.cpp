@@ -87,6 +87,7 @@ const std::map<std::string, Setter>& setters() {
        }},
       {"root_method", [](auto& o, auto& n, auto& v) { o.root_method(as_string(n, v)); }},
       {"eigen_update", [](auto& o, auto& n, auto& v) { o.eigen_update(as_string(n, v)); }},
+      {"root_storage", [](auto& o, auto& n, auto& v) { o.root_storage(as_string(n, v)); }},
       {"skip_nonfinite", [](auto& o, auto& n, auto& v) { o.skip_nonfinite(as_bool(n, v)); }},
       {"preconditioner", [](auto& o, auto& n, auto& v) { o.preconditioner(as_string(n, v)); }},
       {"error_feedback", [](auto& o, auto& n, auto& v) { o.error_feedback(as_bool(n, v)); }},
@@ -140,6 +141,7 @@ c10::Dict<std::string, c10::IValue> options_to_dict(const ShampooOptions& o) {
            c10::ivalue::Tuple::create(std::get<0>(o.rectify_steps()), std::get<1>(o.rectify_steps())));
   d.insert("root_method", o.root_method());
   d.insert("eigen_update", o.eigen_update());
+  d.insert("root_storage", o.root_storage());
   d.insert("skip_nonfinite", o.skip_nonfinite());
   d.insert("preconditioner", o.preconditioner());
   d.insert("error_feedback", o.error_feedback());

@@ -65,7 +65,7 @@ void run(const QuantErrorArgs& args) {
                 args.matrix_path.c_str(), static_cast<long long>(o.block_size));
   }
   std::printf("NRE = ||f - g||_F / ||f||_F ; AE = angle between f and g (degrees)\n\n");
-  std::printf("%-14s %-8s %4s %-12s %9s %7s %3s %8s %8s\n", "matrix", "mapping", "bits", "quantized", "rectified",
+  std::printf("%-14s %-8s %4s %-17s %9s %7s %3s %8s %8s\n", "matrix", "mapping", "bits", "quantized", "rectified",
               "updates", "EF", "NRE", "AE deg");
   nlohmann::json rows = nlohmann::json::array();
   const std::vector<analysis::QuantErrorRow> table =
@@ -75,7 +75,7 @@ void run(const QuantErrorArgs& args) {
                                                             o.block_size, o.epsilon);
   for (const analysis::QuantErrorRow& r : table) {
     const bool cholesky = r.quantized == "cholesky";
-    std::printf("%-14s %-8s %4d %-12s %9s %7d %3s %8.4f %8.3f\n", r.matrix.c_str(), r.mapping.c_str(), r.bits,
+    std::printf("%-14s %-8s %4d %-17s %9s %7d %3s %8.4f %8.3f\n", r.matrix.c_str(), r.mapping.c_str(), r.bits,
                 r.quantized.c_str(), cholesky ? "-" : r.rectified ? "yes" : "no", r.updates,
                 cholesky ? (r.error_feedback ? "yes" : "no") : "-", r.nre, r.angle_deg);
     rows.push_back({{"matrix", r.matrix},

@@ -65,6 +65,12 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
               p, "rectify_steps must be two counts in [0, 100]; got (", t1, ", ", t2, ")");
   check_one_of(p, "root_method", o.root_method(), {"eigen", "newton"});
   check_one_of(p, "eigen_update", o.eigen_update(), {"qr", "eigh"});
+  check_one_of(p, "root_storage", o.root_storage(), {"quantized", "eigen"});
+  TORCH_CHECK(o.root_storage() == "quantized" ||
+                  (o.bits() != 32 && o.quantize() == "eigenvectors" && o.preconditioner() != "soap"),
+              p, "root_storage \"eigen\" serves the root from quantized eigenvectors: it needs bits 8, 4 or 3 "
+              "with quantize \"eigenvectors\" and preconditioner \"shampoo\" or \"caspr\"; got bits=", o.bits(),
+              ", quantize \"", o.quantize(), "\", preconditioner \"", o.preconditioner(), "\"");
   check_one_of(p, "preconditioner", o.preconditioner(), {"shampoo", "caspr", "soap"});
   if (o.preconditioner() == "soap") {
     TORCH_CHECK(o.graft() == "adamw", p, "preconditioner \"soap\" runs AdamW in the eigenbasis and needs "
@@ -106,6 +112,8 @@ std::vector<std::string> structural_differences(const ShampooOptions& a, const S
   // read with the other rule they would give a wrong direction until the next refresh.
   note(a.preconditioner() == b.preconditioner(), "preconditioner");
   note(a.graft_bits() == b.graft_bits(), "graft_bits");
+  // "eigen" saves no root entries.
+  note(a.root_storage() == b.root_storage(), "root_storage");
   // With quantize "cholesky" the error state is saved or not.
   note(a.error_feedback() == b.error_feedback() || a.quantize() != "cholesky", "error_feedback");
   return out;
@@ -134,6 +142,7 @@ precond::PreconditionerConfig preconditioner_config(const ShampooOptions& o, con
   c.factor.root_exponent = caspr ? 2 : 4;
   c.combine = caspr ? precond::Combine::Caspr : soap ? precond::Combine::Soap : precond::Combine::Shampoo;
   c.factor.eigenbasis = soap;
+  c.factor.eigen_form_root = o.root_storage() == "eigen";
   c.factor.error_feedback = o.error_feedback();
   c.factor.error_feedback_decay = o.error_feedback_decay();
   c.factor.root_method = o.root_method() == "newton" ? precond::RootMethod::Newton : precond::RootMethod::Eigen;
@@ -184,6 +193,7 @@ void ShampooOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(graft_bits);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(workspace_mb);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(gradient_check);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(root_storage);
 }
 
 void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -217,6 +227,7 @@ void ShampooOptions::serialize(torch::serialize::InputArchive& archive) {
   graft_bits_ = checkpoint::read_field_or<int64_t>(archive, "graft_bits", 32);
   workspace_mb_ = checkpoint::read_field_or<double>(archive, "workspace_mb", 0.0);
   gradient_check_ = checkpoint::read_field_or<std::string>(archive, "gradient_check", "auto");
+  root_storage_ = checkpoint::read_field_or<std::string>(archive, "root_storage", "quantized");
 }
 
 bool operator==(const ShampooOptions& a, const ShampooOptions& b) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "linalg/matrix_functions.h"
+#include "precond/factor_kinds.h"
 
 namespace lowbit::precond {
 namespace {
@@ -21,11 +22,28 @@ struct BlockWork {
 };
 
 // Workspace slots ([B, ., .] each).
-enum Slot { kGrad = 0, kLeft = 1, kRight = 2, kFirst = 3, kSecond = 4 };
+// kRootScratch .. + 2 hold eigen-form roots' temporaries while they are made.
+enum Slot { kGrad = 0, kLeft = 1, kRight = 2, kFirst = 3, kSecond = 4, kRootScratch = 5 };
+
+// The factors as eigen-form 4-bit factors (EigenQuantizedFactor with eigen_form_root), or
+// empty when any is not one.
+std::vector<const EigenQuantizedFactor*> eigen_form(const std::vector<const KroneckerFactor*>& factors) {
+  std::vector<const EigenQuantizedFactor*> out;
+  for (const KroneckerFactor* f : factors) {
+    if (f->kind() != FactorKind::EigenQuantized || !f->config().eigen_form_root) return {};
+    out.push_back(static_cast<const EigenQuantizedFactor*>(f));
+  }
+  return out;
+}
 
 // The inverse roots of `factors` (one order) stacked into out [B, n, n]: quantized roots
-// with one codec call, dense ones copied.
-void roots_into(const std::vector<const KroneckerFactor*>& factors, const at::Tensor& out) {
+// with one codec call, eigen-form ones made in one batch, dense ones copied.
+void roots_into(const std::vector<const KroneckerFactor*>& factors, const at::Tensor& out,
+                linalg::Workspace& workspace) {
+  if (const std::vector<const EigenQuantizedFactor*> eigen = eigen_form(factors); !eigen.empty()) {
+    EigenQuantizedFactor::eigen_form_roots_into(eigen, out, workspace, kRootScratch);
+    return;
+  }
   std::vector<const QuantizedMatrix*> quantized;
   for (const KroneckerFactor* f : factors)
     if (const QuantizedMatrix* q = f->quantized_root()) quantized.push_back(q);
@@ -51,8 +69,8 @@ void run_chunk(c10::ArrayRef<BlockWork> chunk, linalg::Workspace& workspace) {
   at::stack_out(g, grads);
   const at::Tensor l = workspace.take(kLeft, {count, rows, rows}, fp32);
   const at::Tensor r = workspace.take(kRight, {count, cols, cols}, fp32);
-  roots_into(lefts, l);
-  roots_into(rights, r);
+  roots_into(lefts, l, workspace);
+  roots_into(rights, r, workspace);
   const at::Tensor t = workspace.take(kFirst, {count, rows, cols}, fp32);
   const at::Tensor h = workspace.take(kSecond, {count, rows, cols}, fp32);
   linalg::matmul_into(t, l, g);

@@ -21,6 +21,10 @@ std::vector<QuantizedMatrix> quantize_candidates(const at::Tensor& candidates, c
   return QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), options);
 }
 
+std::vector<const EigenQuantizedFactor*> read_only(c10::ArrayRef<EigenQuantizedFactor*> batch) {
+  return {batch.begin(), batch.end()};
+}
+
 }  // namespace
 
 EigenQuantizedFactor::EigenQuantizedFactor(int64_t order, const at::TensorOptions& device,
@@ -32,10 +36,10 @@ EigenQuantizedFactor::EigenQuantizedFactor(int64_t order, const at::TensorOption
   // Initial state as in the paper: U = I, lambda = eps (so L = eps * I), inverse root = I.
   eigenvectors_t_ = QuantizedMatrix::quantize(identity, vector_quant_);
   eigenvalues_ = at::full({order}, config.epsilon, device.dtype(at::kFloat));
-  if (!config.eigenbasis) root_ = QuantizedMatrix::quantize(identity, root_quant_);
+  if (keeps_root()) root_ = QuantizedMatrix::quantize(identity, root_quant_);
 }
 
-at::Tensor EigenQuantizedFactor::eigenvectors(c10::ArrayRef<EigenQuantizedFactor*> batch, int bjorck_steps,
+at::Tensor EigenQuantizedFactor::eigenvectors(c10::ArrayRef<const EigenQuantizedFactor*> batch, int bjorck_steps,
                                               linalg::Workspace& workspace, int slot) {
   const int64_t n = batch.front()->order_;
   at::Tensor rows = workspace.take(slot, {static_cast<int64_t>(batch.size()), n, n},
@@ -74,7 +78,8 @@ void EigenQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshCont
   }
   Refreshed fresh;
   if (!statistics.empty()) fresh = update_statistics(statistics, sides, context);
-  if (batch.front().factor->config().eigenbasis) return;  // SOAP reads U; it keeps no root
+  // SOAP reads U, and an eigen-form root is made from U and lambda when read: no root to refresh.
+  if (!static_cast<const EigenQuantizedFactor*>(batch.front().factor)->keeps_root()) return;
   if (!fresh_roots.empty()) {
     // Refreshed in this step: the root comes from the fp32 eigenvectors just computed, before
     // they were stored at low bits, so there is no rounding for Björck steps to repair. (A
@@ -89,7 +94,7 @@ void EigenQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshCont
     const EigenQuantizedFactor& first = *stored_roots.front();
     std::vector<at::Tensor> values;
     for (const EigenQuantizedFactor* f : stored_roots) values.push_back(f->eigenvalues_);
-    update_roots(stored_roots, eigenvectors(stored_roots, first.config_.bjorck_root_steps, *context.workspace, kVectors),
+    update_roots(stored_roots, eigenvectors(read_only(stored_roots), first.config_.bjorck_root_steps, *context.workspace, kVectors),
                  at::stack(values), at::Tensor(), context);
   }
 }
@@ -105,7 +110,7 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
 
   // A = beta V diag(lambda) V^T + (1 - beta) side side^T, V the stored eigenvectors after t1
   // Björck steps (t1 in the paper).
-  const at::Tensor v = eigenvectors(batch, config.bjorck_stat_steps, workspace, kVectors);
+  const at::Tensor v = eigenvectors(read_only(batch), config.bjorck_stat_steps, workspace, kVectors);
   std::vector<at::Tensor> values;
   for (const EigenQuantizedFactor* f : batch) values.push_back(f->eigenvalues_);
   const at::Tensor a = workspace.take(kStatistic, {count, n, n}, fp32);
@@ -171,7 +176,22 @@ void EigenQuantizedFactor::update_roots(c10::ArrayRef<EigenQuantizedFactor*> bat
 }
 
 at::Tensor EigenQuantizedFactor::inverse_root() const {
-  return config_.eigenbasis ? eigenvectors(config_.bjorck_root_steps) : root_.dequantize();
+  if (config_.eigenbasis) return eigenvectors(config_.bjorck_root_steps);
+  if (!config_.eigen_form_root) return root_.dequantize();
+  const at::Tensor v = eigenvectors(config_.bjorck_stat_steps);
+  const at::Tensor d = linalg::inverse_root_spectrum(eigenvalues_, config_.root_exponent, config_.epsilon);
+  return at::matmul(v * d.unsqueeze(0), v.t());
+}
+
+void EigenQuantizedFactor::eigen_form_roots_into(c10::ArrayRef<const EigenQuantizedFactor*> batch, const at::Tensor& out,
+                                                 linalg::Workspace& workspace, int slot) {
+  const EigenQuantizedFactor& first = *batch.front();
+  const at::Tensor v = eigenvectors(batch, first.config_.bjorck_stat_steps, workspace, slot);
+  std::vector<at::Tensor> values;
+  for (const EigenQuantizedFactor* f : batch) values.push_back(f->eigenvalues_);
+  const at::Tensor d =
+      linalg::inverse_root_spectrum(at::stack(values), first.config_.root_exponent, first.config_.epsilon);
+  linalg::recompose_out(out, v, d, workspace, slot + 1);  // Björck's slots are free again
 }
 
 at::Tensor EigenQuantizedFactor::statistic() const {
@@ -193,7 +213,7 @@ void EigenQuantizedFactor::load(const TensorMap& in, const std::string& prefix) 
   QuantizedMatrix vectors = load_quantized(in, prefix + "eigenvectors_t.", {order_, order_}, vector_quant_);
   const at::Tensor values = read_entry(in, prefix + "eigenvalues", at::kFloat, {order_});
   QuantizedMatrix root;
-  if (!config_.eigenbasis) root = load_quantized(in, prefix + "root.", {order_, order_}, root_quant_);
+  if (keeps_root()) root = load_quantized(in, prefix + "root.", {order_, order_}, root_quant_);
   const at::Device device = eigenvalues_.device();
   eigenvectors_t_ = vectors.to(device);
   eigenvalues_ = values.to(device).clone();

@@ -35,7 +35,8 @@ class DenseFactor final : public KroneckerFactor {
 // 4-bit Shampoo (Wang et al. 2024): the statistic is kept as eigenvalues (fp32) and its
 // eigenvector matrix U, quantized as U^T so every block lies inside one eigenvector; the
 // inverse root as an fp32 diagonal plus a quantized off-diagonal. With config.eigenbasis
-// (4-bit SOAP) no root is kept: inverse_root() serves U, Björck-rectified (t2 steps).
+// (4-bit SOAP) no root is kept: inverse_root() serves U, Björck-rectified (t2 steps); with
+// config.eigen_form_root neither: inverse_root() serves U diag(lambda^(-1/p)) U^T.
 class EigenQuantizedFactor final : public KroneckerFactor {
  public:
   EigenQuantizedFactor(int64_t order, const at::TensorOptions& device, const FactorConfig& config);
@@ -44,6 +45,11 @@ class EigenQuantizedFactor final : public KroneckerFactor {
   at::Tensor inverse_root() const override;
   at::Tensor statistic() const override;
   const QuantizedMatrix* quantized_root() const override { return root_.defined() ? &root_ : nullptr; }
+  // With config.eigen_form_root: the roots of a batch (one order) into out [B, n, n] (batched
+  // dequantization, Björck and recomposition; workspace slots slot .. slot + 2).
+  static void eigen_form_roots_into(c10::ArrayRef<const EigenQuantizedFactor*> batch, const at::Tensor& out,
+                                    linalg::Workspace& workspace, int slot);
+  bool keeps_root() const { return !config_.eigenbasis && !config_.eigen_form_root; }
   int64_t state_bytes() const override;
   void save(TensorMap& out, const std::string& prefix) const override;
   void load(const TensorMap& in, const std::string& prefix) override;
@@ -63,14 +69,14 @@ class EigenQuantizedFactor final : public KroneckerFactor {
                            const at::Tensor& values, const at::Tensor& usable, RefreshContext& context);
   // The dequantized eigenvectors of every factor as columns, [B, n, n] in workspace slot
   // `slot` (+1, +2 for Björck's products), rectified by `bjorck_steps` Björck steps.
-  static at::Tensor eigenvectors(c10::ArrayRef<EigenQuantizedFactor*> batch, int bjorck_steps,
+  static at::Tensor eigenvectors(c10::ArrayRef<const EigenQuantizedFactor*> batch, int bjorck_steps,
                                  linalg::Workspace& workspace, int slot);
   at::Tensor eigenvectors(int bjorck_steps) const;  // one factor's, freshly allocated
   QuantOptions vector_quant_;  // for U^T
   QuantOptions root_quant_;    // for the inverse root (diagonal kept)
   QuantizedMatrix eigenvectors_t_;
   at::Tensor eigenvalues_;
-  QuantizedMatrix root_;    // undefined with config.eigenbasis
+  QuantizedMatrix root_;    // undefined unless keeps_root()
   bool has_basis_ = false;  // eigenbasis: refreshed at least once (the first refresh is a full eigh)
 };
 

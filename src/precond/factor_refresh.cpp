@@ -20,7 +20,7 @@ bool same_batch(const KroneckerFactor& a, const KroneckerFactor& b) {
          x.root_method == y.root_method && x.quant == y.quant && x.bjorck_stat_steps == y.bjorck_stat_steps &&
          x.bjorck_root_steps == y.bjorck_root_steps && x.eigen_update == y.eigen_update &&
          x.error_feedback == y.error_feedback && x.error_feedback_decay == y.error_feedback_decay &&
-         x.eigenbasis == y.eigenbasis;
+         x.eigenbasis == y.eigenbasis && x.eigen_form_root == y.eigen_form_root;
 }
 
 void refresh_batch(FactorKind kind, c10::ArrayRef<RefreshItem> batch, RefreshContext& context) {

@@ -48,6 +48,11 @@ struct FactorConfig {
   // SOAP: the factor serves its eigenbasis (columns, fp32) instead of an inverse root;
   // update_inverse_root then does nothing (the basis follows the statistics updates).
   bool eigenbasis = false;
+  // EigenQuantized: keep no inverse root, and serve U diag((lambda + eps)^(-1/p)) U^T from the
+  // stored eigenvectors (t1 Björck steps) and eigenvalues whenever the root is read. One
+  // rounding instead of two (the root is not quantized a second time) and no root state, for
+  // one more n^3 product per step; the root follows every statistics update (T2 unused).
+  bool eigen_form_root = false;
 };
 
 class KroneckerFactor {
