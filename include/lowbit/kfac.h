@@ -47,6 +47,7 @@ struct KfacOptions : public torch::optim::OptimizerCloneableOptions<KfacOptions>
   TORCH_ARG(double, kl_clip) = 0;            // K-FAC: KL clipping kappa (0: off)
   TORCH_ARG(std::string, factor) = "dense";  // "dense" (fp32) | "eigen4" | "naive4"
   TORCH_ARG(int64_t, bjorck_steps) = 0;      // eigen4: Björck rectification steps (t1 = t2)
+  TORCH_ARG(bool, skip_nonfinite) = false;   // skip (and count) a step with a non-finite gradient instead of raising
 
  public:
   void validate() const;
@@ -71,6 +72,7 @@ class KroneckerLayerOptimizer : public torch::optim::Optimizer {
   void load(torch::serialize::InputArchive& archive) override;
   StateBytes state_bytes() const;
   int64_t steps() const { return steps_; }
+  int64_t skipped_steps() const { return skipped_steps_; }
   // The layer's current inverse roots (G side, A side) as fp32 matrices, for tests.
   std::pair<torch::Tensor, torch::Tensor> roots(size_t layer) const;
   const KfacOptions& options() const;
@@ -88,6 +90,7 @@ class KroneckerLayerOptimizer : public torch::optim::Optimizer {
   std::vector<LayerState> layers_;
   std::vector<std::vector<torch::Tensor>> buffers_;  // per parameter: momentum, or adamw's m and v
   int64_t steps_ = 0;
+  int64_t skipped_steps_ = 0;
 };
 
 class KFAC : public KroneckerLayerOptimizer {

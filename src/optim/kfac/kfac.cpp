@@ -136,7 +136,12 @@ torch::Tensor KroneckerLayerOptimizer::step(LossClosure closure) {
   const KfacOptions& o = options();
   o.validate();
   support::check_gradients(*this, who());
-  support::accept_gradients(*this, who(), [](const auto&) { return "kfac"; }, [](size_t) { return false; });
+  const bool skip = o.skip_nonfinite();
+  if (!support::accept_gradients(*this, who(), [](const auto&) { return "kfac"; }, [skip](size_t) { return skip; })) {
+    ++skipped_steps_;  // the step does not happen: what it recorded is dropped, the next pass records again
+    statistics_->clear();
+    return loss;
+  }
   torch::NoGradGuard no_grad;
   const bool stats_due = steps_ % o.stat_interval() == 0, roots_due = steps_ % o.root_interval() == 0;
   const auto& layers = statistics_->layers();
