@@ -41,7 +41,9 @@ struct KfacOptions : public torch::optim::OptimizerCloneableOptions<KfacOptions>
   TORCH_ARG(double, stat_decay) = 0.9;       // beta of the factors' EMA
   TORCH_ARG(int64_t, stat_interval) = 200;   // T1: steps between statistics captures
   TORCH_ARG(int64_t, root_interval) = 2000;  // T2: steps between inverse-root refreshes
-  TORCH_ARG(double, damping) = 1e-3;         // K-FAC: lambda, absolute Tikhonov damping of both factors
+  // K-FAC: lambda, absolute Tikhonov damping of each factor. The product's damping is about
+  // lambda^2: 0.03 matches the 1e-3 that K-FAC codes add to G (x) A's eigenvalues (docs/kfac.md).
+  TORCH_ARG(double, damping) = 0.03;
   TORCH_ARG(double, damping_input) = 1e-5;   // AdaBK: e_A, relative to A's largest eigenvalue
   TORCH_ARG(double, damping_output) = 1e-5;  // AdaBK: e_G, relative to G's largest eigenvalue
   TORCH_ARG(double, kl_clip) = 0;            // K-FAC: KL clipping kappa (0: off)

@@ -114,7 +114,7 @@ class KFAC(_KroneckerLayerOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  stat_decay: float = 0.9, stat_interval: int = 200, root_interval: int = 2000,
-                 damping: float = 1e-3, kl_clip: float = 0.0, factor: str = "dense", bjorck_steps: int = 0,
+                 damping: float = 0.03, kl_clip: float = 0.0, factor: str = "dense", bjorck_steps: int = 0,
                  eigen_update: str = "qr", skip_nonfinite: bool = False) -> None:
         super().__init__(model, dict(lr=lr, rule="sgdm", momentum=momentum, weight_decay=weight_decay,
                                      stat_decay=stat_decay, stat_interval=stat_interval, root_interval=root_interval,
