@@ -11,3 +11,5 @@
 #include <lowbit/adahessian.h>
 #include <lowbit/mfac.h>
 #include <lowbit/nag_gs.h>
+#include <lowbit/layer_statistics.h>
+#include <lowbit/kfac.h>

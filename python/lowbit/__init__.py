@@ -36,6 +36,7 @@ from .arith import (  # noqa: E402
     luq_quantize,
 )
 from .codec import QuantizedTensor, codebook, dequantize, quantize  # noqa: E402
+from .kfac import KFAC, SGDMBK, AdamWBK  # noqa: E402
 from .optim import OPTION_DEFAULTS, OPTION_TABLE, Shampoo, ShampooState, StateBytes  # noqa: E402
 from .second_order import (  # noqa: E402
     MFAC,
@@ -56,6 +57,9 @@ __all__ = [
     "AdaHessian",
     "MFAC",
     "NagGS",
+    "KFAC",
+    "SGDMBK",
+    "AdamWBK",
     "AdamW",
     "hessian_vector_product",
     "hutchinson_diagonal",

@@ -46,13 +46,15 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
     cmd.add_option("--optimizer", c.optimizer,
                    "sgdm | adamw | adamw8 | adamw4 | shampoo | shampoo4 | shampoo4-naive | shampoo4-cholesky | "
                    "shampoo4-cholesky-noef | shampoo4-adamw4 | caspr | caspr4 | soap | soap4 | sophia | "
-                   "sophia-h | adahessian | mfac | mfac8 | mfac4 | nag-gs")
+                   "sophia-h | adahessian | mfac | mfac8 | mfac4 | nag-gs | kfac | kfac4 | sgdm-bk | sgdm-bk4 | "
+                   "adamw-bk | adamw-bk4")
         ->check(CLI::IsMember(train::kOptimizerNames))->capture_default_str();
   cmd.add_option("--epochs", c.epochs, "Epochs")->check(CLI::PositiveNumber)->capture_default_str();
   cmd.add_option("--batch-size", c.batch_size, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd.add_option("--lr", raw->lr,
                  "Learning rate (default per optimizer: 0.05 for sgdm and sgdm grafting, 1e-3 for adamw (also adamw8/adamw4), Shampoo "
-                 "with adamw grafting, SOAP and Sophia, 3e-3 for M-FAC, 0.05 for adahessian, 0.3 for nag-gs)");
+                 "with adamw grafting, SOAP and Sophia, 3e-3 for M-FAC, 0.05 for adahessian, 0.3 for nag-gs, 0.01 for kfac, 0.05 for "
+                 "sgdm-bk, 1e-3 for adamw-bk)");
   cmd.add_option("--schedule", c.schedule, "constant | cosine | multistep")
       ->check(CLI::IsMember({"constant", "cosine", "multistep"}))->capture_default_str();
   cmd.add_option("--warmup-epochs", c.warmup_epochs, "Linear warm-up length in epochs")->capture_default_str();
@@ -101,7 +103,10 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
                  "Sophia / AdaHessian: steps between Hessian refreshes (default 10 / 1)");
   cmd.add_option("--rho", c.second_order.rho, "Sophia: scale of the Hessian in the clipped ratio (default 0.04)");
   cmd.add_option("--mfac-window", c.second_order.window, "M-FAC: gradients in the window (default 32)");
-  cmd.add_option("--damping", c.second_order.damping, "M-FAC: damping lambda of the Fisher (default 1e-3)");
+  cmd.add_option("--damping", c.second_order.damping,
+                 "M-FAC: damping lambda of the Fisher (default 1e-3); K-FAC: Tikhonov lambda of each factor (default 0.03); AdaBK: "
+                 "damping of both factors relative to their largest eigenvalue (default 1e-5)");
+  cmd.add_option("--kl-clip", c.second_order.kl_clip, "K-FAC: KL clipping kappa, 0 for none (default 1e-3)");
   cmd.add_option("--mu", c.second_order.mu, "NAG-GS: mu (default 1)");
   return [raw](const std::string& optimizer) {
     const double lr = raw->lr > 0 ? raw->lr : train::default_lr(optimizer, raw->graft);

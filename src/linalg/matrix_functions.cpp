@@ -133,11 +133,12 @@ double max_eigenvalue_power_iteration(const at::Tensor& a, int max_iterations, d
   return lambda;
 }
 
-at::Tensor inverse_root_spectrum(const at::Tensor& values_in, double p, double epsilon) {
+at::Tensor inverse_root_spectrum(const at::Tensor& values_in, double p, double epsilon, double damping) {
   const at::Tensor values = values_in.clamp_min(0);
   const at::Tensor lambda_max = values.amax(-1, /*keepdim=*/true);
   // Epsilon relative to lambda_max (absolute when the matrix is zero) keeps the root bounded.
-  const at::Tensor ridge = at::where(lambda_max > 0, lambda_max * epsilon, at::full_like(lambda_max, epsilon));
+  at::Tensor ridge = at::where(lambda_max > 0, lambda_max * epsilon, at::full_like(lambda_max, epsilon));
+  if (damping != 0) ridge = ridge + damping;
   // The power is taken in fp64 and rounded once to the working dtype. Vectorized fp32 pow
   // (SLEEF, 1 ulp) and the scalar pow that handles a vector's tail can round the same input
   // differently, so in fp32 a factor's root would depend on where it sits in the batch;
@@ -148,8 +149,8 @@ at::Tensor inverse_root_spectrum(const at::Tensor& values_in, double p, double e
   return damped.to(at::kDouble).pow_(-1.0 / p).to(damped.scalar_type());
 }
 
-at::Tensor inverse_root_from_eigen(const Eigen& e, double p, double epsilon) {
-  const at::Tensor scaled = inverse_root_spectrum(e.values, p, epsilon);
+at::Tensor inverse_root_from_eigen(const Eigen& e, double p, double epsilon, double damping) {
+  const at::Tensor scaled = inverse_root_spectrum(e.values, p, epsilon, damping);
   return at::matmul(e.vectors * scaled.unsqueeze(-2), e.vectors.transpose(-2, -1));
 }
 
@@ -161,10 +162,10 @@ void recompose_out(const at::Tensor& out, const at::Tensor& vectors, const at::T
 }
 
 std::optional<at::Tensor> inverse_root_eigen(const at::Tensor& a, double p, double epsilon,
-                                             const EighSolver& solver) {
+                                             const EighSolver& solver, double damping) {
   const std::optional<Eigen> e = eigh_with_fallback(a, solver);
   if (!e) return std::nullopt;
-  return inverse_root_from_eigen(*e, p, epsilon);
+  return inverse_root_from_eigen(*e, p, epsilon, damping);
 }
 
 // Coupled Newton (Schur-Newton) iteration for A^(-1/p), as in the Shampoo papers:
@@ -174,12 +175,12 @@ std::optional<at::Tensor> inverse_root_eigen(const at::Tensor& a, double p, doub
 // iteration raises the small ones monotonically; power iteration gives lambda_max for
 // the epsilon ridge.
 at::Tensor inverse_root_newton(const at::Tensor& a_in, int p, double epsilon, int max_iterations,
-                               double tolerance) {
+                               double tolerance, double damping) {
   const int64_t n = a_in.size(0);
   const at::Tensor identity = at::eye(n, a_in.options());
   const at::Tensor a = symmetrize(a_in);
   const double lambda_max = max_eigenvalue_power_iteration(a);
-  const double ridge = lambda_max > 0 ? epsilon * lambda_max : epsilon;
+  const double ridge = (lambda_max > 0 ? epsilon * lambda_max : epsilon) + damping;
   const at::Tensor damped = a + ridge * identity;
   const double z = (1.0 + p) / (2.0 * damped.norm().item<double>());
   at::Tensor root = identity * std::pow(z, 1.0 / p);

@@ -67,18 +67,20 @@ double max_eigenvalue_power_iteration(const at::Tensor& a, int max_iterations = 
 // (values + epsilon * max(values))^(-1/p) in the eigenbasis: V diag(.) V^T. Negative
 // eigenvalues (round-off of a PSD matrix) are clamped to zero first. Batched: each matrix
 // takes its own lambda_max (epsilon itself when lambda_max is 0), on the device.
-at::Tensor inverse_root_from_eigen(const Eigen& e, double p, double epsilon);
-// The diagonal of that root in the eigenbasis: (max(values, 0) + ridge)^(-1/p), [..., n].
-at::Tensor inverse_root_spectrum(const at::Tensor& values, double p, double epsilon);
+at::Tensor inverse_root_from_eigen(const Eigen& e, double p, double epsilon, double damping = 0);
+// The diagonal of that root in the eigenbasis: (max(values, 0) + ridge)^(-1/p), [..., n];
+// `damping` (K-FAC's absolute Tikhonov term) is added to the ridge.
+at::Tensor inverse_root_spectrum(const at::Tensor& values, double p, double epsilon, double damping = 0);
 // out = V diag(d) V^T ([..., n, n]), V * d in workspace slot `slot`.
 void recompose_out(const at::Tensor& out, const at::Tensor& vectors, const at::Tensor& d, Workspace& workspace,
                    int slot);
 
 // A^(-1/p) regularized as (A + epsilon * lambda_max * I)^(-1/p), by eigendecomposition
 // (nullopt when it fails) or by the coupled Newton iteration with a power-iteration lambda_max.
+// `damping` is an absolute term added to the ridge (K-FAC's lambda).
 std::optional<at::Tensor> inverse_root_eigen(const at::Tensor& a, double p, double epsilon,
-                                             const EighSolver& solver = default_eigh_solver());
+                                             const EighSolver& solver = default_eigh_solver(), double damping = 0);
 at::Tensor inverse_root_newton(const at::Tensor& a, int p, double epsilon, int max_iterations = 100,
-                               double tolerance = 1e-6);
+                               double tolerance = 1e-6, double damping = 0);
 
 }  // namespace lowbit::linalg

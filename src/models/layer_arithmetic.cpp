@@ -17,7 +17,9 @@ void LayerArithmetic::set(const arith::ArithOptions& o) {
 
 at::Tensor LayerArithmetic::linear(const torch::nn::Linear& layer, const at::Tensor& x, arith::LayerPlace place) {
   const at::Tensor& bias = layer->options.bias() ? layer->bias : at::Tensor();
-  return arith::linear(x, layer->weight, bias, options, generator, place);
+  at::Tensor out = arith::linear(x, layer->weight, bias, options, generator, place);
+  if (statistics) statistics->observe(layer->weight, x, out);
+  return out;
 }
 
 at::Tensor LayerArithmetic::conv(const torch::nn::Conv2d& layer, const at::Tensor& x, arith::LayerPlace place) {
@@ -26,7 +28,9 @@ at::Tensor LayerArithmetic::conv(const torch::nn::Conv2d& layer, const at::Tenso
               "low-bit arithmetic supports convolutions without groups or dilation");
   const auto& padding = std::get<torch::ExpandingArray<2>>(o.padding());
   const at::Tensor& bias = o.bias() ? layer->bias : at::Tensor();
-  return arith::conv2d(x, layer->weight, bias, *o.stride(), *padding, options, generator, place);
+  at::Tensor out = arith::conv2d(x, layer->weight, bias, *o.stride(), *padding, options, generator, place);
+  if (statistics) statistics->observe(layer->weight, x, out);
+  return out;
 }
 
 }  // namespace lowbit::models

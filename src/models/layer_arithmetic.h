@@ -7,12 +7,17 @@
 #include <torch/nn/modules/linear.h>
 
 #include <lowbit/arith.h>
+#include <lowbit/layer_statistics.h>
+
+#include <memory>
 
 namespace lowbit::models {
 
 struct LayerArithmetic {
   arith::ArithOptions options;
   at::Generator generator;  // LUQ rounding and RMM sketches; seeded by set()
+  // K-FAC / AdaBK's statistics hook: told every layer's input and output (null: none).
+  std::shared_ptr<LayerStatistics> statistics;
 
   LayerArithmetic();
   void set(const arith::ArithOptions& o);

@@ -21,6 +21,9 @@ struct Classifier : torch::nn::Module {
   // Throws for a model whose layers do not support it (vit: fp32 only).
   virtual void set_arithmetic(const arith::ArithOptions& options) { compute->set(options); }
   const arith::ArithOptions& arithmetic() const { return compute->options; }
+  // Reports every linear and convolution layer's input and output to `statistics` (K-FAC,
+  // AdaBK); nullptr stops it.
+  void observe_layers(std::shared_ptr<LayerStatistics> statistics) { compute->statistics = std::move(statistics); }
 
  protected:
   std::shared_ptr<LayerArithmetic> compute = std::make_shared<LayerArithmetic>();

@@ -89,6 +89,7 @@ const Consequence& consequence(const std::string& key) {
       {"adahessian.hutchinson", {"Hutchinson Hessian estimate D", "v, the EMA of D*D, would overflow fp32"}},
       {"mfac", {"gradient", "the inverse-Fisher direction F^-1 g is no longer guaranteed finite"}},
       {"nag_gs", {"gradient", "the velocity v is no longer guaranteed finite"}},
+      {"kfac", {"gradient", "the preconditioned gradient and the first-order state are no longer guaranteed finite"}},
   };
   const auto found = table.find(key);
   TORCH_CHECK(found != table.end(), "lowbit::health::consequence: unknown key \"", key, "\"");

@@ -56,7 +56,11 @@ void CholeskyQuantizedFactor::update_statistic_of(const at::Tensor& side_in) {
   const at::Tensor side = side_in.to(at::kDouble);
   const at::Tensor c = reconstruct_factor(factor_).to(at::kDouble);
   at::Tensor a = at::matmul(c, c.t()).mul_(config_.stat_decay);
-  a.addmm_(side, side.t(), 1.0, 1.0 - config_.stat_decay);
+  if (config_.gram_statistics) {
+    a.add_(side, 1.0 - config_.stat_decay);
+  } else {
+    a.addmm_(side, side.t(), 1.0, 1.0 - config_.stat_decay);
+  }
   const double delta = config_.epsilon * a.diagonal().max().item<double>();
   a.diagonal().add_((1.0 - config_.stat_decay) * delta);
   const std::optional<at::Tensor> factor = cholesky_with_jitter(a);
@@ -69,7 +73,7 @@ void CholeskyQuantizedFactor::update_statistic_of(const at::Tensor& side_in) {
 
 void CholeskyQuantizedFactor::update_root() {
   const std::optional<at::Tensor> root =
-      linalg::inverse_root_eigen(statistic(), config_.root_exponent, config_.epsilon, config_.eigh);
+      linalg::inverse_root_eigen(statistic(), config_.root_exponent, config_.epsilon, config_.eigh, config_.damping);
   const at::Tensor candidate = root ? root->to(at::kFloat) : at::full({order_, order_}, NAN, failures_.options().dtype(at::kFloat));
   const at::Tensor keep = keep_mask(candidate.unsqueeze(0))[0];
   count_failure(keep.logical_not());

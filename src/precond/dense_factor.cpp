@@ -53,7 +53,7 @@ void DenseFactor::update_statistics(c10::ArrayRef<DenseFactor*> batch, c10::Arra
   const FactorConfig& config = batch.front()->config_;
   const int64_t count = static_cast<int64_t>(batch.size()), n = batch.front()->order_;
   at::Tensor candidates = context.workspace->take(kCandidates, {count, n, n}, batch.front()->statistic_.options());
-  outer_products(sides, candidates);
+  outer_products(sides, candidates, config.gram_statistics);
   std::vector<at::Tensor> statistics;
   for (DenseFactor* f : batch) statistics.push_back(f->statistic_);
   candidates.mul_(1.0 - config.stat_decay);
@@ -113,14 +113,15 @@ void DenseFactor::update_roots(c10::ArrayRef<DenseFactor*> batch, RefreshContext
     const linalg::Eigen e = linalg::eigh_batched(stacked(statistics, workspace, kCandidates), config.eigh);
     candidates = workspace.take(kVectors, {count, n, n}, e.vectors.options());
     linalg::recompose_out(candidates, e.vectors,
-                          linalg::inverse_root_spectrum(e.values, config.root_exponent, config.epsilon), workspace,
+                          linalg::inverse_root_spectrum(e.values, config.root_exponent, config.epsilon, config.damping), workspace,
                           kScratch);
   } else {
     // The coupled Newton iteration decides when to stop on the host: one factor at a time.
     candidates = workspace.take(kVectors, {count, n, n}, batch.front()->root_.options());
     for (int64_t i = 0; i < count; ++i)
       candidates[i].copy_(linalg::inverse_root_newton(batch[static_cast<size_t>(i)]->statistic_,
-                                                      static_cast<int>(config.root_exponent), config.epsilon));
+                                                      static_cast<int>(config.root_exponent), config.epsilon,
+                                                      100, 1e-6, config.damping));
   }
   const at::Tensor keep = keep_mask(candidates), failed = keep.logical_not();
   for (int64_t i = 0; i < count; ++i) {

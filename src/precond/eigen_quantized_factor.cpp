@@ -114,7 +114,7 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
   std::vector<at::Tensor> values;
   for (const EigenQuantizedFactor* f : batch) values.push_back(f->eigenvalues_);
   const at::Tensor a = workspace.take(kStatistic, {count, n, n}, fp32);
-  outer_products(sides, a);
+  outer_products(sides, a, config.gram_statistics);
   at::Tensor weighted = workspace.take_like(kScratch, v);
   at::mul_out(weighted, v, at::stack(values).unsqueeze(-2));
   linalg::matmul_into(a, weighted, v.transpose(-2, -1), config.stat_decay, 1.0 - config.stat_decay);
@@ -160,7 +160,7 @@ void EigenQuantizedFactor::update_roots(c10::ArrayRef<EigenQuantizedFactor*> bat
   linalg::Workspace& workspace = *context.workspace;
   const int64_t count = static_cast<int64_t>(batch.size()), n = first.order_;
   at::Tensor roots = workspace.take(kStatistic, {count, n, n}, first.eigenvalues_.options());
-  linalg::recompose_out(roots, vectors, linalg::inverse_root_spectrum(values, config.root_exponent, config.epsilon),
+  linalg::recompose_out(roots, vectors, linalg::inverse_root_spectrum(values, config.root_exponent, config.epsilon, config.damping),
                         workspace, kScratch);
   at::Tensor keep = keep_mask(roots), failed = keep.logical_not();
   if (usable.defined()) {
@@ -179,7 +179,7 @@ at::Tensor EigenQuantizedFactor::inverse_root() const {
   if (config_.eigenbasis) return eigenvectors(config_.bjorck_root_steps);
   if (!config_.eigen_form_root) return root_.dequantize();
   const at::Tensor v = eigenvectors(config_.bjorck_stat_steps);
-  const at::Tensor d = linalg::inverse_root_spectrum(eigenvalues_, config_.root_exponent, config_.epsilon);
+  const at::Tensor d = linalg::inverse_root_spectrum(eigenvalues_, config_.root_exponent, config_.epsilon, config_.damping);
   return at::matmul(v * d.unsqueeze(0), v.t());
 }
 
@@ -190,7 +190,8 @@ void EigenQuantizedFactor::eigen_form_roots_into(c10::ArrayRef<const EigenQuanti
   std::vector<at::Tensor> values;
   for (const EigenQuantizedFactor* f : batch) values.push_back(f->eigenvalues_);
   const at::Tensor d =
-      linalg::inverse_root_spectrum(at::stack(values), first.config_.root_exponent, first.config_.epsilon);
+      linalg::inverse_root_spectrum(at::stack(values), first.config_.root_exponent, first.config_.epsilon,
+                                      first.config_.damping);
   linalg::recompose_out(out, v, d, workspace, slot + 1);  // Björck's slots are free again
 }
 

@@ -20,7 +20,8 @@ bool same_batch(const KroneckerFactor& a, const KroneckerFactor& b) {
          x.root_method == y.root_method && x.quant == y.quant && x.bjorck_stat_steps == y.bjorck_stat_steps &&
          x.bjorck_root_steps == y.bjorck_root_steps && x.eigen_update == y.eigen_update &&
          x.error_feedback == y.error_feedback && x.error_feedback_decay == y.error_feedback_decay &&
-         x.eigenbasis == y.eigenbasis && x.eigen_form_root == y.eigen_form_root;
+         x.eigenbasis == y.eigenbasis && x.eigen_form_root == y.eigen_form_root &&
+         x.gram_statistics == y.gram_statistics && x.damping == y.damping;
 }
 
 void refresh_batch(FactorKind kind, c10::ArrayRef<RefreshItem> batch, RefreshContext& context) {
@@ -78,7 +79,12 @@ void refresh_alone(c10::ArrayRef<RefreshItem> items) {
 
 at::Tensor keep_mask(const at::Tensor& candidates) { return candidates.isfinite().flatten(1).all(1); }
 
-void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out) {
+void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out, bool gram) {
+  if (gram) {  // the products themselves (FactorConfig::gram_statistics)
+    at::Tensor target = out;
+    at::stack_out(target, sides);
+    return;
+  }
   // Sides of equal width are stacked for one batched product.
   std::map<int64_t, std::vector<int64_t>> by_width;
   for (size_t i = 0; i < sides.size(); ++i) by_width[sides[i].size(1)].push_back(static_cast<int64_t>(i));

@@ -44,8 +44,9 @@ int64_t temporaries_per_factor(FactorKind kind);
 // Helpers the kinds share.
 // A bool [B] on the device: every value of each candidate finite (its negation: the failures).
 at::Tensor keep_mask(const at::Tensor& candidates);
-// side side^T of every item into out [B, n, n], one batched product per side width k.
-void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out);
+// side side^T of every item into out [B, n, n], one batched product per side width k; with
+// `gram` (FactorConfig::gram_statistics) the sides are the n x n products and are copied.
+void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out, bool gram);
 
 
 }  // namespace lowbit::precond

@@ -53,6 +53,12 @@ struct FactorConfig {
   // rounding instead of two (the root is not quantized a second time) and no root state, for
   // one more n^3 product per step; the root follows every statistics update (T2 unused).
   bool eigen_form_root = false;
+  // K-FAC / AdaBK: update_statistic receives the n x n statistic itself (E[a a^T] of a layer's
+  // inputs, accumulated as the batch passes) instead of a side whose product it is.
+  bool gram_statistics = false;
+  // An absolute Tikhonov term added to the relative ridge epsilon * lambda_max: roots are of
+  // (A + (epsilon lambda_max + damping) I). K-FAC's lambda; Shampoo keeps 0.
+  double damping = 0;
 };
 
 class KroneckerFactor {
@@ -65,7 +71,8 @@ class KroneckerFactor {
 
   // One factor's refresh, as a batch of one (factor_refresh.h batches many):
   // statistic <- beta * statistic + (1 - beta) * side side^T, with side the n x k fp32 block
-  // of the gradient on this factor's side (G for a left factor, G^T for a right one).
+  // of the gradient on this factor's side (G for a left factor, G^T for a right one); with
+  // config.gram_statistics, side is the n x n product itself.
   void update_statistic(const at::Tensor& side);
   // Recomputes the inverse root. A failed refresh (a decomposition that throws, or a result
   // that is not finite) keeps the last good state and is counted in failures().

@@ -27,7 +27,7 @@ void NaiveQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshCont
     const int64_t count = static_cast<int64_t>(statistics.size()), n = first.order_;
     const at::TensorOptions fp32 = at::TensorOptions(first.device_).dtype(at::kFloat);
     at::Tensor candidates = context.workspace->take(0, {count, n, n}, fp32);
-    outer_products(sides, candidates);
+    outer_products(sides, candidates, first.config_.gram_statistics);
     at::Tensor previous = context.workspace->take(1, {count, n, n}, fp32);
     std::vector<const QuantizedMatrix*> stored;
     for (const NaiveQuantizedFactor* f : statistics) stored.push_back(&f->statistic_);
@@ -48,7 +48,7 @@ void NaiveQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshCont
 
 void NaiveQuantizedFactor::update_root() {
   const at::Tensor root = linalg::inverse_root_newton(statistic_.dequantize(), static_cast<int>(config_.root_exponent),
-                                                      config_.epsilon);
+                                                      config_.epsilon, 100, 1e-6, config_.damping);
   const at::Tensor keep = keep_mask(root.unsqueeze(0))[0];
   count_failure(keep.logical_not());
   root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(root.nan_to_num(0.0, 0.0, 0.0), quant_), root_);

@@ -7,6 +7,7 @@
 
 #include <lowbit/adahessian.h>
 #include <lowbit/adamw.h>
+#include <lowbit/kfac.h>
 #include <lowbit/mfac.h>
 #include <lowbit/nag_gs.h>
 #include <lowbit/sophia.h>
@@ -20,7 +21,9 @@ const std::vector<std::string> kShampooFamily = {"shampoo", "shampoo4", "shampoo
 const std::vector<std::string> kOptimizerNames = [] {
   std::vector<std::string> names{"sgdm", "adamw", "adamw8", "adamw4"};
   names.insert(names.end(), kShampooFamily.begin(), kShampooFamily.end());
-  for (const char* n : {"sophia", "sophia-h", "adahessian", "mfac", "mfac8", "mfac4", "nag-gs"}) names.emplace_back(n);
+  for (const char* n : {"sophia", "sophia-h", "adahessian", "mfac", "mfac8", "mfac4", "nag-gs", "kfac", "kfac4",
+                        "sgdm-bk", "sgdm-bk4", "adamw-bk", "adamw-bk4"})
+    names.emplace_back(n);
   return names;
 }();
 
@@ -28,7 +31,34 @@ bool is_shampoo_family(const std::string& name) {
   return std::find(kShampooFamily.begin(), kShampooFamily.end(), name) != kShampooFamily.end();
 }
 
+bool is_kfac_family(const std::string& name) {
+  return name == "kfac" || name == "kfac4" || name.rfind("sgdm-bk", 0) == 0 || name.rfind("adamw-bk", 0) == 0;
+}
+
 namespace {
+
+// K-FAC / AdaBK on the model's linear and convolution layers, which report to the optimizer's
+// statistics from now on. 4-bit: eigenvector-quantized factors without Björck (the paper's
+// Table 4 setting). Intervals T1 / T2 are the Shampoo ones (--stat-interval, --root-interval).
+std::unique_ptr<torch::optim::Optimizer> make_kfac(const std::string& name, std::vector<torch::Tensor> params,
+                                                   const ShampooOptions& base, const SecondOrderSettings& s,
+                                                   models::Classifier* model) {
+  TORCH_CHECK(model != nullptr, "--optimizer ", name, " preconditions the model's layers: make_optimizer needs the model");
+  auto statistics = std::make_shared<LayerStatistics>(kfac_layers(*model));
+  model->observe_layers(statistics);
+  KfacOptions o(base.lr());
+  o.stat_interval(base.stat_interval()).root_interval(base.root_interval()).weight_decay(base.weight_decay());
+  o.momentum(base.momentum()).betas(base.betas()).eps(base.eps());
+  o.factor(name.back() == '4' ? "eigen4" : "dense");
+  if (name.rfind("kfac", 0) == 0) {
+    o.rule("sgdm").kl_clip(s.kl_clip >= 0 ? s.kl_clip : 1e-3);
+    if (s.damping > 0) o.damping(s.damping);
+    return std::make_unique<KFAC>(statistics, params, o);
+  }
+  o.rule(name.rfind("adamw", 0) == 0 ? "adamw" : "sgdm");
+  if (s.damping > 0) o.damping_input(s.damping).damping_output(s.damping);
+  return std::make_unique<AdaBK>(statistics, params, o);
+}
 
 std::string known_names() {
   std::string list;
@@ -84,6 +114,8 @@ double default_lr(const std::string& name, const std::string& graft) {
   if (name == "adahessian") return 0.05;  // with a warm-up: early Hessian diagonals are tiny
   if (name.rfind("mfac", 0) == 0) return 3e-3;
   if (name == "nag-gs") return 0.3;
+  if (name == "kfac" || name == "kfac4") return 0.01;
+  if (name.rfind("sgdm-bk", 0) == 0) return 0.05;
   return 1e-3;
 }
 
@@ -93,7 +125,9 @@ bool needs_sampled_labels(const std::string& name) { return name == "sophia"; }
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
                                                         std::vector<torch::Tensor> params,
                                                         const ShampooOptions& shampoo,
-                                                        const SecondOrderSettings& second_order) {
+                                                        const SecondOrderSettings& second_order,
+                                                        models::Classifier* model) {
+  if (is_kfac_family(name)) return make_kfac(name, params, shampoo, second_order, model);
   if (name == "sgdm")
     return std::make_unique<torch::optim::SGD>(
         params, torch::optim::SGDOptions(shampoo.lr()).momentum(shampoo.momentum())
@@ -136,6 +170,7 @@ StateBytes optimizer_state_bytes(const torch::optim::Optimizer& optimizer) {
   if (const auto* o = dynamic_cast<const MFAC*>(&optimizer)) return o->state_bytes();
   if (const auto* o = dynamic_cast<const NagGS*>(&optimizer)) return o->state_bytes();
   if (const auto* o = dynamic_cast<const AdamW*>(&optimizer)) return o->state_bytes();
+  if (const auto* o = dynamic_cast<const KroneckerLayerOptimizer*>(&optimizer)) return o->state_bytes();
   StateBytes bytes;
   auto add = [&](const torch::Tensor& t) {
     if (t.defined()) bytes.first_order += t.numel() * static_cast<int64_t>(t.element_size());

@@ -10,6 +10,8 @@
 
 #include <lowbit/shampoo.h>
 
+#include "models/models.h"
+
 namespace lowbit::train {
 
 // "sgdm" and "adamw" are LibTorch's own optimizers (the baselines); "adamw8" and "adamw4"
@@ -22,7 +24,9 @@ namespace lowbit::train {
 // "shampoo4-cholesky-noef" quantize the Cholesky factor (with / without error feedback);
 // "shampoo4-adamw4" is shampoo4 with 4-bit AdamW moments as its graft; "sophia" (Gauss-Newton-Bartlett),
 // "sophia-h" (Hutchinson), "adahessian", "mfac" (fp32 window), "mfac8", "mfac4" and
-// "nag-gs" are lowbit's other second-order optimizers. lr, momentum, betas, eps and weight
+// "nag-gs" are lowbit's other second-order optimizers; "kfac" / "kfac4" (K-FAC, fp32 / 4-bit
+// eigenvector-quantized factors), "sgdm-bk" / "sgdm-bk4" and "adamw-bk" / "adamw-bk4" (AdaBK)
+// precondition the model's linear and convolution layers and need `model`. lr, momentum, betas, eps and weight
 // decay come from `shampoo` for every optimizer that has them.
 extern const std::vector<std::string> kOptimizerNames;
 // The names built on lowbit::Shampoo (they take the Shampoo options and --nproc).
@@ -38,7 +42,11 @@ struct SecondOrderSettings {
   int64_t window = -1;            // M-FAC m
   double damping = -1;            // M-FAC lambda
   double mu = -1;                 // NAG-GS
+  double kl_clip = -1;            // K-FAC
 };
+
+// The K-FAC / AdaBK names.
+bool is_kfac_family(const std::string& name);
 
 // The learning rate an optimizer uses when none is given: tuned on Fashion-MNIST (docs/training.md).
 double default_lr(const std::string& name, const std::string& graft);
@@ -51,7 +59,8 @@ bool needs_sampled_labels(const std::string& name);
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
                                                         std::vector<torch::Tensor> params,
                                                         const ShampooOptions& shampoo,
-                                                        const SecondOrderSettings& second_order = {});
+                                                        const SecondOrderSettings& second_order = {},
+                                                        models::Classifier* model = nullptr);
 
 // Optimizer state in bytes, split as lowbit::Shampoo reports it.
 StateBytes optimizer_state_bytes(const torch::optim::Optimizer& optimizer);

@@ -232,7 +232,7 @@ TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log)
   arith::ArithOptions arithmetic = config.arithmetic;
   arithmetic.seed = config.seed;
   model->set_arithmetic(arithmetic);
-  auto optimizer = make_optimizer(config.optimizer, model->parameters(), config.shampoo, config.second_order);
+  auto optimizer = make_optimizer(config.optimizer, model->parameters(), config.shampoo, config.second_order, model.get());
   parallel.attach(*optimizer, config.optimizer);
 
   const int64_t steps_per_epoch = (n + config.batch_size - 1) / config.batch_size;
