@@ -185,8 +185,8 @@ class Plan:
 
 def analyze(model: torch.nn.Module, loss_fn: LossFn, batches: Any, widths: Sequence[int] = (3, 4, 8), *,
             sensitivity: str = "trace", pin_edges: bool = True, scaling: str = "block", block_size: int = 64,
-            mapping: str = "linear", rel_tol: float = 0.05, confidence: float = 0.95, min_probes: int = 16,
-            max_probes: int = 512, seed: int = 0) -> Plan:
+            mapping: str = "linear", rel_tol: float = 0.1, confidence: float = 0.95, min_probes: int = 16,
+            max_probes: int = 256, seed: int = 0) -> Plan:
     """The layers' curvature and, per width, their bytes and quantization error.
 
     ``sensitivity``: "trace" (HAWQ-V2, Hutchinson with the stopping rule of ``layer_traces``),

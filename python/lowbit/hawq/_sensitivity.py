@@ -85,7 +85,7 @@ def _checked_batches(batches: Any) -> List[Tuple[Any, Any]]:
 
 
 def layer_traces(model: torch.nn.Module, loss_fn: LossFn, batches: Any, layers: Sequence[Layer], *,
-                 rel_tol: float = 0.05, confidence: float = 0.95, min_probes: int = 16, max_probes: int = 512,
+                 rel_tol: float = 0.1, confidence: float = 0.95, min_probes: int = 16, max_probes: int = 256,
                  seed: int = 0) -> List[LayerTrace]:
     """Tr(H_i) of each layer's block of the Hessian of the mean loss over ``batches``.
 
