@@ -235,7 +235,7 @@ TEST(HawqPlan, AllocationsAreOptimalByBruteForceWithPins) {
           costs.back().push_back(plan.bytes[i][j]);
           const double n = static_cast<double>(plan.numel[i]), b = static_cast<double>(plan.widths[j]);
           omegas.back().push_back(method == "hawq"   ? plan.traces[i] / n * plan.squared_error[i][j]
-                                  : method == "size" ? n * std::pow(4.0, -b)
+                                  : method == "size" ? std::pow(4.0, -b)
                                                      : plan.squared_error[i][j]);
         }
         chosen += a.layers[i].omega;

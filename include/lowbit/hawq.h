@@ -120,9 +120,10 @@ struct Allocation {
   int64_t total_bytes() const { return weight_bytes() + fixed_bytes; }
 };
 
-// "hawq": Tr(H_i)/n_i * ||Q_b(W_i) - W_i||^2 (a negative trace counts as 0); "size": n_i * 4^-b
-// (layer size alone); "weight-error": ||Q_b(W_i) - W_i||^2; "uniform": the widest single width
-// that fits.
+// "hawq": Tr(H_i)/n_i * ||Q_b(W_i) - W_i||^2 (a negative trace counts as 0); "size": 4^-b, the
+// relative noise power of a b-bit grid, alike for every layer, so bits go first where they cost
+// the fewest bytes, to the small layers (allocation by layer size alone); "weight-error":
+// ||Q_b(W_i) - W_i||^2; "uniform": the widest single width that fits.
 const std::vector<std::string>& allocation_methods();
 
 struct Plan {

@@ -112,6 +112,21 @@ void run(const HawqArgs& args) {
                 "layer at ", plan.widths.front(), " bits", args.pin_edges ? ", first and last at 8" : "", ", plus ",
                 plan.fixed_bytes, " bytes of unquantized parameters)");
 
+  std::printf("smallest model %lld bytes; uniform widths:", static_cast<long long>(plan.minimum_bytes()));
+  for (size_t j = 0; j < plan.widths.size(); ++j) {
+    int64_t total = plan.fixed_bytes;
+    for (size_t i = 0; i < plan.names.size(); ++i) {
+      const auto allowed = plan.options_of(i);
+      total += plan.bytes[i][std::count(allowed.begin(), allowed.end(), static_cast<int>(j)) ? j : allowed.front()];
+    }
+    std::printf(" %lld bits %lld bytes;", static_cast<long long>(plan.widths[j]), static_cast<long long>(total));
+  }
+  std::printf(" fp32 %lld bytes\n", static_cast<long long>([&] {
+                int64_t total = plan.fixed_bytes;
+                for (int64_t n : plan.numel) total += 4 * n;
+                return total;
+              }()));
+
   // The curvature batches: the first --batches of a seeded shuffle of the training set.
   std::vector<data::Batch> batches;
   data::BatchIterator it(data.train, args.batch_size, /*shuffle=*/true, args.seed);
@@ -155,21 +170,6 @@ void run(const HawqArgs& args) {
       eigen_json.push_back({{"name", e.name}, {"value", e.value}, {"residual", e.residual}, {"iterations", e.iterations}});
     }
   }
-  std::printf("\nsmallest model %lld bytes; uniform widths:", static_cast<long long>(plan.minimum_bytes()));
-  for (size_t j = 0; j < plan.widths.size(); ++j) {
-    int64_t total = plan.fixed_bytes;
-    for (size_t i = 0; i < plan.names.size(); ++i) {
-      const auto allowed = plan.options_of(i);
-      total += plan.bytes[i][std::count(allowed.begin(), allowed.end(), static_cast<int>(j)) ? j : allowed.front()];
-    }
-    std::printf(" %lld bits %lld bytes;", static_cast<long long>(plan.widths[j]), static_cast<long long>(total));
-  }
-  std::printf(" fp32 %lld bytes\n", static_cast<long long>([&] {
-                int64_t total = plan.fixed_bytes;
-                for (int64_t n : plan.numel) total += 4 * n;
-                return total;
-              }()));
-
   // Each allocation is applied to a copy of the trained weights, restored afterwards.
   std::vector<at::Tensor> originals;
   for (const at::Tensor& w : weights) originals.push_back(w.detach().clone());

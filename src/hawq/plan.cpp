@@ -126,7 +126,7 @@ Allocation Plan::allocate(int64_t budget_bytes, const std::string& method) const
         // A negative estimate would reward error; the quadratic model then predicts no loss increase.
         omega[i][j] = std::max(traces[i], 0.0) / numel[i] * squared_error[i][j];
       } else if (method == "size") {
-        omega[i][j] = numel[i] * std::pow(4.0, -static_cast<double>(widths[j]));
+        omega[i][j] = std::pow(4.0, -static_cast<double>(widths[j]));
       } else {
         omega[i][j] = squared_error[i][j];
       }

@@ -34,8 +34,10 @@ __all__ = ["analyze", "allocate", "apply", "evaluate", "Plan", "Allocation", "La
 
 # "hawq": Tr(H_i)/n_i * ||Q_b(W_i) - W_i||^2 (HAWQ-V2); "eigenvalue": lambda_max(H_i)/n_i * the
 # same error (HAWQ-V1's measure, needs sensitivity="eigenvalue" in analyze); "weight-error":
-# ||Q_b(W_i) - W_i||^2 alone (no curvature); "size": n_i * 4^-b (layer size alone: the noise
-# power of a b-bit grid, 4^-b, on every parameter alike); "uniform": one width for every layer.
+# ||Q_b(W_i) - W_i||^2 alone (no curvature); "size": 4^-b, the relative noise power of a b-bit
+# grid, alike for every layer, so the budget alone decides: bits go first to the layers where
+# they cost the fewest bytes, the small ones (allocation by layer size alone); "uniform": one
+# width for every layer.
 METHODS = ("hawq", "eigenvalue", "weight-error", "size", "uniform")
 
 
@@ -133,7 +135,7 @@ class Plan:
             elif method == "weight-error":
                 out.append(list(self.squared_error[i]))
             elif method == "size":
-                out.append([layer.numel * 4.0 ** -b for b in self.widths])
+                out.append([4.0 ** -b for b in self.widths])
             else:
                 raise ValueError(f"lowbit.hawq: method must be one of {', '.join(METHODS)}; got {method!r}")
         return out
