@@ -126,6 +126,7 @@ void run(const HawqArgs& args) {
                 for (int64_t n : plan.numel) total += 4 * n;
                 return total;
               }()));
+  std::fflush(stdout);  // the curvature takes minutes: show what is known so far
 
   // The curvature batches: the first --batches of a seeded shuffle of the training set.
   std::vector<data::Batch> batches;
@@ -182,6 +183,7 @@ void run(const HawqArgs& args) {
       const double accuracy = train::evaluate_accuracy(*model, data.test);
       model->eval();
       print_allocation(a, accuracy);
+      std::fflush(stdout);
       results.push_back(allocation_json(a, accuracy));
       at::NoGradGuard no_grad;
       for (size_t i = 0; i < weights.size(); ++i) weights[i].copy_(originals[i]);
