@@ -245,3 +245,14 @@ def test_bad_input_is_named():
         plan.allocate(10 ** 6, "hawq")
     with pytest.raises(ValueError, match="batches is empty"):
         hawq.allocate(model, loss_fn, [], 10 ** 6)
+
+
+def test_evaluate_counts_correct_top1_predictions_and_keeps_the_mode():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the larger coordinate
+    inputs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 3.0], [5.0, 1.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 1, 0, 0, 0])  # 3 of 5 right
+    model.train()
+    assert hawq.evaluate(model, [(inputs[:2], labels[:2]), (inputs[2:], labels[2:])]) == pytest.approx(3 / 5)
+    assert model.training
