@@ -100,11 +100,11 @@ def test_stopping_rule_stops_after_whole_rounds_once_every_layer_is_tight():
     tight = hawq.layer_traces(model, loss_fn, batches, layers, rel_tol=1e-12, min_probes=4, max_probes=20)
     assert all(t.probes == 20 and not t.converged for t in tight)
     # In between, a converged estimate meets the rule it states.
-    mid = hawq.layer_traces(model, loss_fn, batches, layers, rel_tol=0.2, confidence=0.9, min_probes=4,
+    mid = hawq.layer_traces(model, loss_fn, batches, layers, rel_tol=0.5, confidence=0.9, min_probes=4,
                             max_probes=3000)
     for t in mid:
         assert t.converged and t.probes % 3 == 0
-        assert (t.high - t.low) / 2 <= 0.2 * abs(t.trace) * (1 + 1e-12)
+        assert (t.high - t.low) / 2 <= 0.5 * abs(t.trace) * (1 + 1e-12)
 
 
 def test_top_eigenvalue_matches_the_dense_block():
@@ -181,7 +181,7 @@ def cnn_setup():
 @pytest.mark.parametrize("scaling", ["block", "channel"])
 def test_budget_accounting_is_the_codecs_stored_bytes(scaling):
     model, loss_fn, batches = cnn_setup()
-    plan = hawq.analyze(model, loss_fn, batches, (3, 4, 8), scaling=scaling, block_size=16, max_probes=32)
+    plan = hawq.analyze(model, loss_fn, batches, (3, 4, 8), scaling=scaling, block_size=16, min_probes=2, max_probes=4)
     for layer, costs in zip(plan.layers, plan.bytes):
         block = block_size_for(layer, scaling, 16)
         for bits, cost in zip(plan.widths, costs):
@@ -209,7 +209,7 @@ def test_budget_accounting_is_the_codecs_stored_bytes(scaling):
 
 def test_plan_allocations_are_optimal_by_brute_force_with_pins():
     model, loss_fn, batches = cnn_setup()
-    plan = hawq.analyze(model, loss_fn, batches, (3, 4, 8), block_size=16, max_probes=32)
+    plan = hawq.analyze(model, loss_fn, batches, (3, 4, 8), block_size=16, min_probes=2, max_probes=4)
     assert all(t.trace == t.trace for t in plan.traces)
     for method in ("hawq", "size", "weight-error"):
         omegas = plan.omegas(method)
