@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 MARKERS = {"hawq": "o", "size": "s", "weight-error": "^", "uniform": "D"}
+COLORS = {"hawq": "C0", "size": "C1", "weight-error": "C2", "uniform": "C3"}  # the same in every panel
 
 
 def main(chart_path, result_paths):
@@ -23,7 +24,8 @@ def main(chart_path, result_paths):
             by_method[a["method"]].append((a["total_bytes"] / 1e6, a["test_accuracy"]))
         for method, points in by_method.items():
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS.get(method, "x"), label=method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS.get(method, "x"),
+                    color=COLORS.get(method), label=method)
         ax.axhline(r["fp32_test_accuracy"], color="grey", linestyle="--", linewidth=0.8, label="fp32")
         ax.set_title(f"{r['model']} on {r['dataset']} ({r['scaling']} scales, widths "
                      f"{','.join(map(str, r['widths']))})")
