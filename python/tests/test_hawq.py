@@ -209,9 +209,10 @@ def test_budget_accounting_is_the_codecs_stored_bytes(scaling):
 
 def test_plan_allocations_are_optimal_by_brute_force_with_pins():
     model, loss_fn, batches = cnn_setup()
-    plan = hawq.analyze(model, loss_fn, batches, (3, 4, 8), block_size=16, min_probes=2, max_probes=4)
-    assert all(t.trace == t.trace for t in plan.traces)
-    for method in ("hawq", "size", "weight-error"):
+    plan = hawq.analyze(model, loss_fn, batches, (3, 4, 8), sensitivity="both", block_size=16, min_probes=2,
+                        max_probes=4)
+    assert all(t.trace == t.trace for t in plan.traces) and len(plan.eigenvalues) == 4
+    for method in ("hawq", "eigenvalue", "size", "weight-error"):
         omegas = plan.omegas(method)
         costs = [[plan.bytes[i][j] for j in plan.options(i)] for i in range(len(plan.layers))]
         values = [[omegas[i][j] for j in plan.options(i)] for i in range(len(plan.layers))]
