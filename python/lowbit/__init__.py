@@ -14,6 +14,8 @@ library on LibTorch.
   :class:`lowbit.Fqt1Linear` / :class:`lowbit.Fqt1Conv2d`; ``"rmm"``:
   :class:`lowbit.SketchedLinear`); :func:`lowbit.luq_quantize`, :func:`lowbit.kept_bytes`,
   and the 1-bit quantizers in :mod:`lowbit.arith`.
+- :mod:`lowbit.hawq`: Hessian-aware mixed-precision weight quantization (HAWQ-V2): per-layer
+  Hessian traces, the exact bit allocation under a byte budget, applied with the codec.
 - ``torch.ops.lowbit.*``: the codec ops; ``torch.classes.lowbit.*``: the C++ state classes.
 
 Importing lowbit loads liblowbit: the path in ``LOWBIT_LIBRARY``, else the copy installed

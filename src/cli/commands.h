@@ -25,4 +25,7 @@ void add_compare(CLI::App& app);
 // `lowbit quant-error`: the paper's Table 1 error analysis on synthetic SPD matrices.
 void add_quant_error(CLI::App& app);
 
+// `lowbit hawq`: Hessian-aware mixed-precision quantization of a `train --save-model` model.
+void add_hawq(CLI::App& app);
+
 }  // namespace lowbit::cli

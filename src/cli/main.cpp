@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   lowbit::cli::add_train(app);
   lowbit::cli::add_compare(app);
   lowbit::cli::add_quant_error(app);
+  lowbit::cli::add_hawq(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -66,6 +66,7 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_flag("--resume", c.resume, "Continue the run saved in --checkpoint");
   cmd.add_option("--stop-after-epoch", c.stop_after_epoch, "End early after this epoch (the schedule still spans --epochs)");
   cmd.add_flag("!--no-progress", c.progress, "No progress bar");
+  cmd.add_option("--save-model", c.save_model, "Save the trained model to this file (for `lowbit hawq --checkpoint`)");
   cmd.add_option("--dump-preconditioner", c.dump_preconditioner,
                  "Save the largest preconditioner statistic (a tensor file for quant-error --matrix)");
   cmd.add_option("--graft", raw->graft, "First-order rule under Shampoo: sgdm | adamw")

@@ -34,7 +34,9 @@ double seconds_since(Clock::time_point start) {
 // The shuffle of an epoch depends only on (seed, epoch), so a resumed run sees the same batches.
 uint64_t epoch_seed(uint64_t seed, int64_t epoch) { return seed * 1000003ull + static_cast<uint64_t>(epoch); }
 
-double evaluate(models::Classifier& model, const data::Dataset& test) {
+}  // namespace
+
+double evaluate_accuracy(models::Classifier& model, const data::Dataset& test) {
   torch::NoGradGuard no_grad;
   model.eval();
   int64_t correct = 0;
@@ -47,6 +49,33 @@ double evaluate(models::Classifier& model, const data::Dataset& test) {
   model.train();
   return n > 0 ? static_cast<double>(correct) / n : 0.0;
 }
+
+void save_trained_model(const std::string& path, const TrainConfig& config, models::Classifier& model) {
+  torch::serialize::OutputArchive archive;
+  model.save(archive);
+  archive.write("lowbit_model", c10::IValue(config.model));
+  archive.write("lowbit_dataset", c10::IValue(config.dataset));
+  archive.save_to(path + ".tmp");
+  std::filesystem::rename(path + ".tmp", path);  // never a half-written file under the name
+}
+
+void load_trained_model(const std::string& path, const std::string& model_name, const std::string& dataset,
+                        models::Classifier& model) {
+  TORCH_CHECK(std::filesystem::exists(path), "--checkpoint: ", path, " does not exist (make one with "
+              "`lowbit train --save-model FILE`)");
+  torch::serialize::InputArchive archive;
+  archive.load_from(path);
+  c10::IValue saved_model, saved_dataset;
+  TORCH_CHECK(archive.try_read("lowbit_model", saved_model) && archive.try_read("lowbit_dataset", saved_dataset),
+              "--checkpoint: ", path, " is not a model saved by `lowbit train --save-model`");
+  TORCH_CHECK(saved_model.toStringRef() == model_name, "--checkpoint: ", path, " holds a ", saved_model.toStringRef(),
+              " model; --model is ", model_name);
+  TORCH_CHECK(saved_dataset.toStringRef() == dataset, "--checkpoint: ", path, " was trained on ",
+              saved_dataset.toStringRef(), "; --dataset is ", dataset);
+  model.load(archive);
+}
+
+namespace {
 
 // Checkpoint layout: model.pt, optimizer.pt and progress.pt (epoch, step, history, and the
 // identity of the run, checked on resume).
@@ -300,7 +329,7 @@ TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log)
     EpochRecord record;
     record.epoch = epoch;
     record.train_loss = loss_sum / steps_per_epoch;
-    record.test_accuracy = parallel.rank() == 0 ? evaluate(*model, data.test) : 0.0;
+    record.test_accuracy = parallel.rank() == 0 ? evaluate_accuracy(*model, data.test) : 0.0;
     record.seconds = seconds_since(epoch_start);
     record.lr = schedule.at(progress.step - 1);
     record.steps = steps_per_epoch;
@@ -331,6 +360,7 @@ TrainResult run_training(const TrainConfig& config, std::ostream& all_ranks_log)
     result.batch_ms_mean = 1000 * batch_seconds / result.steps;
   }
   if (!config.dump_preconditioner.empty() && parallel.rank() == 0) dump_largest_statistic(*optimizer, config.dump_preconditioner);
+  if (!config.save_model.empty() && parallel.rank() == 0) save_trained_model(config.save_model, config, *model);
   result.wall_s = seconds_since(wall_start);
   return result;
 }

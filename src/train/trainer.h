@@ -13,6 +13,13 @@
 #include "train/lr_schedule.h"
 #include "train/optimizer_factory.h"
 
+namespace lowbit::data {
+struct Dataset;
+}
+namespace lowbit::models {
+struct Classifier;
+}
+
 namespace lowbit::train {
 
 struct TrainConfig {
@@ -38,6 +45,7 @@ struct TrainConfig {
   int64_t stop_after_epoch = 0;       // end the run early (the schedule still spans `epochs`); 0: no
   bool progress = true;               // progress bar on a terminal
   std::string dump_preconditioner;    // save the largest preconditioner statistic here
+  std::string save_model;             // save the trained model here (save_trained_model's file)
   DistributedRun distributed;         // this process's place in `--nproc` data-parallel training
 
   void validate() const;
@@ -67,6 +75,16 @@ struct TrainResult {
   CommunicationStats communication;   // this rank's optimizer traffic (distributed runs)
   bool ranks_agree = true;            // every rank ended with bit-identical parameters
 };
+
+// The trained model's file (`lowbit train --save-model`): the model's parameters and buffers
+// (torch::nn::Module::save) plus "lowbit_model" / "lowbit_dataset" strings, which
+// load_trained_model checks against what the caller builds.
+void save_trained_model(const std::string& path, const TrainConfig& config, models::Classifier& model);
+void load_trained_model(const std::string& path, const std::string& model_name, const std::string& dataset,
+                        models::Classifier& model);
+
+// Top-1 accuracy of `model` on `test` in eval mode (the model is left in train mode).
+double evaluate_accuracy(models::Classifier& model, const data::Dataset& test);
 
 // Trains, printing one line per epoch (and a progress bar on a terminal) to `log`. In a
 // distributed run every rank calls it; only rank 0 logs, evaluates and saves checkpoints.
