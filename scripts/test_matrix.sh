@@ -19,9 +19,10 @@
 # not results.
 
 LOWBIT_MATRIX_CTESTS=(codec_test linalg_test quant_error_test shampoo_test precond_test engine_test caspr_test
-                      shampoo_variants_test second_order_test lowbit_adamw_test arith_test)
+                      shampoo_variants_test second_order_test lowbit_adamw_test arith_test kfac_test hawq_test)
 LOWBIT_MATRIX_PYTESTS=(test_reference.py test_optim.py test_shampoo_variants.py test_caspr.py
-                       test_second_order.py test_adamw.py test_codec.py test_arith.py test_fqt.py)
+                       test_second_order.py test_adamw.py test_codec.py test_arith.py test_fqt.py test_kfac.py
+                       test_hawq.py)
 
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
