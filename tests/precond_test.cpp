@@ -140,12 +140,11 @@ TEST(QuantizedPreconditioners, NaiveQuantizedStaysFiniteAndBounded) {
 // columns have unit norm) and of D by max D, so each entry carries at most ~n u relative
 // error per product (the classical gamma_n bound, u = 2^-24), and Björck's error reaches the
 // root through both copies of V: 2 * 2 n u + n u = 5 n u, times max D; fp32 pow of the
-// spectrum adds 1 ulp (u max D). Bound: 8 n u max D. The batched root of the step (one
-// stacked dequantization, Björck and recomposition for the factors of one order) must give the
-// same directions: the preconditioned gradient L^(-1/4) G R^(-1/4) from the per-factor
-// roots, rescaled to the gradient's norm, within the same 8 n u relative error (each root
-// with relative error <= 8 n u; the two products and the norm add ~2 n u, already within
-// the margin the bound leaves over the sum of the worst cases).
+// spectrum adds 1 ulp (u max D). Bound: 8 n u max D. (inverse_root() is a batch of one of
+// the step's batched path: one stacked dequantization, Björck and recomposition per order.)
+// The step must apply those roots: the preconditioned gradient L^(-1/4) G R^(-1/4), rescaled
+// to the gradient's norm, within 8 n u relative error (the two products and the norm add
+// ~2 n u, within the margin the bound leaves over the sum of the worst cases).
 TEST(QuantizedPreconditioners, EigenFormRootIsTheStoredEigenvectorsRecomposedAndStoresNoRoot) {
   PreconditionerConfig c = config(FactorKind::EigenQuantized);
   c.factor.eigen_form_root = true;

@@ -178,9 +178,11 @@ void EigenQuantizedFactor::update_roots(c10::ArrayRef<EigenQuantizedFactor*> bat
 at::Tensor EigenQuantizedFactor::inverse_root() const {
   if (config_.eigenbasis) return eigenvectors(config_.bjorck_root_steps);
   if (!config_.eigen_form_root) return root_.dequantize();
-  const at::Tensor v = eigenvectors(config_.bjorck_stat_steps);
-  const at::Tensor d = linalg::inverse_root_spectrum(eigenvalues_, config_.root_exponent, config_.epsilon, config_.damping);
-  return at::matmul(v * d.unsqueeze(0), v.t());
+  // A batch of one through the step's batched path, so both make the root the same way.
+  linalg::Workspace workspace;
+  const at::Tensor out = at::empty({1, order_, order_}, eigenvalues_.options());
+  eigen_form_roots_into({this}, out, workspace, 0);
+  return out[0];
 }
 
 void EigenQuantizedFactor::eigen_form_roots_into(c10::ArrayRef<const EigenQuantizedFactor*> batch, const at::Tensor& out,
