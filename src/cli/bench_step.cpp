@@ -41,6 +41,7 @@ struct BenchStepArgs {
   int64_t max_preconditioner_dim = 1200;
   int repeats = 3;              // timed T2 cycles per variant, after one warm-up cycle
   uint64_t seed = 0;
+  bool eigen_form = false;      // also time root_storage = "eigen" (issue 20's fidelity option)
   std::string json_path;
 };
 
@@ -50,14 +51,23 @@ struct Variant {
   std::string quantize;
   bool double_quant_scales;
   bool timed;  // naive 4-bit is in the memory column only
+  std::string root_storage = "quantized";
 };
 
-const std::vector<Variant>& variants() {
-  static const std::vector<Variant> v{{"fp32", 32, "eigenvectors", false, true},
-                                      {"4bit", 4, "eigenvectors", false, true},
-                                      {"4bit-dq", 4, "eigenvectors", true, true},
-                                      {"naive-4bit", 4, "matrix", false, false}};
-  return v;
+// The variants of a run: fp32 first (the baseline of every ratio); with --eigen-form also the
+// eigen-form roots (no stored root; U diag(lambda^-1/4) U^T made from the stored U at every
+// step), at 4 bits and at 8 bits (the latter stores as many bytes as the paper's 4-bit).
+std::vector<const Variant*> variants(const BenchStepArgs& args) {
+  static const std::vector<Variant> all{{"fp32", 32, "eigenvectors", false, true},
+                                        {"4bit", 4, "eigenvectors", false, true},
+                                        {"4bit-dq", 4, "eigenvectors", true, true},
+                                        {"naive-4bit", 4, "matrix", false, false},
+                                        {"4bit-eigen", 4, "eigenvectors", false, true, "eigen"},
+                                        {"8bit-eigen", 8, "eigenvectors", false, true, "eigen"}};
+  std::vector<const Variant*> out;
+  for (const Variant& v : all)
+    if (v.root_storage == "quantized" || args.eigen_form) out.push_back(&v);
+  return out;
 }
 
 ShampooOptions options_for(const Variant& v, const BenchStepArgs& a) {
@@ -66,6 +76,7 @@ ShampooOptions options_for(const Variant& v, const BenchStepArgs& a) {
       .bits(v.bits)
       .quantize(v.quantize)
       .double_quant_scales(v.double_quant_scales)
+      .root_storage(v.root_storage)
       .stat_interval(a.stat_interval)
       .root_interval(a.root_interval)
       .max_preconditioner_dim(a.max_preconditioner_dim);
@@ -231,23 +242,24 @@ nlohmann::json bench_shape(const std::vector<int64_t>& shape, const BenchStepArg
   // Same initial parameter and gradients for every variant.
   const torch::Tensor init = make_parameter(shape).detach();
   std::vector<Run> runs;
-  for (const Variant& v : variants()) {
-    if (!v.timed) continue;
+  for (const Variant* v : variants(args)) {
+    if (!v->timed) continue;
     Run r;
-    r.variant = &v;
+    r.variant = v;
     r.param = init.clone().set_requires_grad(true);
-    r.optimizer = std::make_unique<Shampoo>(std::vector<torch::Tensor>{r.param}, options_for(v, args));
+    r.optimizer = std::make_unique<Shampoo>(std::vector<torch::Tensor>{r.param}, options_for(*v, args));
     runs.push_back(std::move(r));
   }
   run_cycle(runs, pool, args, false);  // warm-up: every factor created and refreshed once
   for (int rep = 0; rep < args.repeats; ++rep) run_cycle(runs, pool, args, true);
 
   nlohmann::json out = nlohmann::json::array();
-  const StateBytes fp32_bytes = state_bytes_for(shape, variants()[0], args);
+  const StateBytes fp32_bytes = state_bytes_for(shape, *variants(args).front(), args);
   const double fp32_ms = runs[0].timing.ms_per_step();
   std::printf("%-11s %9s %7s %-11s %14s %7s %-11s %12s\n", "variant", "ms/step", "x fp32", "time goal",
               "precond bytes", "x fp32", "state goal", "1st-order B");
-  for (const Variant& v : variants()) {
+  for (const Variant* variant : variants(args)) {
+    const Variant& v = *variant;
     const Run* run = nullptr;
     for (const Run& r : runs)
       if (r.variant == &v) run = &r;
@@ -297,6 +309,7 @@ nlohmann::json bench_shape(const std::vector<int64_t>& shape, const BenchStepArg
                        {"bits", v.bits},
                        {"quantize", v.quantize},
                        {"double_quant_scales", v.double_quant_scales},
+                       {"root_storage", v.root_storage},
                        {"preconditioner_bytes", bytes.preconditioner},
                        {"first_order_bytes", bytes.first_order},
                        {"preconditioner_ratio_vs_fp32", state_ratio},
@@ -405,6 +418,8 @@ void add_bench_step(CLI::App& bench) {
   cmd->add_option("--repeats", args->repeats, "Timed T2 cycles per variant (after one warm-up cycle)")
       ->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the parameters and gradients")->capture_default_str();
+  cmd->add_flag("--eigen-form", args->eigen_form,
+                "Also time 4- and 8-bit eigenvectors with eigen-form roots (root_storage = \"eigen\")");
   cmd->add_option("--json", args->json_path, "Also write the results to this JSON file");
   cmd->callback([args] { run(*args); });
 }
