@@ -17,6 +17,7 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
     double error_feedback_decay = 0.0;
     double stat_decay = 0.95, epsilon = -1;  // -1: 1e-6, or 1e-4 for CASPR
     std::string graft = "adamw", mapping = "linear2", root_method = "eigen", eigen_update = "qr";
+    std::string root_storage = "quantized";
   };
   auto raw = std::make_shared<Raw>();
   cmd.add_option("--dataset", c.dataset, "fashion-mnist | mnist | cifar10 | cifar100 | synthetic")->capture_default_str();
@@ -96,6 +97,10 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
                  "Björck steps before a root update (default 4); soap4 reads its basis every step, with 1 by default");
   cmd.add_option("--root-method", raw->root_method, "eigen | newton (32-bit Shampoo)")->capture_default_str();
   cmd.add_option("--eigen-update", raw->eigen_update, "qr | eigh (4-bit Shampoo eigenbasis refresh)")->capture_default_str();
+  cmd.add_option("--root-storage", raw->root_storage,
+                 "quantized | eigen: low-bit Shampoo's inverse root stored at low bits (the paper), or made from "
+                 "the stored eigenvectors each step (no second rounding, more work per step)")
+      ->check(CLI::IsMember({"quantized", "eigen"}))->capture_default_str();
   cmd.add_option("--graft-bits", raw->graft_bits, "Bits of the AdamW moments under Shampoo / SOAP: 32, 8 or 4 "
                  "(shampoo4-adamw4: 4)")->check(CLI::IsMember({32, 8, 4}));
   cmd.add_option("--error-feedback-decay", raw->error_feedback_decay,
@@ -122,7 +127,7 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
                     .root_interval(raw->root_interval).start_preconditioning_step(raw->start)
                     .stat_decay(raw->stat_decay).epsilon(epsilon).rectify_steps({raw->t1, t2})
                     .root_method(raw->root_method).eigen_update(raw->eigen_update)
-                    .graft_bits(raw->graft_bits).error_feedback_decay(raw->error_feedback_decay);
+                    .root_storage(raw->root_storage).graft_bits(raw->graft_bits).error_feedback_decay(raw->error_feedback_decay);
   };
 }
 
