@@ -96,6 +96,10 @@ VARIANTS: Dict[str, dict] = {
     "4-bit": dict(bits=4),
     "4-bit-eigen-form": dict(bits=4, root_storage="eigen"),
     "8-bit-U-eigen-form": dict(bits=8, root_storage="eigen"),  # the bytes of 4-bit U + 4-bit root
+    # Blocks of 32 with 8-bit (double-quantized) scales: 4 + 8/32 + 32/(32*256) = 4.254 bits per
+    # element, under the paper's 4.5, with twice as many scales to follow the entries.
+    "4-bit-b32-dq": dict(bits=4, quant_block_size=32, double_quant_scales=True),
+    "4-bit-eigen-form-b32-dq": dict(bits=4, root_storage="eigen", quant_block_size=32, double_quant_scales=True),
 }
 
 

@@ -84,9 +84,15 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   step bench-codec "$LOGS/bench_codec.log" "$BUILD/lowbit" bench codec --device cuda \
     --orders 1024 4096 8192 --repeats 20 --json "$LOGS/bench_codec.json"
-  # Issue 18: step time and peak memory of lowbit fp32 / 4-bit against torch AdamW.
+  # Issue 18: step time and peak memory of lowbit fp32 / 4-bit against torch AdamW, on the shape
+  # sets and end to end (ViT-S/16, ResNet-18: skipped if timm / torchvision are missing), and
+  # against the peers when LOWBIT_AUTHORS (a built checkout of Sike-Wang/low-bit-Shampoo) and
+  # LOWBIT_META_DS (a checkout of facebookresearch/optimizers, or "installed") are set.
+  peers=()
+  [ -n "${LOWBIT_AUTHORS:-}" ] && peers+=(--authors "$LOWBIT_AUTHORS")
+  [ -n "${LOWBIT_META_DS:-}" ] && peers+=(--meta-ds "$LOWBIT_META_DS")
   step gpu-compare "$LOGS/gpu_compare.log" env LOWBIT_LIBRARY="$BUILD/liblowbit.so" PYTHONPATH="$ROOT/python" \
-    python3 "$ROOT/bench/gpu_compare.py" --device cuda --json "$LOGS/gpu_compare.json"
+    python3 "$ROOT/bench/gpu_compare.py" --device cuda "${peers[@]}" --json "$LOGS/gpu_compare.json"
   # Issue 18: whether padding different orders to batch their eigh / QR pays on the GPU.
   step padding "$LOGS/gpu_compare.log" python3 "$ROOT/bench/padding.py" --device cuda --repeats 5
 fi
