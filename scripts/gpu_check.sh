@@ -6,7 +6,8 @@
 # takes at most 8 files), else ./gpu-logs. See docs/cuda.md.
 #
 #   here, once:  scripts/gpu_deps.sh        (GoogleTest, CLI11, nlohmann_json, zlib -> .gpu-deps/)
-#   there:       scripts/gpu_check.sh       with ".gpu-deps" in the call's carry
+#                scripts/stage_peers.sh     (optional: the authors' code and Meta DS -> .peers/)
+#   there:       scripts/gpu_check.sh       with ".gpu-deps" (and ".peers") in the call's carry
 #   one step:    scripts/gpu_check.sh build|test|bench   (the build dir stays on a warm machine)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,6 +64,17 @@ has_cuda_kernels() {
   grep -q "LibTorch has CUDA; building the CUDA codec kernels" "$LOGS/build.log"
 }
 
+# The authors' quantization library (their cudaC_python), built for this GPU and installed
+# under the name their qtensor/cextension.py looks for (libqtensor_cuda<torch's CUDA>.so).
+build_authors_library() {
+  local src="$ROOT/.peers/low-bit-Shampoo" version
+  version="$(python3 -c 'import torch; print("".join(torch.version.cuda.split(".")[:2]))')"
+  cmake -S "$src/cudaC_python" -B "$src/cudaC_python/build" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_ARCHITECTURES=90 &&
+    cmake --build "$src/cudaC_python/build" -j "$(nproc)" &&
+    cp "$(ls "$src"/cudaC_python/build/qtensor/libqtensor_cuda*.so | head -1)" "$src/qtensor/libqtensor_cuda$version.so"
+}
+
 python_tests() {
   LOWBIT_LIBRARY="$BUILD/liblowbit.so" PYTHONPATH="$ROOT/python" \
     python3 -m pytest -q -p no:cacheprovider "$ROOT/python/tests"
@@ -88,6 +100,16 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   # sets and end to end (ViT-S/16, ResNet-18: skipped if timm / torchvision are missing), and
   # against the peers when LOWBIT_AUTHORS (a built checkout of Sike-Wang/low-bit-Shampoo) and
   # LOWBIT_META_DS (a checkout of facebookresearch/optimizers, or "installed") are set.
+  # scripts/stage_peers.sh stages both in .peers/ (carry it): then they are timed by default.
+  if [ -z "${LOWBIT_AUTHORS:-}" ] && [ -d "$ROOT/.peers/low-bit-Shampoo" ]; then
+    step authors-library "$LOGS/gpu_compare.log" build_authors_library
+    ls "$ROOT"/.peers/low-bit-Shampoo/qtensor/libqtensor_cuda*.so >/dev/null 2>&1 &&
+      LOWBIT_AUTHORS="$ROOT/.peers/low-bit-Shampoo"
+  fi
+  if [ -z "${LOWBIT_META_DS:-}" ] && [ -d "$ROOT/.peers/optimizers" ] &&
+     python3 -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+    LOWBIT_META_DS="$ROOT/.peers/optimizers"
+  fi
   peers=()
   [ -n "${LOWBIT_AUTHORS:-}" ] && peers+=(--authors "$LOWBIT_AUTHORS")
   [ -n "${LOWBIT_META_DS:-}" ] && peers+=(--meta-ds "$LOWBIT_META_DS")
