@@ -94,6 +94,9 @@ VARIANTS: Dict[str, dict] = {
     "32-bit-T2=T1": dict(bits=32, **{EVERY_REFRESH: True}),
     "8-bit": dict(bits=8),
     "4-bit": dict(bits=4),
+    # The paper's stored root refreshed at every statistics update, as the eigen form's is:
+    # what separates the eigen form's rounding from its fresher root.
+    "4-bit-T2=T1": dict(bits=4, **{EVERY_REFRESH: True}),
     "4-bit-eigen-form": dict(bits=4, root_storage="eigen"),
     "8-bit-U-eigen-form": dict(bits=8, root_storage="eigen"),  # the bytes of 4-bit U + 4-bit root
     # Blocks of 32 with 8-bit (double-quantized) scales: 4 + 8/32 + 32/(32*256) = 4.254 bits per
