@@ -96,6 +96,9 @@ VARIANTS: Dict[str, dict] = {
     "4-bit": dict(bits=4),
     "4-bit-eigen-form": dict(bits=4, root_storage="eigen"),
     "8-bit-U-eigen-form": dict(bits=8, root_storage="eigen"),  # the bytes of 4-bit U + 4-bit root
+    # Kashin quantization (seed 004) at the bytes of 4-bit linear-2 (docs/codec.md)
+    "4-bit-kashin": dict(bits=4, mapping="kashin"),
+    "4-bit-kashin-eigen-form": dict(bits=4, mapping="kashin", root_storage="eigen"),
 }
 
 
