@@ -103,6 +103,9 @@ VARIANTS: Dict[str, dict] = {
     # element, under the paper's 4.5, with twice as many scales to follow the entries.
     "4-bit-b32-dq": dict(bits=4, quant_block_size=32, double_quant_scales=True),
     "4-bit-eigen-form-b32-dq": dict(bits=4, root_storage="eigen", quant_block_size=32, double_quant_scales=True),
+    # Kashin quantization (seed 004) at the bytes of 4-bit linear-2 (docs/codec.md).
+    "4-bit-kashin": dict(bits=4, mapping="kashin"),
+    "4-bit-kashin-eigen-form": dict(bits=4, mapping="kashin", root_storage="eigen"),
 }
 
 

@@ -171,7 +171,8 @@ const std::vector<std::pair<std::string, bool>> kMethods{
     {"matrix", false}, {"eigenvectors", false}, {"eigenvectors", true}};
 
 TEST_F(QuantErrorTable, HasEveryRowOnce) {
-  EXPECT_EQ(rows_->size(), 2u * 2 * 3 * 7);  // matrices x mappings x bits x (4 + 3 Cholesky) methods
+  // matrices x (table mappings x bits x (4 + 3 Cholesky) methods + kashin x bits {4, 3} x 4 methods)
+  EXPECT_EQ(rows_->size(), 2u * (2 * 3 * 7 + 2 * 4));
   EXPECT_EQ(by_key_->size(), rows_->size());
   for (const QuantErrorRow& r : *rows_) {
     EXPECT_TRUE(std::isfinite(r.nre) && r.nre > 0) << r.matrix << " " << r.mapping << " " << r.bits;

@@ -12,6 +12,8 @@ enum class Mapping {
   Linear2,      // signed square of the linear grid: the paper's "linear square"
   DynamicTree,  // dynamic tree quantization, as in 8-bit optimizers
   Linear,       // evenly spaced
+  Kashin,       // Kashin quantization (seed 004): x = u + Q v per block, (u_i, v_i) -> one of
+                // 2^bits fitted 2-D centroids; bits 3 or 4, nearest rounding, fp32 scales
 };
 
 enum class Rounding {
@@ -19,7 +21,7 @@ enum class Rounding {
   Stochastic,  // one of the two neighbouring codes, unbiased in expectation
 };
 
-Mapping parse_mapping(std::string_view name);   // "linear2" | "dynamic" | "linear"
+Mapping parse_mapping(std::string_view name);   // "linear2" | "dynamic" | "linear" | "kashin"
 std::string to_string(Mapping mapping);
 Rounding parse_rounding(std::string_view name); // "nearest" | "stochastic"
 std::string to_string(Rounding rounding);

@@ -21,6 +21,9 @@ namespace lowbit {
 //                   uint8 codes of the scale codebook under double quantization.
 //   scale_group_max float32 [ceil(rows * blocks / 256)] (double quantization only).
 //   diagonal        float32 [rows] (keep_diagonal only).
+//   centroids       float32 [2^bits, 2] (mapping kashin only): the 2-D centroids (u_i, v_i) / scale
+//                   that the codes index; scales are then block norms ||x||_2 / sqrt(len)
+//                   (src/quant/kashin.h, docs/codec.md).
 class QuantizedMatrix {
  public:
   QuantizedMatrix() = default;
@@ -62,6 +65,7 @@ class QuantizedMatrix {
   const at::Tensor& scales() const { return scales_; }
   const at::Tensor& scale_group_max() const { return scale_group_max_; }
   const at::Tensor& diagonal() const { return diagonal_; }
+  const at::Tensor& centroids() const { return centroids_; }
 
   // Bytes held by the tensors above, and the same figure from the layout formula.
   int64_t nbytes() const;
@@ -82,6 +86,10 @@ class QuantizedMatrix {
   at::Tensor scales_;
   at::Tensor scale_group_max_;
   at::Tensor diagonal_;
+  at::Tensor centroids_;
+
+  static QuantizedMatrix quantize_kashin(const at::Tensor& matrix, const QuantOptions& options);
+  void dequantize_kashin_into(const at::Tensor& out) const;
 };
 
 // Bytes of one packed row of `cols` codes at `bits` bits (bits <= 8), ceil(cols * bits / 8),

@@ -23,7 +23,7 @@ _load_library()
 
 __all__ = ["QuantizedTensor", "quantize", "dequantize", "codebook"]
 
-MappingName = Literal["linear2", "dynamic", "linear"]
+MappingName = Literal["linear2", "dynamic", "linear", "kashin"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class QuantizedTensor:
     ``codes`` (uint8, packed per row), ``scales`` (fp32 block absmax; uint8 codes with
     ``double_quant_scales``), ``meta`` (int64: matrix shape and codec options, written and
     checked by the C++ codec), ``diagonal`` (fp32, ``keep_diagonal`` only),
-    ``scale_group_max`` (fp32, ``double_quant_scales`` only); ``shape`` and ``dtype`` of the
+    ``scale_group_max`` (fp32, ``double_quant_scales`` only), ``centroids`` (fp32 [2^bits, 2],
+    ``mapping="kashin"`` only; its scales are fp32 block norms); ``shape`` and ``dtype`` of the
     original tensor. The codec works on a matrix: a 1-D tensor is one row, a tensor with
     more than two dimensions is viewed as (shape[0], rest).
     """
@@ -49,15 +50,18 @@ class QuantizedTensor:
     bits: int
     mapping: str
     block_size: int
+    centroids: Optional[torch.Tensor] = None
 
     def state(self) -> Dict[str, torch.Tensor]:
         """The C++ codec's state: ``codes``, ``scales``, ``meta`` and, when present,
-        ``diagonal`` and ``scale_group_max``."""
+        ``diagonal``, ``scale_group_max`` and ``centroids``."""
         out = {"codes": self.codes, "scales": self.scales, "meta": self.meta}
         if self.diagonal is not None:
             out["diagonal"] = self.diagonal
         if self.scale_group_max is not None:
             out["scale_group_max"] = self.scale_group_max
+        if self.centroids is not None:
+            out["centroids"] = self.centroids
         return out
 
     @property
@@ -71,7 +75,7 @@ class QuantizedTensor:
 
         return QuantizedTensor(self.codes.to(device), self.scales.to(device), self.meta, move(self.diagonal),
                                move(self.scale_group_max), self.shape, self.dtype, self.bits, self.mapping,
-                               self.block_size)
+                               self.block_size, move(self.centroids))
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,8 @@ def quantize(
     Args:
         bits: 3, 4 or 8 bits per element.
         mapping: code table: ``"linear2"`` (the paper's linear-square, default),
-            ``"dynamic"`` (dynamic tree) or ``"linear"``.
+            ``"dynamic"`` (dynamic tree), ``"linear"``, or ``"kashin"`` (Kashin quantization, bits 3
+            or 4: each block x = u + Q v, pairs (u_i, v_i) coded as fitted 2-D centroids).
         block_size: elements of one row per scale; a power of two from 16 to 4096.
         keep_diagonal: square matrices only: the diagonal is kept in fp32 and only the
             off-diagonal is quantized (as 4-bit Shampoo stores inverse roots).
@@ -135,11 +140,11 @@ def quantize(
     return QuantizedTensor(codes=state["codes"], scales=state["scales"], meta=state["meta"],
                            diagonal=state.get("diagonal"), scale_group_max=state.get("scale_group_max"),
                            shape=tuple(tensor.shape), dtype=tensor.dtype, bits=bits, mapping=mapping,
-                           block_size=block_size)
+                           block_size=block_size, centroids=state.get("centroids"))
 
 
 _FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_MAPPING_IDS = {"linear2": 0, "linear-2": 0, "dynamic": 1, "dt": 1, "linear": 2}  # lowbit::Mapping
+_MAPPING_IDS = {"linear2": 0, "linear-2": 0, "dynamic": 1, "dt": 1, "linear": 2, "kashin": 3}  # lowbit::Mapping
 
 
 def _check_parts(q: QuantizedTensor) -> None:
@@ -158,7 +163,8 @@ def _check_parts(q: QuantizedTensor) -> None:
     claimed = {"bits": (bits, q.bits), "mapping": (mapping, _MAPPING_IDS.get(q.mapping)),
                "block_size": (block_size, q.block_size),
                "keep_diagonal": (keep_diagonal, int(q.diagonal is not None)),
-               "double_quant_scales": (double_quant, int(q.scale_group_max is not None))}
+               "double_quant_scales": (double_quant, int(q.scale_group_max is not None)),
+               "centroids": (int(mapping == _MAPPING_IDS["kashin"]), int(q.centroids is not None))}
     for name, (stored, field) in claimed.items():
         if stored != field:
             raise ValueError(who + f"meta says {name}={stored}, but the QuantizedTensor says "

@@ -111,3 +111,30 @@ def test_bad_arguments_are_named():
     bad = lowbit.QuantizedTensor(q.codes[:, :3], q.scales, q.meta, None, None, q.shape, q.dtype, 4, "linear2", 64)
     with pytest.raises(ValueError, match="codes must be uint8 of shape"):
         lowbit.dequantize(bad)
+
+
+def test_kashin_mapping_round_trips_through_a_weights_only_checkpoint():
+    # The Kashin state is plain tensors too (codes, block norms, centroids, meta).
+    torch.manual_seed(0)
+    m = torch.randn(33, 1057)
+    q = lowbit.quantize(m, bits=4, mapping="kashin", block_size=64)
+    assert set(q.state()) == {"codes", "scales", "meta", "centroids"}
+    assert q.centroids.shape == (16, 2)
+    assert q.nbytes == 33 * ((1057 * 4 + 7) // 8) + 4 * 33 * 17 + 4 * 32  # codes, block norms, centroids
+    buffer = io.BytesIO()
+    torch.save(q.state(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    back = torch.ops.lowbit.dequantize_matrix(state, torch.float32)
+    assert torch.equal(back, lowbit.dequantize(q))
+
+
+def test_kashin_mapping_rejects_what_it_cannot_do():
+    m = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="bits must be 3 or 4 with mapping \"kashin\""):
+        lowbit.quantize(m, bits=8, mapping="kashin")
+    with pytest.raises(ValueError, match="rounding must be \"nearest\""):
+        lowbit.quantize(m, mapping="kashin", stochastic=True)
+    q = lowbit.quantize(m, mapping="kashin")
+    import dataclasses
+    with pytest.raises(ValueError, match="centroids"):
+        lowbit.dequantize(dataclasses.replace(q, centroids=None))

@@ -62,7 +62,8 @@ struct QuantErrorOptions {
 // Rows for one SPD matrix: mappings {linear2, dynamic} x bits {8, 4, 3} x methods
 // {matrix, eigenvectors, eigenvectors + Björck, eigenvectors + Björck + quantized root,
 // cholesky (one store), cholesky after
-// kCholeskyChainUpdates updates without and with error feedback}, in that nesting order.
+// kCholeskyChainUpdates updates without and with error feedback}, in that nesting order;
+// then mapping kashin x bits {4, 3} x the four non-Cholesky methods.
 std::vector<QuantErrorRow> quant_error_rows(const std::string& label, const at::Tensor& a,
                                             int64_t block_size, double epsilon);
 // quant_error_rows of every synthetic matrix in options.matrices.

@@ -66,10 +66,19 @@ int bits_slot(int bits) {
   return -1;
 }
 
+// Kashin codes index 2-D centroids fitted per matrix: there is no fixed table to hand out,
+// and the block ops (AdamW moments, the M-FAC window) cannot use the mapping.
+void check_has_table(Mapping mapping) {
+  TORCH_CHECK(mapping != Mapping::Kashin,
+              "mapping \"kashin\" has no fixed code table (its 2-D centroids are fitted per matrix); it is "
+              "available only where state is a lowbit::QuantizedMatrix (Shampoo eigenvectors and roots)");
+}
+
 }  // namespace
 
 std::vector<float> codebook_values(Mapping mapping, int bits) {
   check_bits(bits, "bits");
+  check_has_table(mapping);
   switch (mapping) {
     case Mapping::Linear: return sorted_floats(signed_grid_with_zero(bits));
     case Mapping::Linear2: {
@@ -86,6 +95,7 @@ const at::Tensor& codebook(Mapping mapping, int bits) {
   static std::array<std::array<at::Tensor, 3>, 3> cache;
   static std::mutex mutex;
   const int slot = bits_slot(bits);
+  check_has_table(mapping);
   std::lock_guard<std::mutex> lock(mutex);
   at::Tensor& entry = cache[static_cast<int>(mapping)][slot];
   if (!entry.defined()) entry = as_tensor(codebook_values(mapping, bits));
@@ -94,6 +104,7 @@ const at::Tensor& codebook(Mapping mapping, int bits) {
 
 std::vector<float> positive_codebook_values(Mapping mapping, int bits) {
   check_bits(bits, "bits");
+  check_has_table(mapping);
   const int n = 1 << bits;
   std::vector<double> x;
   switch (mapping) {
@@ -118,6 +129,7 @@ const at::Tensor& positive_codebook(Mapping mapping, int bits) {
   static std::array<std::array<at::Tensor, 3>, 3> cache;
   static std::mutex mutex;
   const int slot = bits_slot(bits);
+  check_has_table(mapping);
   std::lock_guard<std::mutex> lock(mutex);
   at::Tensor& entry = cache[static_cast<int>(mapping)][slot];
   if (!entry.defined()) entry = as_tensor(positive_codebook_values(mapping, bits));

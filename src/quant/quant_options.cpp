@@ -8,7 +8,8 @@ Mapping parse_mapping(std::string_view name) {
   if (name == "linear2" || name == "linear-2") return Mapping::Linear2;
   if (name == "dynamic" || name == "dt") return Mapping::DynamicTree;
   if (name == "linear") return Mapping::Linear;
-  TORCH_CHECK(false, "mapping must be one of \"linear2\", \"dynamic\", \"linear\"; got \"",
+  if (name == "kashin") return Mapping::Kashin;
+  TORCH_CHECK(false, "mapping must be one of \"linear2\", \"dynamic\", \"linear\", \"kashin\"; got \"",
               std::string(name), "\"");
 }
 
@@ -17,6 +18,7 @@ std::string to_string(Mapping mapping) {
     case Mapping::Linear2: return "linear2";
     case Mapping::DynamicTree: return "dynamic";
     case Mapping::Linear: return "linear";
+    case Mapping::Kashin: return "kashin";
   }
   return "unknown";
 }
@@ -47,9 +49,18 @@ void QuantOptions::validate() const {
   check_bits(bits, "QuantOptions.bits");
   check_block_size(block_size, "QuantOptions.block_size");
   const int m = static_cast<int>(mapping);
-  TORCH_CHECK(m >= 0 && m <= 2, "QuantOptions.mapping is not a known Mapping (", m, ")");
+  TORCH_CHECK(m >= 0 && m <= 3, "QuantOptions.mapping is not a known Mapping (", m, ")");
   TORCH_CHECK(rounding == Rounding::Nearest || rounding == Rounding::Stochastic,
               "QuantOptions.rounding is not a known Rounding");
+  if (mapping == Mapping::Kashin) {
+    // One code indexes a 2-D centroid (u_i, v_i); 8-bit codes would mean 256 centroids
+    // fitted per matrix, and the fitted table has no stochastic or double-quantized form.
+    TORCH_CHECK(bits == 3 || bits == 4, "QuantOptions.bits must be 3 or 4 with mapping \"kashin\"; got ", bits);
+    TORCH_CHECK(rounding == Rounding::Nearest,
+                "QuantOptions.rounding must be \"nearest\" with mapping \"kashin\" (codes are nearest centroids)");
+    TORCH_CHECK(!double_quant_scales,
+                "QuantOptions.double_quant_scales is not supported with mapping \"kashin\" (its scales are fp32 block norms)");
+  }
 }
 
 bool QuantOptions::operator==(const QuantOptions& o) const {

@@ -11,6 +11,7 @@
 
 #include "quant/codec_checks.h"
 #include "quant/codec_ops.h"
+#include "quant/kashin.h"
 
 namespace lowbit {
 namespace {
@@ -28,6 +29,7 @@ QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantO
   TORCH_CHECK(!options.keep_diagonal || matrix.size(0) == matrix.size(1),
               "lowbit::QuantizedMatrix::quantize: keep_diagonal needs a square matrix; got shape ",
               matrix.sizes());
+  if (options.mapping == Mapping::Kashin) return quantize_kashin(matrix, options);
   const at::Device device = matrix.device();
   const at::Tensor table = on_device(codebook(options.mapping, options.bits), device);
   const bool stochastic = options.rounding == Rounding::Stochastic;
@@ -57,6 +59,29 @@ QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantO
   return q;
 }
 
+QuantizedMatrix QuantizedMatrix::quantize_kashin(const at::Tensor& matrix, const QuantOptions& options) {
+  at::Tensor x = matrix.to(at::kFloat, /*non_blocking=*/false, /*copy=*/options.keep_diagonal);
+  QuantizedMatrix q;
+  q.rows_ = matrix.size(0);
+  q.cols_ = matrix.size(1);
+  q.options_ = options;
+  if (options.keep_diagonal) {
+    // As in the table codec: the diagonal is kept in fp32 and coded as 0.
+    q.diagonal_ = x.diagonal().clone();
+    x.diagonal().zero_();
+  }
+  kashin::Code code = kashin::encode(x, options.bits, options.block_size);
+  q.codes_ = kashin::pack_rows(code.indices, options.bits);
+  q.scales_ = code.scales;
+  q.centroids_ = code.centroids;
+  return q;
+}
+
+void QuantizedMatrix::dequantize_kashin_into(const at::Tensor& out) const {
+  kashin::decode_into(kashin::unpack_rows(codes_, options_.bits, cols_), scales_, centroids_, options_.block_size, out);
+  if (diagonal_.defined()) out.diagonal().copy_(diagonal_);
+}
+
 std::vector<QuantizedMatrix> QuantizedMatrix::quantize_stack(const at::Tensor& stack, const QuantOptions& options) {
   constexpr const char* op = "lowbit::QuantizedMatrix::quantize_stack";
   TORCH_CHECK(stack.defined() && stack.dim() == 3, op, ": stack must be a 3-D tensor [B, rows, cols]; got ",
@@ -64,7 +89,8 @@ std::vector<QuantizedMatrix> QuantizedMatrix::quantize_stack(const at::Tensor& s
   const int64_t count = stack.size(0), rows = stack.size(1), cols = stack.size(2);
   std::vector<QuantizedMatrix> out;
   out.reserve(static_cast<size_t>(count));
-  if (options.double_quant_scales || count <= 1) {
+  // Kashin centroids are fitted per matrix, so a stack is coded matrix by matrix.
+  if (options.double_quant_scales || options.mapping == Mapping::Kashin || count <= 1) {
     for (int64_t i = 0; i < count; ++i) out.push_back(quantize(stack[i], options));
     return out;
   }
@@ -118,8 +144,8 @@ void QuantizedMatrix::dequantize_stack(c10::ArrayRef<const QuantizedMatrix*> mat
     TORCH_CHECK(m.defined() && m.rows_ == first.rows_ && m.cols_ == first.cols_ && m.options_ == first.options_,
                 op, ": matrix ", i, " differs from matrix 0 in shape or options");
   }
-  if (count == 1) {
-    first.dequantize_into(out[0]);
+  if (count == 1 || first.options_.mapping == Mapping::Kashin) {
+    for (int64_t i = 0; i < count; ++i) matrices[i]->dequantize_into(out[i]);
     return;
   }
   std::vector<at::Tensor> codes, scales, diagonals;
@@ -140,7 +166,8 @@ QuantizedMatrix QuantizedMatrix::select(const at::Tensor& keep, const QuantizedM
               "lowbit::QuantizedMatrix::select: both matrices must share shape and options");
   QuantizedMatrix q = a;
   for (auto [into, other] : {std::pair{&q.codes_, &b.codes_}, std::pair{&q.scales_, &b.scales_},
-                             std::pair{&q.scale_group_max_, &b.scale_group_max_}, std::pair{&q.diagonal_, &b.diagonal_}})
+                             std::pair{&q.scale_group_max_, &b.scale_group_max_}, std::pair{&q.diagonal_, &b.diagonal_},
+                             std::pair{&q.centroids_, &b.centroids_}})
     if (into->defined()) *into = at::where(keep, *into, *other);
   return q;
 }
@@ -163,6 +190,10 @@ void QuantizedMatrix::dequantize_into(const at::Tensor& out) const {
   TORCH_CHECK(out.defined() && out.dim() == 2 && out.size(0) == rows_ && out.size(1) == cols_,
               "lowbit::QuantizedMatrix::dequantize_into: out must have shape [", rows_, ", ", cols_,
               "]; got ", out.defined() ? out.sizes() : at::IntArrayRef{});
+  if (options_.mapping == Mapping::Kashin) {
+    dequantize_kashin_into(out);
+    return;
+  }
   at::Tensor target = out;
   const c10::optional<at::Tensor> diagonal =
       diagonal_.defined() ? c10::optional<at::Tensor>(diagonal_) : c10::nullopt;
@@ -173,7 +204,7 @@ void QuantizedMatrix::dequantize_into(const at::Tensor& out) const {
 
 int64_t QuantizedMatrix::nbytes() const {
   int64_t total = 0;
-  for (const at::Tensor* t : {&codes_, &scales_, &scale_group_max_, &diagonal_})
+  for (const at::Tensor* t : {&codes_, &scales_, &scale_group_max_, &diagonal_, &centroids_})
     if (t->defined()) total += t->numel() * static_cast<int64_t>(t->element_size());
   return total;
 }
@@ -186,12 +217,13 @@ int64_t QuantizedMatrix::storage_bytes(int64_t rows, int64_t cols, const QuantOp
   else
     bytes += 4 * blocks;
   if (options.keep_diagonal) bytes += 4 * rows;
+  if (options.mapping == Mapping::Kashin) bytes += 4 * 2 * (int64_t{1} << options.bits);  // fp32 centroids
   return bytes;
 }
 
 QuantizedMatrix QuantizedMatrix::to(const at::Device& device) const {
   QuantizedMatrix q = *this;
-  for (at::Tensor* t : {&q.codes_, &q.scales_, &q.scale_group_max_, &q.diagonal_})
+  for (at::Tensor* t : {&q.codes_, &q.scales_, &q.scale_group_max_, &q.diagonal_, &q.centroids_})
     if (t->defined()) *t = t->to(device);
   return q;
 }
@@ -211,6 +243,7 @@ std::map<std::string, at::Tensor> QuantizedMatrix::state() const {
                                           {"scales", scales_}};
   if (scale_group_max_.defined()) state["scale_group_max"] = scale_group_max_;
   if (diagonal_.defined()) state["diagonal"] = diagonal_;
+  if (centroids_.defined()) state["centroids"] = centroids_;
   return state;
 }
 
@@ -227,7 +260,7 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
               meta_t.toString(), " of shape ", meta_t.sizes());
   const at::Tensor meta_host = meta_t.cpu().contiguous();
   const int64_t* meta = meta_host.data_ptr<int64_t>();
-  TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= 2, op, ": \"meta\" holds an unknown mapping id ",
+  TORCH_CHECK(meta[kMapping] >= 0 && meta[kMapping] <= static_cast<int64_t>(Mapping::Kashin), op, ": \"meta\" holds an unknown mapping id ",
               meta[kMapping]);
   TORCH_CHECK(meta[kKeepDiagonal] == 0 || meta[kKeepDiagonal] == 1, op,
               ": \"meta\" holds a bad keep_diagonal flag ", meta[kKeepDiagonal], " (expected 0 or 1)");
@@ -255,6 +288,21 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
   q.scales_ = get("scales", true);
   q.scale_group_max_ = get("scale_group_max", q.options_.double_quant_scales);
   q.diagonal_ = get("diagonal", q.options_.keep_diagonal);
+  const bool kashin = q.options_.mapping == Mapping::Kashin;
+  q.centroids_ = get("centroids", kashin);
+  TORCH_CHECK(kashin || !q.centroids_.defined(), op,
+              ": the state has a \"centroids\" entry but \"meta\" says its mapping is not kashin");
+  if (kashin) {
+    TORCH_CHECK(q.options_.bits == 3 || q.options_.bits == 4, op, ": \"meta\" holds bits ", q.options_.bits,
+                " with mapping kashin; expected 3 or 4");
+    TORCH_CHECK(!q.options_.double_quant_scales, op,
+                ": \"meta\" sets double-quantized scales with mapping kashin, which has none");
+    const int64_t count = int64_t{1} << q.options_.bits;
+    TORCH_CHECK(q.centroids_.scalar_type() == at::kFloat && q.centroids_.dim() == 2 && q.centroids_.size(0) == count &&
+                    q.centroids_.size(1) == 2,
+                op, ": \"centroids\" must be float32 of shape [", count, ", 2]; got ", q.centroids_.toString(),
+                " of shape ", q.centroids_.sizes());
+  }
   // An entry the options do not use would be ignored (or, a diagonal, written over the
   // decoded one): the state is not what it claims to be.
   TORCH_CHECK(q.options_.double_quant_scales || !q.scale_group_max_.defined(), op,
@@ -281,13 +329,14 @@ QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tens
   }
   const at::Device device = q.codes_.device();
   checks::same_device(op, device, {{"scales", &q.scales_}, {"scale_group_max", &q.scale_group_max_},
-                                   {"diagonal", &q.diagonal_}});
+                                   {"diagonal", &q.diagonal_}, {"centroids", &q.centroids_}});
   // Values: scales are block absmaxes (and group maxima of them), finite and >= 0; the kept
   // diagonal was checked finite when it was quantized. A NaN or a negative scale would
   // decode silently to NaN or to flipped signs.
   if (!q.options_.double_quant_scales) checks::finite_nonnegative_values(op, "scales", q.scales_);
   if (q.scale_group_max_.defined()) checks::finite_nonnegative_values(op, "scale_group_max", q.scale_group_max_);
   if (q.diagonal_.defined()) checks::finite_values(op, "diagonal", q.diagonal_);
+  if (q.centroids_.defined()) checks::finite_values(op, "centroids", q.centroids_);
   return q;
 }
 
