@@ -87,6 +87,7 @@ std::vector<float> codebook_values(Mapping mapping, int bits) {
       return sorted_floats(x);
     }
     case Mapping::DynamicTree: return sorted_floats(dynamic_tree(bits, /*is_signed=*/true));
+    case Mapping::Kashin: break;  // refused by check_has_table above
   }
   TORCH_CHECK(false, "lowbit: unknown mapping");
 }
@@ -120,6 +121,7 @@ std::vector<float> positive_codebook_values(Mapping mapping, int bits) {
       for (double& v : x)
         if (v == 0.0) v = 0.55 * std::pow(10.0, -(bits - 1));
       break;
+    case Mapping::Kashin: break;  // refused by check_has_table above
   }
   TORCH_CHECK(!x.empty(), "lowbit: unknown mapping");
   return sorted_floats(x);
