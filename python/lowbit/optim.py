@@ -54,7 +54,7 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
                  '"eigenvectors", "matrix", "cholesky"'),
     "error_feedback": (True, "bool", "cholesky: error feedback E of the Cholesky factors", "bool"),
     "error_feedback_decay": (0.0, "number", "cholesky: decay b_e of the error state E", "[0, 1)"),
-    "mapping": ("linear2", "str", "quantization mapping", '"linear2", "dynamic", "linear"'),
+    "mapping": ("linear2", "str", "quantization mapping", '"linear2", "dynamic", "linear", "kashin" (bits 4, 3)'),
     "quant_block_size": (64, "int", "block size B", "power of two, 16..4096"),
     "double_quant_scales": (False, "bool", "8-bit block scales (future work in the paper)", "bool"),
     "min_quant_numel": (4096, "int", "smallest quantized factor (elements)", ">= 0"),
@@ -416,7 +416,7 @@ class Shampoo(Optimizer):
     ``quantize``                    QM: what is quantized (U, A, or A's Cholesky factor)     ``"eigenvectors"``  ``"eigenvectors"``, ``"matrix"``, ``"cholesky"``
     ``error_feedback``              cholesky: error feedback E of the Cholesky factors       True                bool
     ``error_feedback_decay``        cholesky: decay b_e of the error state E                 0.0                 [0, 1)
-    ``mapping``                     quantization mapping                                     ``"linear2"``       ``"linear2"``, ``"dynamic"``, ``"linear"``
+    ``mapping``                     quantization mapping                                     ``"linear2"``       ``"linear2"``, ``"dynamic"``, ``"linear"``, ``"kashin"`` (bits 4, 3)
     ``quant_block_size``            block size B                                             64                  power of two, 16..4096
     ``double_quant_scales``         8-bit block scales (paper: future work)                  False               bool
     ``min_quant_numel``             smallest quantized factor (elements)                     4096                >= 0
@@ -512,7 +512,7 @@ class Shampoo(Optimizer):
         quantize: Literal["eigenvectors", "matrix", "cholesky"] = "eigenvectors",
         error_feedback: bool = True,
         error_feedback_decay: float = 0.0,
-        mapping: Literal["linear2", "dynamic", "linear"] = "linear2",
+        mapping: Literal["linear2", "dynamic", "linear", "kashin"] = "linear2",
         quant_block_size: int = 64,
         double_quant_scales: bool = False,
         min_quant_numel: int = 4096,

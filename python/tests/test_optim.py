@@ -245,7 +245,7 @@ BAD_VALUES = [
     ("weight_decay", -0.1, "weight_decay must be >= 0"),
     ("bits", 5, "bits must be 32, 8, 4 or 3; got 5"),
     ("quantize", "both", "quantize must be one of"),
-    ("mapping", "nf4", 'mapping must be one of "linear2", "dynamic", "linear"; got "nf4"'),
+    ("mapping", "nf4", 'mapping must be one of "linear2", "dynamic", "linear", "kashin"; got "nf4"'),
     ("quant_block_size", 48, "quant_block_size must be a power of two from 16 to 4096; got 48"),
     ("min_quant_numel", -1, "min_quant_numel must be >= 0"),
     ("max_preconditioner_dim", 0, "max_preconditioner_dim must be >= 1"),
