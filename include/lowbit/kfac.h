@@ -50,8 +50,12 @@ struct KfacOptions : public torch::optim::OptimizerCloneableOptions<KfacOptions>
   // G + (lambda / pi) I with pi = sqrt((tr(A) / dim A) / (tr(G) / dim G)), recomputed at each
   // inverse-root refresh (T2). AdaBK's dampening is relative and takes only "tikhonov".
   TORCH_ARG(std::string, damping_mode) = "tikhonov";
-  TORCH_ARG(double, damping_input) = 1e-5;   // AdaBK: e_A, relative to A's largest eigenvalue
-  TORCH_ARG(double, damping_output) = 1e-5;  // AdaBK: e_G, relative to G's largest eigenvalue
+  // AdaBK: e_A, e_G, relative to A's / G's largest eigenvalue. 1e-3, not the public code's
+  // nominal 1e-5: its roots (10 Newton-Schulz steps from F / tr F) cap the amplification at
+  // 1.5^10 ~ 58 / sqrt(tr F), a dampening of ~ 3e-4 tr F >= 3e-4 lambda_max; with exact roots
+  // 1e-5 lets unseen directions dominate the step (docs/kfac.md, "Dampening").
+  TORCH_ARG(double, damping_input) = 1e-3;
+  TORCH_ARG(double, damping_output) = 1e-3;
   TORCH_ARG(double, kl_clip) = 0;            // K-FAC: KL clipping kappa (0: off)
   TORCH_ARG(std::string, factor) = "dense";  // "dense" (fp32) | "eigen4" | "naive4"
   TORCH_ARG(int64_t, bjorck_steps) = 0;      // eigen4: Björck rectification steps (t1 = t2)

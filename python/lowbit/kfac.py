@@ -134,7 +134,7 @@ class SGDMBK(_AdaBK):
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  stat_decay: float = 0.9, stat_interval: int = 200, root_interval: int = 2000,
-                 damping_input: float = 1e-5, damping_output: float = 1e-5, factor: str = "dense",
+                 damping_input: float = 1e-3, damping_output: float = 1e-3, factor: str = "dense",
                  bjorck_steps: int = 0, eigen_update: str = "qr", skip_nonfinite: bool = False) -> None:
         super().__init__(model, dict(lr=lr, rule="sgdm", momentum=momentum, weight_decay=weight_decay,
                                      stat_decay=stat_decay, stat_interval=stat_interval, root_interval=root_interval,
@@ -149,7 +149,7 @@ class AdamWBK(_AdaBK):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, stat_decay: float = 0.9, stat_interval: int = 200,
-                 root_interval: int = 2000, damping_input: float = 1e-5, damping_output: float = 1e-5,
+                 root_interval: int = 2000, damping_input: float = 1e-3, damping_output: float = 1e-3,
                  factor: str = "dense", bjorck_steps: int = 0, eigen_update: str = "qr",
                  skip_nonfinite: bool = False) -> None:
         super().__init__(model, dict(lr=lr, rule="adamw", betas=tuple(betas), eps=eps, weight_decay=weight_decay,
