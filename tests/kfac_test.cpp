@@ -7,6 +7,7 @@
 #include <torch/serialize.h>
 
 #include <cmath>
+#include <cstdio>
 #include <sstream>
 
 #include <lowbit/kfac.h>
@@ -28,6 +29,9 @@ struct Case {
 struct Layer {
   Case c;
   KfacLayer layer;
+  // Multiplies the loss: scales D and Ds by it and G by its square (A unchanged), so the
+  // factors' scales differ and pi-damping's pi is far from 1.
+  double loss_scale = 1;
   torch::Tensor weight, bias;
   explicit Layer(Case cs, uint64_t seed) : c(cs) {
     at::manual_seed(seed);
@@ -57,7 +61,7 @@ struct Layer {
     const at::Tensor x = input(seed);
     const at::Tensor y = forward(x);
     stats.observe(weight, x, y);
-    ((y - target(seed)).pow(2).sum() * (0.5 / x.size(0))).backward();
+    ((y - target(seed)).pow(2).sum() * (0.5 * loss_scale / x.size(0))).backward();
   }
 };
 
@@ -89,7 +93,7 @@ Batch reference_batch(const Layer& l, uint64_t seed, const at::Tensor& weight, c
   const at::Tensor y = at::matmul(b.a, w.t());  // [B, T, out]
   const at::Tensor t = l.c.conv ? l.target(seed).to(at::kDouble).flatten(2).transpose(1, 2)
                                 : l.target(seed).to(at::kDouble).unsqueeze(1);
-  b.ds = y - t;
+  b.ds = (y - t) * l.loss_scale;
   return b;
 }
 
@@ -125,14 +129,20 @@ std::string name(const Case& c) { return std::string(c.conv ? "conv2d" : "linear
 // side; returns the largest relative error of a step's parameter change and its bound.
 struct Outcome {
   double error = 0, bound = 0;
+  double pi = 1;  // the reference's last pi (K-FAC)
 };
 
-Outcome compare_with_reference(const Case& c, bool adabk, const std::string& rule) {
+// K-FAC's damping_mode (`mode`) and the one the reference applies (`reference_mode`) are
+// separate so a test can show that the comparison tells them apart.
+Outcome compare_with_reference(const Case& c, bool adabk, const std::string& rule, const std::string& mode = "tikhonov",
+                               const std::string& reference_mode = "tikhonov", double loss_scale = 1) {
   Layer l(c, 1);
+  l.loss_scale = loss_scale;
   auto stats = std::make_shared<LayerStatistics>(std::vector<KfacLayer>{l.layer});
   KfacOptions o(0.1);
   o.rule(rule).stat_interval(1).root_interval(1).damping(0.05).damping_input(1e-2).damping_output(1e-2)
-      .weight_decay(0.01).eps(1.0);  // eps 1: step 1's AdamW map g -> g / (|g| + 1) is 1-Lipschitz
+      .weight_decay(0.01).eps(1.0)  // eps 1: step 1's AdamW map g -> g / (|g| + 1) is 1-Lipschitz
+      .damping_mode(mode);
   std::unique_ptr<KroneckerLayerOptimizer> opt;
   if (adabk) {
     opt = std::make_unique<AdaBK>(stats, l.params(), o);
@@ -153,21 +163,37 @@ Outcome compare_with_reference(const Case& c, bool adabk, const std::string& rul
     // (the inputs themselves are exact in both).
     const at::Tensor magnitude = at::einsum("bto,bti->oi", {batch.ds.abs(), batch.a.abs()}) / batch.a.size(0);
     const double k_sum = static_cast<double>(batch.a.size(0) * batch.a.size(1)) + 2;
-    EXPECT_TRUE(((l.layer.gradient_matrix().to(at::kDouble) - d).abs() <= magnitude * (k_sum * kUnit * 2)).all().item<bool>())
-        << name(c);
+    // (Only while both runs follow the same algorithm: otherwise their weights part after step 1.)
+    if (mode == reference_mode)
+      EXPECT_TRUE(((l.layer.gradient_matrix().to(at::kDouble) - d).abs() <= magnitude * (k_sum * kUnit * 2)).all().item<bool>())
+          << name(c);
     // Statistics: the first update enters with weight 1, then the EMA with beta.
     a_stat = step == 0 ? input_factor(batch) : beta * a_stat + (1 - beta) * input_factor(batch);
     g_stat = step == 0 ? output_factor(batch) : beta * g_stat + (1 - beta) * output_factor(batch);
     at::Tensor dir;
-    double kappa = 0;
+    double kappa = 0, pi_term = 0;
     if (adabk) {
       const double e = 1e-2;
       dir = at::matmul(at::matmul(power(g_stat, -0.5, 0, e), d), power(a_stat, -0.5, 0, e));
       dir = dir * (d.norm() / (dir.norm() + 1e-12));
       kappa = std::sqrt(condition(g_stat, 0, e)) + std::sqrt(condition(a_stat, 0, e));
     } else {
-      dir = at::matmul(at::matmul(power(g_stat, -1, 0.05, 0), d), power(a_stat, -1, 0.05, 0));
-      kappa = condition(g_stat, 0.05, 0) + condition(a_stat, 0.05, 0);
+      // pi-damping (Martens & Grosse 2015, sec. 6.3): pi = sqrt((tr A / dim A) / (tr G / dim G)),
+      // A + pi lambda I, G + (lambda / pi) I; Tikhonov is pi = 1.
+      const double n_a = static_cast<double>(a_stat.size(0)), n_g = static_cast<double>(g_stat.size(0));
+      const double pi = reference_mode == "pi"
+                            ? std::sqrt((a_stat.trace().item<double>() / n_a) / (g_stat.trace().item<double>() / n_g))
+                            : 1.0;
+      out.pi = pi;
+      dir = at::matmul(at::matmul(power(g_stat, -1, 0.05 / pi, 0), d), power(a_stat, -1, 0.05 * pi, 0));
+      kappa = condition(g_stat, 0.05 / pi, 0) + condition(a_stat, 0.05 * pi, 0);
+      // The optimizer's pi comes from fp32 traces of fp32 statistics: each statistic entry is off
+      // by <= k u relative (in the term below), a sum of n positive diagonal entries adds <= n u,
+      // so the ratio under the root errs by <= (n_A + n_G + 2) u and pi by half that, + 2 u for
+      // the root and products. A relative change delta of the damping mu moves each eigenvalue
+      // lambda + mu by mu delta <= (lambda + mu) delta: a relative perturbation <= delta of each
+      // damped factor, which its inverse amplifies by at most its condition (kappa, as above).
+      pi_term = ((n_a + n_g + 2) / 2 + 2) * kUnit * kappa;
     }
     at::Tensor update;  // the parameter change of this step, homogeneous [out, n_A]
     const at::Tensor p = c.bias ? at::cat({w.reshape({w.size(0), -1}), b.reshape({-1, 1})}, 1) : w.reshape({w.size(0), -1});
@@ -192,7 +218,7 @@ Outcome compare_with_reference(const Case& c, bool adabk, const std::string& rul
     // kappa (kappa^(1/2) for the square root), and two such roots compose; the parameter
     // change is then rounded once more (8 u), and the momentum sums at most two steps (x 2).
     const double k = static_cast<double>(batch.a.size(0) * batch.a.size(1) + batch.a.size(2) + d.size(0));
-    out.bound = std::max(out.bound, 2 * (k * kUnit * kappa * 4 + 8 * kUnit));
+    out.bound = std::max(out.bound, 2 * (k * kUnit * kappa * 4 + 8 * kUnit + pi_term));
     w = w + update.narrow(1, 0, w.numel() / w.size(0)).reshape(w.sizes());
     if (c.bias) b = b + update.narrow(1, w.numel() / w.size(0), 1).reshape(b.sizes());
   }
@@ -214,6 +240,27 @@ TEST(AdaBK, SgdmBkAndAdamwBkMatchFp64Reference) {
       const Outcome o = compare_with_reference(c, true, rule);
       EXPECT_LT(o.error, o.bound) << name(c) << " " << rule;
     }
+}
+
+TEST(Kfac, PiDampingMatchesFp64ReferenceOnLinearAndConv2dWithAndWithoutBias) {
+  for (const Case& c : kCases) {
+    // Loss x 10: G x 100, so pi ~ 0.1 and the factors' dampings differ 100-fold.
+    const Outcome o = compare_with_reference(c, false, "sgdm", "pi", "pi", 10.0);
+    EXPECT_LT(o.error, o.bound) << name(c);
+    EXPECT_TRUE(o.pi < 0.5 || o.pi > 2) << name(c) << ": pi = " << o.pi << " does not test the split";
+    std::printf("%s: pi %.4f, error %.3g (bound %.3g)\n", name(c).c_str(), o.pi, o.error, o.bound);
+    // The comparison tells the modes apart: Tikhonov damping misses the pi reference by far.
+    const Outcome tikhonov = compare_with_reference(c, false, "sgdm", "tikhonov", "pi", 10.0);
+    EXPECT_GT(tikhonov.error, 10 * tikhonov.bound) << name(c);
+  }
+}
+
+TEST(Kfac, DampingModeIsValidated) {
+  Layer l({false, true}, 1);
+  auto stats = std::make_shared<LayerStatistics>(std::vector<KfacLayer>{l.layer});
+  testing::expect_error([&] { KFAC(stats, l.params(), KfacOptions().damping_mode("factored")); }, "damping_mode");
+  // AdaBK's dampening is relative to the largest eigenvalue: pi's split of an absolute lambda has no meaning there.
+  testing::expect_error([&] { AdaBK(stats, l.params(), KfacOptions().damping_mode("pi")); }, "damping_mode");
 }
 
 }  // namespace lowbit

@@ -45,11 +45,9 @@ TrainConfig tiny(const std::string& optimizer) {
   // K-FAC / AdaBK on the MLP: the CNN's first linear layer has a 3137 x 3137 input factor,
   // whose decompositions would dominate the suite's time; the MLP's largest is 785.
   c.model = is_kfac_family(optimizer) ? "mlp" : "cnn";
-  // AdaBK's dampening is relative (1e-5 by default): with batches of 64 and an input factor of
-  // order 785 the statistics have rank <= 64 per capture, and directions no capture has seen
-  // are amplified by up to 1e5^(1/2) before the amplitude is restored, so a few stale roots
-  // steer the step (measured: the loss rose 1.60 -> 2.19). 1e-2 bounds that amplification by 10.
-  if (optimizer.find("-bk") != std::string::npos) c.second_order.damping = 1e-2;
+  // AdaBK runs at its default dampening (1e-3 of the largest eigenvalue): with batches of 64 the
+  // input factor (order 785) has rank <= 64 per capture, and the dampening bounds how much the
+  // directions no capture has seen are amplified (docs/kfac.md, "Dampening").
   c.optimizer = optimizer;
   c.epochs = 2;
   c.batch_size = 64;
@@ -61,10 +59,6 @@ TrainConfig tiny(const std::string& optimizer) {
 
 TEST(Trainer, ShortRunsLowerTheLossForEveryOptimizer) {
   for (const std::string& name : kOptimizerNames) {
-    // Open (issue 21): SGDM_BK at its default lr 0.05 does not lower this MLP's loss on the
-    // synthetic data in 32 steps (measured 1.58 -> 2.08, 32- and 4-bit alike). Its update is
-    // checked against an fp64 reference in kfac_test and python/tests/test_kfac.py.
-    if (name.rfind("sgdm-bk", 0) == 0) continue;
     std::ostringstream log;
     TrainConfig c = tiny(name);
     // 3e-3 (tiny's) for AdamW (fp32, 8- and 4-bit), Shampoo and CASPR; the others at their own default.
@@ -76,6 +70,12 @@ TEST(Trainer, ShortRunsLowerTheLossForEveryOptimizer) {
     // of batches (T1 = 2, T2 = 4) the default 1e-6 makes its steps follow them (the run
     // diverges, measured loss 3.5 -> 4.2); 1e-4 is the setting of the CASPR tests.
     if (name.rfind("caspr", 0) == 0) c.shampoo.epsilon(1e-4);
+    // SGDM_BK keeps SGDM's step norm (amplitude preservation) but not its direction, so per step
+    // it descends by cos(D', D) of SGDM's: on this MLP even plain SGDM needs 0.1 (at the CLI's
+    // 0.05 its loss went 2.24 -> 1.84 in the 32 steps, short of the 30% below), SGDM_BK 0.2
+    // (measured, fp32 factors: 0.1: 2.24 -> 1.90; 0.2: 2.13 -> 0.87).
+    const bool sgdm_bk = name.rfind("sgdm-bk", 0) == 0;
+    if (sgdm_bk) c.shampoo.lr(0.2);
     const TrainResult r = run_training(c, log);
     ASSERT_EQ(r.history.size(), 2u) << name;
     ASSERT_EQ(r.steps, 32) << name;
@@ -83,6 +83,10 @@ TEST(Trainer, ShortRunsLowerTheLossForEveryOptimizer) {
     // 30% and beat chance (0.1) on 256 test images by far (binomial sd at p = 0.5: 0.03, so
     // 0.4 is > 10 sd above chance and far below the measured 0.58 to 0.85).
     EXPECT_LT(r.history.back().train_loss, 0.7 * r.history.front().train_loss) << name;
+    // SGDM_BK's dampening: with the public code's nominal 1e-5 and exact roots, unseen directions
+    // take over the step and the loss only fell 2.20 -> 1.53 here (ratio 0.70; 4-bit: 0.76); the
+    // default 1e-3 (the code's effective value) reached 0.41 (4-bit: 0.31). Half is between the two.
+    if (sgdm_bk) EXPECT_LT(r.history.back().train_loss, 0.5 * r.history.front().train_loss) << name;
     EXPECT_GT(r.test_accuracy, 0.4) << name;
     EXPECT_NE(log.str().find("epoch 2/2"), std::string::npos) << log.str();
     const bool first_order_only =

@@ -5,6 +5,7 @@
 //   every stat_interval steps (T1): A = b A + (1 - b) A_batch, G = b G + (1 - b) G_batch
 //   every root_interval steps (T2): the factors' inverse roots
 //   K-FAC:  D' = (G + lambda I)^-1 D (A + lambda I)^-1               (root_exponent 1)
+//           or, damping_mode "pi": (G + lambda / pi I)^-1 D (A + pi lambda I)^-1
 //   AdaBK:  D' = (G + e_G g_max I)^-1/2 D (A + e_A a_max I)^-1/2,  D' *= ||D|| / (||D'|| + 1e-12)
 // then the first-order rule ("sgdm": coupled weight decay, momentum; "adamw": decoupled weight
 // decay) on D' for layer weights and on the plain gradient for every other parameter.
@@ -44,8 +45,17 @@ struct KfacOptions : public torch::optim::OptimizerCloneableOptions<KfacOptions>
   // K-FAC: lambda, absolute Tikhonov damping of each factor. The product's damping is about
   // lambda^2: 0.03 matches the 1e-3 that K-FAC codes add to G (x) A's eigenvalues (docs/kfac.md).
   TORCH_ARG(double, damping) = 0.03;
-  TORCH_ARG(double, damping_input) = 1e-5;   // AdaBK: e_A, relative to A's largest eigenvalue
-  TORCH_ARG(double, damping_output) = 1e-5;  // AdaBK: e_G, relative to G's largest eigenvalue
+  // K-FAC: how lambda is shared between the factors. "tikhonov": A + lambda I and G + lambda I;
+  // "pi": factored Tikhonov damping (Martens & Grosse 2015, sec. 6.3), A + pi lambda I and
+  // G + (lambda / pi) I with pi = sqrt((tr(A) / dim A) / (tr(G) / dim G)), recomputed at each
+  // inverse-root refresh (T2). AdaBK's dampening is relative and takes only "tikhonov".
+  TORCH_ARG(std::string, damping_mode) = "tikhonov";
+  // AdaBK: e_A, e_G, relative to A's / G's largest eigenvalue. 1e-3, not the public code's
+  // nominal 1e-5: its roots (10 Newton-Schulz steps from F / tr F) cap the amplification at
+  // 1.5^10 ~ 58 / sqrt(tr F), a dampening of ~ 3e-4 tr F >= 3e-4 lambda_max; with exact roots
+  // 1e-5 lets unseen directions dominate the step (docs/kfac.md, "Dampening").
+  TORCH_ARG(double, damping_input) = 1e-3;
+  TORCH_ARG(double, damping_output) = 1e-3;
   TORCH_ARG(double, kl_clip) = 0;            // K-FAC: KL clipping kappa (0: off)
   TORCH_ARG(std::string, factor) = "dense";  // "dense" (fp32) | "eigen4" | "naive4"
   TORCH_ARG(int64_t, bjorck_steps) = 0;      // eigen4: Björck rectification steps (t1 = t2)

@@ -110,15 +110,17 @@ class _KroneckerLayerOptimizer(Optimizer):
 class KFAC(_KroneckerLayerOptimizer):
     """K-FAC: each layer's gradient D = [dW, db] becomes (G + damping I)^-1 D (A + damping I)^-1,
     then SGD with momentum (coupled weight decay) and optional KL clipping. ``factor``:
-    "dense" (fp32), "eigen4" (4-bit eigenvector-quantized), "naive4"."""
+    "dense" (fp32), "eigen4" (4-bit eigenvector-quantized), "naive4". ``damping_mode="pi"``:
+    factored damping (Martens & Grosse 2015, sec. 6.3), A + pi damping I and G + (damping / pi) I
+    with pi = sqrt((tr A / dim A) / (tr G / dim G))."""
 
     def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
                  stat_decay: float = 0.9, stat_interval: int = 200, root_interval: int = 2000,
-                 damping: float = 0.03, kl_clip: float = 0.0, factor: str = "dense", bjorck_steps: int = 0,
-                 eigen_update: str = "qr", skip_nonfinite: bool = False) -> None:
+                 damping: float = 0.03, damping_mode: str = "tikhonov", kl_clip: float = 0.0, factor: str = "dense",
+                 bjorck_steps: int = 0, eigen_update: str = "qr", skip_nonfinite: bool = False) -> None:
         super().__init__(model, dict(lr=lr, rule="sgdm", momentum=momentum, weight_decay=weight_decay,
                                      stat_decay=stat_decay, stat_interval=stat_interval, root_interval=root_interval,
-                                     damping=damping, kl_clip=kl_clip, factor=factor, bjorck_steps=bjorck_steps,
+                                     damping=damping, damping_mode=damping_mode, kl_clip=kl_clip, factor=factor, bjorck_steps=bjorck_steps,
                                      eigen_update=eigen_update, skip_nonfinite=skip_nonfinite))
 
 
@@ -132,7 +134,7 @@ class SGDMBK(_AdaBK):
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  stat_decay: float = 0.9, stat_interval: int = 200, root_interval: int = 2000,
-                 damping_input: float = 1e-5, damping_output: float = 1e-5, factor: str = "dense",
+                 damping_input: float = 1e-3, damping_output: float = 1e-3, factor: str = "dense",
                  bjorck_steps: int = 0, eigen_update: str = "qr", skip_nonfinite: bool = False) -> None:
         super().__init__(model, dict(lr=lr, rule="sgdm", momentum=momentum, weight_decay=weight_decay,
                                      stat_decay=stat_decay, stat_interval=stat_interval, root_interval=root_interval,
@@ -147,7 +149,7 @@ class AdamWBK(_AdaBK):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, stat_decay: float = 0.9, stat_interval: int = 200,
-                 root_interval: int = 2000, damping_input: float = 1e-5, damping_output: float = 1e-5,
+                 root_interval: int = 2000, damping_input: float = 1e-3, damping_output: float = 1e-3,
                  factor: str = "dense", bjorck_steps: int = 0, eigen_update: str = "qr",
                  skip_nonfinite: bool = False) -> None:
         super().__init__(model, dict(lr=lr, rule="adamw", betas=tuple(betas), eps=eps, weight_decay=weight_decay,

@@ -67,13 +67,14 @@ def flat(layer):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("kind", ["kfac", "adamw-bk"])
+@pytest.mark.parametrize("kind", ["kfac", "kfac-pi", "adamw-bk"])
 def test_one_step_matches_float64_reference(bias, kind):
     net = model(bias)
     x, y = batch(1)
     refs = reference_factors(net, x, y)
-    if kind == "kfac":
-        opt = lowbit.KFAC(net, lr=0.1, damping=0.05, stat_interval=1, root_interval=1)
+    if kind.startswith("kfac"):
+        opt = lowbit.KFAC(net, lr=0.1, damping=0.05, stat_interval=1, root_interval=1,
+                          damping_mode="pi" if kind == "kfac-pi" else "tikhonov")
     else:
         opt = lowbit.AdamWBK(net, lr=0.1, eps=1.0, damping_input=1e-2, damping_output=1e-2, stat_interval=1,
                              root_interval=1)
@@ -81,11 +82,19 @@ def test_one_step_matches_float64_reference(bias, kind):
     F.cross_entropy(net(x), y).backward()
     opt.step()
     for (a, g, d), layer, old in zip(refs, (net[0], net[3]), before):
-        if kind == "kfac":
-            direction = power(g, -1, 0.05, 0) @ d @ power(a, -1, 0.05, 0)
+        pi_term = 0.0
+        if kind.startswith("kfac"):
+            # pi-damping (Martens & Grosse 2015, sec. 6.3): A + pi lambda I, G + (lambda / pi) I.
+            pi = math.sqrt((float(a.trace()) / len(a)) / (float(g.trace()) / len(g))) if kind == "kfac-pi" else 1.0
+            direction = power(g, -1, 0.05 / pi, 0) @ d @ power(a, -1, 0.05 * pi, 0)
             expected = -0.1 * direction  # the momentum buffer starts at the first direction
-            kappa = torch.linalg.cond(g + 0.05 * torch.eye(len(g), dtype=g.dtype)) + \
-                torch.linalg.cond(a + 0.05 * torch.eye(len(a), dtype=a.dtype))
+            kappa = torch.linalg.cond(g + 0.05 / pi * torch.eye(len(g), dtype=g.dtype)) + \
+                torch.linalg.cond(a + 0.05 * pi * torch.eye(len(a), dtype=a.dtype))
+            # The optimizer's pi: fp32 traces of n positive entries err by n u, pi by half the
+            # ratio's (n_A + n_G + 2) u, + 2 u; a relative change delta of a damping perturbs each
+            # damped factor by <= delta relative, amplified by its inverse's condition (kappa).
+            if kind == "kfac-pi":
+                pi_term = ((len(a) + len(g) + 2) / 2 + 2) * U * float(kappa)
         else:
             direction = power(g, -0.5, 0, 1e-2) @ d @ power(a, -0.5, 0, 1e-2)
             direction = direction * d.norm() / (direction.norm() + 1e-12)
@@ -95,7 +104,7 @@ def test_one_step_matches_float64_reference(bias, kind):
         # fp32 sums of k = B T + n_A + n_G terms err by k u; the inverse roots amplify a relative
         # perturbation by their condition kappa; x 4 for the two roots and the products.
         k = 8 * 9 + a.shape[0] + g.shape[0]
-        bound = 4 * k * U * float(kappa) + 8 * U
+        bound = 4 * k * U * float(kappa) + 8 * U + pi_term
         error = float((change - expected).norm() / expected.norm())
         assert error < bound
 
@@ -157,5 +166,7 @@ def test_bad_input_changes_nothing():
     unchanged()
     with pytest.raises(RuntimeError, match="KfacOptions.damping"):
         lowbit.KFAC(model(False), damping=-1.0)
+    with pytest.raises(RuntimeError, match="damping_mode"):
+        lowbit.KFAC(model(False), damping_mode="factored")
     with pytest.raises(TypeError, match="must be the model"):
         lowbit.KFAC(list(net.parameters()))

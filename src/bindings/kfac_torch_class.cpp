@@ -34,6 +34,7 @@ KfacOptions kfac_options_from_dict(const c10::Dict<std::string, c10::IValue>& di
     else if (n == "stat_interval") o.stat_interval(as_int(n, v, kKfacWho));
     else if (n == "root_interval") o.root_interval(as_int(n, v, kKfacWho));
     else if (n == "damping") o.damping(as_number(n, v, kKfacWho));
+    else if (n == "damping_mode") o.damping_mode(as_string(n, v, kKfacWho));
     else if (n == "damping_input") o.damping_input(as_number(n, v, kKfacWho));
     else if (n == "damping_output") o.damping_output(as_number(n, v, kKfacWho));
     else if (n == "kl_clip") o.kl_clip(as_number(n, v, kKfacWho));

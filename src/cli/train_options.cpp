@@ -111,7 +111,11 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_option("--mfac-window", c.second_order.window, "M-FAC: gradients in the window (default 32)");
   cmd.add_option("--damping", c.second_order.damping,
                  "M-FAC: damping lambda of the Fisher (default 1e-3); K-FAC: Tikhonov lambda of each factor (default 0.03); AdaBK: "
-                 "damping of both factors relative to their largest eigenvalue (default 1e-5)");
+                 "damping of both factors relative to their largest eigenvalue (default 1e-3)");
+  cmd.add_option("--damping-mode", c.second_order.damping_mode,
+                 "K-FAC: tikhonov (lambda on each factor, the default) | pi (factored damping, Martens & Grosse "
+                 "sec. 6.3: pi lambda on A, lambda / pi on G)")
+      ->check(CLI::IsMember({"tikhonov", "pi"}));
   cmd.add_option("--kl-clip", c.second_order.kl_clip, "K-FAC: KL clipping kappa, 0 for none (default 1e-3)");
   cmd.add_option("--mu", c.second_order.mu, "NAG-GS: mu (default 1)");
   return [raw](const std::string& optimizer) {

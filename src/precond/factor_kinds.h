@@ -44,6 +44,8 @@ class EigenQuantizedFactor final : public KroneckerFactor {
   static void refresh(c10::ArrayRef<RefreshItem> batch, RefreshContext& context);
   at::Tensor inverse_root() const override;
   at::Tensor statistic() const override;
+  // The eigenvalues are the fp32 part: their sum, not the trace of the dequantized U diag U^T.
+  at::Tensor trace() const override { return eigenvalues_.sum(); }
   const QuantizedMatrix* quantized_root() const override { return root_.defined() ? &root_ : nullptr; }
   // With config.eigen_form_root: the roots of a batch (one order) into out [B, n, n] (batched
   // dequantization, Björck and recomposition; workspace slots slot .. slot + 2).

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <sstream>
 
 #include "precond/factor_refresh.h"
@@ -16,6 +17,12 @@ KroneckerFactor::KroneckerFactor(int64_t order, const at::TensorOptions& device,
 void KroneckerFactor::update_statistic(const at::Tensor& side) { refresh_alone({RefreshItem{this, side, false}}); }
 
 void KroneckerFactor::update_inverse_root() { refresh_alone({RefreshItem{this, at::Tensor(), true}}); }
+
+void KroneckerFactor::set_damping(double damping) {
+  TORCH_CHECK(std::isfinite(damping) && damping >= 0, "KroneckerFactor::set_damping: the damping must be finite and >= 0; got ",
+              damping);
+  config_.damping = damping;
+}
 
 int64_t KroneckerFactor::failures() const { return failures_.item<int64_t>(); }
 

@@ -81,6 +81,13 @@ class KroneckerFactor {
   virtual at::Tensor inverse_root() const = 0;
   // The statistic as a dense fp32 matrix (for inspection and tests).
   virtual at::Tensor statistic() const = 0;
+  // tr(statistic) as an fp32 scalar on the device, from the fp32 part of the stored state where
+  // the kind has one (K-FAC's pi-damping reads it): the diagonal's sum by default (exact for
+  // dense, and for naive 4-bit whose diagonal is fp32); the eigenvalues' sum for eigen-quantized.
+  virtual at::Tensor trace() const { return statistic().diagonal().sum(); }
+  // Replaces the absolute damping (FactorConfig::damping) used by the next inverse-root refresh:
+  // K-FAC's factored pi-damping gives each factor its own lambda, recomputed at every refresh.
+  void set_damping(double damping);
   // The inverse root as stored at low bits, or nullptr (dense roots, SOAP's bases): lets the
   // roots of many factors be decoded with one codec call.
   virtual const QuantizedMatrix* quantized_root() const { return nullptr; }

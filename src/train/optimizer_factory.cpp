@@ -53,6 +53,7 @@ std::unique_ptr<torch::optim::Optimizer> make_kfac(const std::string& name, std:
   if (name.rfind("kfac", 0) == 0) {
     o.rule("sgdm").kl_clip(s.kl_clip >= 0 ? s.kl_clip : 1e-3);
     if (s.damping > 0) o.damping(s.damping);
+    if (!s.damping_mode.empty()) o.damping_mode(s.damping_mode);
     return std::make_unique<KFAC>(statistics, params, o);
   }
   o.rule(name.rfind("adamw", 0) == 0 ? "adamw" : "sgdm");
@@ -127,6 +128,9 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& name,
                                                         const ShampooOptions& shampoo,
                                                         const SecondOrderSettings& second_order,
                                                         models::Classifier* model) {
+  TORCH_CHECK(second_order.damping_mode.empty() || name == "kfac" || name == "kfac4", "--damping-mode \"",
+              second_order.damping_mode, "\" applies to kfac and kfac4 (K-FAC's absolute damping); --optimizer ", name,
+              " does not take it");
   if (is_kfac_family(name)) return make_kfac(name, params, shampoo, second_order, model);
   if (name == "sgdm")
     return std::make_unique<torch::optim::SGD>(

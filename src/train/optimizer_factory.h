@@ -43,6 +43,7 @@ struct SecondOrderSettings {
   double damping = -1;            // M-FAC lambda
   double mu = -1;                 // NAG-GS
   double kl_clip = -1;            // K-FAC
+  std::string damping_mode;       // K-FAC: "tikhonov" | "pi" (empty: the optimizer's default)
 };
 
 // The K-FAC / AdaBK names.

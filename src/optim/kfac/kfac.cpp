@@ -33,6 +33,31 @@ at::Tensor statistic_input(const precond::KroneckerFactor& factor, const at::Ten
   return (c - b * epsilon * at::eye(c.size(0), c.options())) / (1.0 - b);
 }
 
+// K-FAC's factored Tikhonov damping (Martens & Grosse 2015, sec. 6.3): the damping of A (x) G
+// is shared as A + pi lambda I, G + (lambda / pi) I, with pi the ratio of the factors' average
+// eigenvalues, sqrt((tr(A) / dim A) / (tr(G) / dim G)), so each factor is damped in proportion
+// to its own scale. Sets both factors' damping for their next root refresh; one host read for
+// all layers (this runs once per T2). A factor without positive finite trace (no signal yet)
+// gets pi = 1: plain Tikhonov.
+void set_pi_damping(const std::vector<std::pair<precond::KroneckerFactor*, precond::KroneckerFactor*>>& layers,
+                    double lambda) {
+  std::vector<at::Tensor> traces;
+  for (const auto& [a, g] : layers) {
+    traces.push_back(a->trace());
+    traces.push_back(g->trace());
+  }
+  if (traces.empty()) return;
+  const at::Tensor host = at::stack(traces).to(at::kDouble).cpu();
+  const double* t = host.data_ptr<double>();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& [a, g] = layers[i];
+    const double ratio = (t[2 * i] / static_cast<double>(a->order())) / (t[2 * i + 1] / static_cast<double>(g->order()));
+    const double pi = std::isfinite(ratio) && ratio > 0 ? std::sqrt(ratio) : 1.0;
+    a->set_damping(pi * lambda);
+    g->set_damping(lambda / pi);
+  }
+}
+
 }  // namespace
 
 struct KroneckerLayerOptimizer::LayerState {
@@ -48,6 +73,7 @@ void KfacOptions::validate() const {
   support::check_one_of(p, "rule", rule(), {"sgdm", "adamw"});
   support::check_one_of(p, "factor", factor(), {"dense", "eigen4", "naive4"});
   support::check_one_of(p, "eigen_update", eigen_update(), {"qr", "eigh"});
+  support::check_one_of(p, "damping_mode", damping_mode(), {"tikhonov", "pi"});
   support::check_adam_options(p, lr(), betas(), eps(), weight_decay());
   support::check_finite_options(p, {{"momentum", momentum()}, {"stat_decay", stat_decay()}, {"damping", damping()},
                                     {"damping_input", damping_input()}, {"damping_output", damping_output()},
@@ -74,6 +100,9 @@ KroneckerLayerOptimizer::KroneckerLayerOptimizer(std::shared_ptr<LayerStatistics
     : Optimizer({torch::optim::OptimizerParamGroup(std::move(params))}, std::make_unique<KfacOptions>(options)),
       adabk_(adabk), statistics_(std::move(statistics)) {
   options.validate();
+  TORCH_CHECK(!adabk_ || options.damping_mode() == "tikhonov", who(), ": damping_mode \"", options.damping_mode(),
+              "\" is K-FAC's (its absolute lambda split between the factors); AdaBK's dampening is relative to each "
+              "factor's largest eigenvalue (damping_input, damping_output), so damping_mode must be \"tikhonov\"");
   TORCH_CHECK(statistics_ != nullptr, who(), ": needs the model's LayerStatistics");
   const auto& group = param_groups().front().params();
   for (size_t i = 0; i < statistics_->layers().size(); ++i) {
@@ -163,15 +192,31 @@ torch::Tensor KroneckerLayerOptimizer::step(LossClosure closure) {
                   who(), ": layer ", i, "'s recorded statistics are not finite; nothing was updated");
     }
   }
+  // pi-damping reads the updated factors' traces before their roots: statistics first, then roots.
+  // (For eigen4 the root then comes from the stored 4-bit eigenvectors, as on a step that only
+  // refreshes roots, instead of the update's fp32 ones.)
+  const bool pi_damping = !adabk_ && o.damping_mode() == "pi";
   std::vector<precond::RefreshItem> items;
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerState& s = layers_[i];
     const bool fresh = grams[i].first.defined();
-    items.push_back({s.input.get(), fresh ? statistic_input(*s.input, grams[i].first, s.started) : at::Tensor(), roots_due});
-    items.push_back({s.output.get(), fresh ? statistic_input(*s.output, grams[i].second, s.started) : at::Tensor(), roots_due});
+    const bool root = roots_due && !pi_damping;
+    items.push_back({s.input.get(), fresh ? statistic_input(*s.input, grams[i].first, s.started) : at::Tensor(), root});
+    items.push_back({s.output.get(), fresh ? statistic_input(*s.output, grams[i].second, s.started) : at::Tensor(), root});
   }
   precond::refresh_alone(items);
   for (size_t i = 0; i < layers.size(); ++i) layers_[i].started |= grams[i].first.defined();
+  if (pi_damping && roots_due) {
+    std::vector<std::pair<precond::KroneckerFactor*, precond::KroneckerFactor*>> pairs;
+    std::vector<precond::RefreshItem> roots;
+    for (LayerState& s : layers_) {
+      pairs.emplace_back(s.input.get(), s.output.get());
+      roots.push_back({s.input.get(), at::Tensor(), true});
+      roots.push_back({s.output.get(), at::Tensor(), true});
+    }
+    set_pi_damping(pairs, o.damping());
+    precond::refresh_alone(roots);
+  }
 
   // Preconditioned layer gradients D' = G^-1/p D A^-1/p.
   std::map<c10::TensorImpl*, at::Tensor> directions;
