@@ -324,7 +324,7 @@ void invalid_input_case(CaseRng& r) {
       expect = {"QuantOptions.block_size must be a power of two from 16 to 4096; got " + std::to_string(o.block_size)};
       break;
     case 2:
-      o.mapping = static_cast<Mapping>(r.one_of(std::vector<int64_t>{3, 4, -1, 100}));
+      o.mapping = static_cast<Mapping>(r.one_of(std::vector<int64_t>{4, 5, -1, 100}));
       expect = {"QuantOptions.mapping is not a known Mapping"};
       break;
     case 3:
