@@ -48,5 +48,10 @@ constexpr int64_t kScaleGroupSize = 256;
 // Throws c10::Error naming `what` unless bits is 3, 4 or 8 / block_size is allowed.
 void check_bits(int64_t bits, const char* what);
 void check_block_size(int64_t block_size, const char* what);
+// What a mapping needs of the other options, named with `prefix` (e.g. "QuantOptions."):
+// "kashin" codes index 2-D centroids fitted per matrix, so it takes 3 or 4 bits, nearest
+// rounding and fp32 scales. Shared by QuantOptions::validate and the optimizers' options.
+void check_mapping_options(Mapping mapping, int64_t bits, Rounding rounding, bool double_quant_scales,
+                           const std::string& prefix);
 
 }  // namespace lowbit

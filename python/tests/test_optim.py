@@ -266,6 +266,16 @@ def test_bad_option_values_are_named(name, value, message):
         lowbit.Shampoo(make_params(1, [(3, 3)]), **{name: value})
 
 
+@pytest.mark.parametrize("options,message", [
+    (dict(bits=8), 'bits must be 3 or 4 with mapping "kashin"; got 8'),
+    (dict(bits=4, double_quant_scales=True), 'double_quant_scales is not supported with mapping "kashin"'),
+])
+def test_kashin_needs_what_its_centroid_codes_allow(options, message):
+    with pytest.raises(ValueError, match="lowbit.Shampoo: " + message):
+        lowbit.Shampoo(make_params(1, [(3, 3)]), mapping="kashin", **options)
+    lowbit.Shampoo(make_params(1, [(3, 3)]), mapping="kashin", bits=32)  # 32-bit quantizes nothing
+
+
 BAD_TYPES = [("lr", "0.1"), ("bits", 4.0), ("bits", True), ("nesterov", 1), ("graft", None),
              ("betas", 0.9), ("betas", (0.9, 0.99, 0.1)), ("rectify_steps", (1.5, 2)), ("skip_nonfinite", "yes")]
 

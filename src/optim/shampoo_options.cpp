@@ -49,10 +49,8 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
   TORCH_CHECK(o.error_feedback_decay() >= 0 && o.error_feedback_decay() < 1, p,
               "error_feedback_decay must be in [0, 1); got ", o.error_feedback_decay());
   check_one_of(p, "mapping", o.mapping(), {"linear2", "dynamic", "linear", "kashin"});
-  TORCH_CHECK(o.mapping() != "kashin" || o.bits() == 32 || o.bits() == 4 || o.bits() == 3, p,
-              "mapping \"kashin\" needs bits 4 or 3 (its codes index 2-D centroids); got bits ", o.bits());
-  TORCH_CHECK(o.mapping() != "kashin" || !o.double_quant_scales(), p,
-              "double_quant_scales is not supported with mapping \"kashin\" (its scales are fp32 block norms)");
+  if (o.bits() != 32)  // 32-bit Shampoo quantizes nothing
+    check_mapping_options(parse_mapping(o.mapping()), o.bits(), Rounding::Nearest, o.double_quant_scales(), p);
   check_block_size(o.quant_block_size(), (p + "quant_block_size").c_str());
   TORCH_CHECK(o.min_quant_numel() >= 0, p, "min_quant_numel must be >= 0; got ", o.min_quant_numel());
   TORCH_CHECK(o.max_preconditioner_dim() >= 1, p, "max_preconditioner_dim must be >= 1; got ",

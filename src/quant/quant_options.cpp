@@ -52,15 +52,19 @@ void QuantOptions::validate() const {
   TORCH_CHECK(m >= 0 && m <= 3, "QuantOptions.mapping is not a known Mapping (", m, ")");
   TORCH_CHECK(rounding == Rounding::Nearest || rounding == Rounding::Stochastic,
               "QuantOptions.rounding is not a known Rounding");
-  if (mapping == Mapping::Kashin) {
-    // One code indexes a 2-D centroid (u_i, v_i); 8-bit codes would mean 256 centroids
-    // fitted per matrix, and the fitted table has no stochastic or double-quantized form.
-    TORCH_CHECK(bits == 3 || bits == 4, "QuantOptions.bits must be 3 or 4 with mapping \"kashin\"; got ", bits);
-    TORCH_CHECK(rounding == Rounding::Nearest,
-                "QuantOptions.rounding must be \"nearest\" with mapping \"kashin\" (codes are nearest centroids)");
-    TORCH_CHECK(!double_quant_scales,
-                "QuantOptions.double_quant_scales is not supported with mapping \"kashin\" (its scales are fp32 block norms)");
-  }
+  check_mapping_options(mapping, bits, rounding, double_quant_scales, "QuantOptions.");
+}
+
+void check_mapping_options(Mapping mapping, int64_t bits, Rounding rounding, bool double_quant_scales,
+                           const std::string& prefix) {
+  if (mapping != Mapping::Kashin) return;
+  // One code indexes a 2-D centroid (u_i, v_i); 8-bit codes would mean 256 centroids
+  // fitted per matrix, and the fitted table has no stochastic or double-quantized form.
+  TORCH_CHECK(bits == 3 || bits == 4, prefix, "bits must be 3 or 4 with mapping \"kashin\"; got ", bits);
+  TORCH_CHECK(rounding == Rounding::Nearest, prefix,
+              "rounding must be \"nearest\" with mapping \"kashin\" (codes are nearest centroids)");
+  TORCH_CHECK(!double_quant_scales, prefix,
+              "double_quant_scales is not supported with mapping \"kashin\" (its scales are fp32 block norms)");
 }
 
 bool QuantOptions::operator==(const QuantOptions& o) const {
