@@ -3,7 +3,11 @@
 #include <cmath>
 #include <vector>
 
+#include <ATen/ATen.h>
+
 #include <lowbit/codebook.h>
+
+#include "quant/codec_checks.h"
 
 namespace lowbit {
 namespace {
@@ -118,6 +122,34 @@ TEST(Codebook, MaxRoundingErrorMatchesADenseScan) {
   // The widest 4-bit linear-2 gap is the top one, from (13/15)^2 to 1: half-gap 28/225. The
   // float code 0.7511 carries <= 2^-24 of rounding (half of it in the half-gap), so 2^-24.
   EXPECT_NEAR(max_rounding_error(codebook_values(Mapping::Linear2, 4)), 28.0 / 225.0, 0x1p-24);
+}
+
+// On a GPU the codec's argument check would read a device codebook back (a host
+// synchronisation per call) unless it is one of lowbit's cached tables, whose values were
+// made sorted on the host. The meta device holds no data: a check that passes on a meta copy
+// provably read nothing, and one that reads fails there.
+TEST(Codebook, CachedTablesAndTheirDeviceCopiesAreCheckedWithoutReadingThem) {
+  const at::Tensor& host = codebook(Mapping::Linear2, 4);
+  const at::Tensor copy = codebook_on(host, at::Device(at::kMeta));
+  EXPECT_TRUE(copy.is_meta());
+  EXPECT_TRUE(copy.is_same(codebook_on(host, at::Device(at::kMeta))));  // made once per device
+  EXPECT_TRUE(is_cached_codebook(host));
+  EXPECT_TRUE(is_cached_codebook(copy));
+  EXPECT_TRUE(is_cached_codebook(scale_codebook()));
+  EXPECT_TRUE(is_cached_codebook(positive_codebook(Mapping::Linear2, 4)));
+  EXPECT_NO_THROW(checks::codebook("test", copy, 4));
+  EXPECT_NO_THROW(checks::codebook("test", host, 4));
+
+  // A table lowbit did not make, or a cached one changed in place, is read to be checked.
+  const at::Tensor foreign = host.clone().to(at::kMeta);
+  EXPECT_FALSE(is_cached_codebook(foreign));
+  EXPECT_FALSE(is_cached_codebook(host.clone()));
+  EXPECT_FALSE(is_cached_codebook(at::Tensor()));
+  EXPECT_THROW(checks::codebook("test", foreign, 4), c10::Error);
+  at::Tensor changed = codebook_on(codebook(Mapping::Linear, 3), at::Device(at::kMeta));
+  changed.mul_(2);  // bumps its version (no data on meta)
+  EXPECT_FALSE(is_cached_codebook(changed));
+  EXPECT_THROW(checks::codebook("test", changed, 3), c10::Error);
 }
 
 TEST(Codebook, RejectsUnsupportedBits) {

@@ -550,7 +550,7 @@ void ops_case(CaseRng& r) {
       static const auto op = dispatcher.findSchemaOrThrow("lowbit::quantize_blockwise", "")
                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                                      const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, bool, int64_t,
-                                     const c10::optional<at::Tensor>&)>();
+                                     const c10::optional<at::Tensor>&, bool)>();
       at::Tensor given = q.scales().clone();
       bool valid = true;
       if (given.numel() > 0 && r.chance(0.6)) {
@@ -566,7 +566,7 @@ void ops_case(CaseRng& r) {
       const bool stochastic = r.chance(0.3);
       std::tuple<at::Tensor, at::Tensor, at::Tensor> res;
       const Outcome got = outcome_of([&] {
-        res = op.call(m, codebook(o.mapping, o.bits), o.bits, o.block_size, o.keep_diagonal, stochastic, 7, given);
+        res = op.call(m, codebook(o.mapping, o.bits), o.bits, o.block_size, o.keep_diagonal, stochastic, 7, given, true);
       });
       if (!valid) {
         ASSERT_TRUE(got.c10) << "spoiled scales were accepted" << (got.threw ? ": " + got.message : "");
@@ -592,7 +592,7 @@ void ops_case(CaseRng& r) {
     }
     case 2: {  // quantize_scales / dequantize_scales
       static const auto qs = dispatcher.findSchemaOrThrow("lowbit::quantize_scales", "")
-                                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
+                                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool)>();
       static const auto ds = dispatcher.findSchemaOrThrow("lowbit::dequantize_scales", "")
                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
       at::Tensor s = at::rand({r.between(0, 700)}) * std::pow(10.0, r.uniform(-40, 38));
@@ -602,7 +602,7 @@ void ops_case(CaseRng& r) {
         valid = false;
       }
       std::tuple<at::Tensor, at::Tensor> res;
-      const Outcome got = outcome_of([&] { res = qs.call(s, scale_codebook()); });
+      const Outcome got = outcome_of([&] { res = qs.call(s, scale_codebook(), true); });
       if (!valid) {
         ASSERT_TRUE(got.c10) << "bad scales were accepted";
         EXPECT_NE(got.message.find("scales must be finite and non-negative"), std::string::npos) << got.message;

@@ -113,12 +113,12 @@ TEST(CorruptCodecInput, QuantizeBlockwiseRefusesNonFiniteOrNegativeGivenScales) 
                       .findSchemaOrThrow("lowbit::quantize_blockwise", "")
                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                           const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, bool, int64_t,
-                          const c10::optional<at::Tensor>&)>();
+                          const c10::optional<at::Tensor>&, bool)>();
   const at::Tensor m = at::randn({3, 20});
   for (float bad : {kNaN, -std::numeric_limits<float>::infinity(), -0.5f}) {
     at::Tensor scales = at::ones({3, 1});
     scales[1][0] = bad;
-    expect_error_with([&] { op.call(m, codebook(Mapping::Linear2, 4), 4, 64, false, false, 0, scales); },
+    expect_error_with([&] { op.call(m, codebook(Mapping::Linear2, 4), 4, 64, false, false, 0, scales, true); },
                       {"lowbit::quantize_blockwise: scales must be finite and non-negative"});
   }
 }

@@ -222,5 +222,29 @@ TEST_F(CudaCodec, ErrorsMatchCpuAndWriteNothing) {
   EXPECT_TRUE(at::equal(host_out, at::full_like(host_out, 7.0)));
 }
 
+// FiniteInput::Assumed (check_finite=False) only skips the host read of the NaN/Inf flag:
+// finite input is coded bit for bit as when checked (and as on the CPU), and non-finite input
+// gives valid codes without an error or a fault (the engine sanitizes before it codes).
+TEST_F(CudaCodec, AssumedFiniteInputSkipsOnlyTheCheck) {
+  QuantOptions plain, dq;
+  dq.double_quant_scales = true;
+  for (const QuantOptions& o : {plain, dq}) {
+    const at::Tensor m = at::randn({33, 1057});
+    const QuantizedMatrix cpu = QuantizedMatrix::quantize(m, o);
+    const at::Tensor stack = m.to(cuda).unsqueeze(0).repeat({2, 1, 1});
+    expect_same_quantization(cpu, QuantizedMatrix::quantize(m.to(cuda), o, FiniteInput::Assumed),
+                             describe(33, 1057, o) + " assumed finite");
+    for (const QuantizedMatrix& q : QuantizedMatrix::quantize_stack(stack, o, FiniteInput::Assumed))
+      expect_same_quantization(cpu, q, describe(33, 1057, o) + " stack, assumed finite");
+    at::Tensor bad = m.to(cuda);
+    bad[2][75] = std::numeric_limits<float>::quiet_NaN();
+    bad[5][3] = std::numeric_limits<float>::infinity();
+    const QuantizedMatrix unchecked = QuantizedMatrix::quantize(bad, o, FiniteInput::Assumed);
+    const at::Tensor codes = unchecked.codes().cpu();
+    EXPECT_EQ(codes.sizes(), cpu.codes().sizes());
+    expect_error([&] { QuantizedMatrix::quantize(bad, o); }, "first at [2, 75]");
+  }
+}
+
 }  // namespace
 }  // namespace lowbit

@@ -165,9 +165,9 @@ TEST(TorchOps, RegisteredUnderTheLowbitNamespaceAndMatchTheCppApi) {
                       .findSchemaOrThrow("lowbit::quantize_blockwise", "")
                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                           const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, bool,
-                          int64_t, const c10::optional<at::Tensor>&)>();
+                          int64_t, const c10::optional<at::Tensor>&, bool)>();
   const auto [codes, scales, diag] =
-      op.call(m, codebook(Mapping::DynamicTree, 8), 8, 32, false, false, 0, c10::nullopt);
+      op.call(m, codebook(Mapping::DynamicTree, 8), 8, 32, false, false, 0, c10::nullopt, /*check_finite=*/true);
   QuantOptions options;
   options.bits = 8;
   options.mapping = Mapping::DynamicTree;

@@ -35,6 +35,11 @@ const at::Tensor& positive_codebook(Mapping mapping, int bits);  // cached 1-D f
 // that code running on a GPU does not copy the table (a host synchronisation) at every call.
 at::Tensor codebook_on(const at::Tensor& table, const at::Device& device);
 
+// Whether `table` is one of the tables above (a host table or a codebook_on copy) and unchanged
+// since it was made: its values are then known to be a valid code table, and the codec's
+// argument check need not read them (on a GPU, a host synchronisation).
+bool is_cached_codebook(const at::Tensor& table);
+
 // The largest distance from any point of [-1, 1] to its nearest code: the worst
 // nearest-rounding error of a normalized value (half the widest gap, or the distance
 // from an end of [-1, 1] to the outermost code).

@@ -24,14 +24,21 @@ namespace lowbit {
 //   centroids       float32 [2^bits, 2] (mapping kashin only): the 2-D centroids (u_i, v_i) / scale
 //                   that the codes index; scales are then block norms ||x||_2 / sqrt(len)
 //                   (src/quant/kashin.h, docs/codec.md).
+// Whether quantize checks its input for NaN/Inf (Checked: raises, nothing written) or takes
+// the caller's word that it is finite (Assumed: a non-finite value gives valid codes of no
+// meaning). The check is part of the pass over the data, free on a CPU, which checks anyway;
+// on a GPU it is a host read per call, which Assumed skips (callers that sanitize first).
+enum class FiniteInput { Checked, Assumed };
+
 class QuantizedMatrix {
  public:
   QuantizedMatrix() = default;
 
   // Quantizes a 2-D floating matrix (float32, bfloat16, float16 or float64).
   // Throws c10::Error for invalid options, a non-2-D or non-floating input, a
-  // non-square input with keep_diagonal, or non-finite values.
-  static QuantizedMatrix quantize(const at::Tensor& matrix, const QuantOptions& options = {});
+  // non-square input with keep_diagonal, or (FiniteInput::Checked) non-finite values.
+  static QuantizedMatrix quantize(const at::Tensor& matrix, const QuantOptions& options = {},
+                                  FiniteInput input = FiniteInput::Checked);
 
   // A stack of B matrices, [B, rows, cols], quantized with one codec call: rows are coded
   // independently, so the stack is coded as one [B * rows, cols] matrix, and each result
@@ -40,7 +47,8 @@ class QuantizedMatrix {
   // keep_diagonal needs square matrices (their diagonals are set aside around the call);
   // double-quantized scales, whose groups of 256 could straddle two matrices, are coded
   // matrix by matrix. Throws like quantize.
-  static std::vector<QuantizedMatrix> quantize_stack(const at::Tensor& stack, const QuantOptions& options = {});
+  static std::vector<QuantizedMatrix> quantize_stack(const at::Tensor& stack, const QuantOptions& options = {},
+                                                     FiniteInput input = FiniteInput::Checked);
   // Decodes B matrices of one shape and options into out, a contiguous [B, rows, cols]
   // floating tensor on their device, with one codec call.
   static void dequantize_stack(c10::ArrayRef<const QuantizedMatrix*> matrices, const at::Tensor& out);

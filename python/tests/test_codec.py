@@ -91,6 +91,27 @@ def test_torch_ops_are_reachable_and_agree():
         assert hasattr(torch.ops.lowbit, op)
 
 
+def test_check_finite_false_changes_no_code_and_the_cpu_still_checks():
+    # check_finite=False lets the CUDA kernels skip the host read that reports a NaN/Inf; the
+    # CPU kernels check as they load each block, so they raise either way (ops_schema.cpp).
+    m = torch.randn(16, 100)
+    table = torch.ops.lowbit.codebook("linear2", 4)
+    checked = torch.ops.lowbit.quantize_blockwise(m, table, 4, 64)
+    trusted = torch.ops.lowbit.quantize_blockwise(m, table, 4, 64, check_finite=False)
+    assert all(torch.equal(a, b) for a, b in zip(checked, trusted))
+    assert torch.equal(torch.ops.lowbit.block_absmax(m, 64, False, check_finite=False),
+                       torch.ops.lowbit.block_absmax(m, 64, False))
+    scales = torch.ops.lowbit.block_absmax(m, 16, False)
+    scale_table = torch.linspace(0, 1, 256)
+    assert all(torch.equal(a, b) for a, b in zip(torch.ops.lowbit.quantize_scales(scales, scale_table),
+                                                 torch.ops.lowbit.quantize_scales(scales, scale_table, False)))
+    bad = m.clone()
+    bad[3, 7] = float("nan")
+    for check_finite in (True, False):
+        with pytest.raises(RuntimeError, match=r"NaN or Inf.*first at \[3, 7\]"):
+            torch.ops.lowbit.quantize_blockwise(bad, table, 4, 64, check_finite=check_finite)
+
+
 def test_bad_arguments_are_named():
     m = torch.randn(8, 8)
     with pytest.raises(ValueError, match="bits must be 3, 4 or 8; got 5"):

@@ -76,6 +76,23 @@ def test_an_update_step_factorizes_once_per_order(bits, factorization):
         assert counts[factorization] == DISTINCT_ORDERS
 
 
+def test_the_refresh_tells_the_codec_its_candidates_are_finite():
+    # On a GPU the codec's NaN/Inf check is a host read per call. The refresh makes what it
+    # codes finite first (a rejected factor keeps its old state), so it passes
+    # check_finite=False: read from the profiler's record of each call's last argument.
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(*s, generator=g).requires_grad_(True) for s in SIX]
+    opt = lowbit.Shampoo(params, **refreshing(4))
+    set_grads(params, 101)
+    opt.step()
+    set_grads(params, 102)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        opt.step()
+    flags = [e.concrete_inputs[-1] for e in prof.events() if e.name == "lowbit::quantize_blockwise"]
+    assert len(flags) >= DISTINCT_ORDERS, flags  # eigenvectors and roots, one call per order at least
+    assert all(flag is False for flag in flags), flags
+
+
 @pytest.mark.parametrize("bits", [32, 4])
 def test_host_reads_of_an_update_step_do_not_grow_with_the_factors(bits):
     one, six = (counts_of_step(shapes, refreshing(bits), 2) for shapes in (ONE, SIX))

@@ -2,10 +2,12 @@
 // (quant/codec_checks.h), outputs allocated on the input's device, and the kernels of
 // codec_kernels.cu enqueued on the current stream. Built only against a CUDA LibTorch.
 //
-// Host synchronization: the checks copy the (tiny) codebook to the host to validate it, and
-// quantize_blockwise / block_absmax / quantize_scales read back one 8-byte flag after their
-// kernel to report NaN/Inf inputs as the CPU does (a nothing-written error naming the first
-// bad element). Those are the only round trips; dequantization has none besides the check.
+// Host synchronization: quantize_blockwise / block_absmax / quantize_scales read back one
+// 8-byte flag after their kernel to report NaN/Inf inputs as the CPU does (a nothing-written
+// error naming the first bad element), unless the caller passes check_finite=False (lowbit's
+// factor refresh, which codes sanitized candidates). The codebook check reads a device table
+// only if it is not one of lowbit's cached tables (codebook_on), whose values were checked on
+// the host. With cached tables and check_finite=False, no op here waits for the device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -62,7 +64,7 @@ int64_t read_first_bad(const at::Tensor& flag) {
   return flag.item<int64_t>();
 }
 
-at::Tensor block_absmax_cuda(const at::Tensor& input_arg, int64_t block_size, bool skip_diagonal) {
+at::Tensor block_absmax_cuda(const at::Tensor& input_arg, int64_t block_size, bool skip_diagonal, bool check_finite) {
   constexpr const char* op = "lowbit::block_absmax";
   checks::block_absmax_args(input_arg, block_size, skip_diagonal);
   runs_on_cuda(op, "input", input_arg);
@@ -76,13 +78,14 @@ at::Tensor block_absmax_cuda(const at::Tensor& input_arg, int64_t block_size, bo
       skip_diagonal, scales.mutable_data_ptr<float>(),
       reinterpret_cast<unsigned long long*>(flag.mutable_data_ptr<int64_t>()),
       c10::cuda::getCurrentCUDAStream()));
-  checks::finite_input(op, read_first_bad(flag), cols);
+  if (check_finite) checks::finite_input(op, read_first_bad(flag), cols);
   return scales;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_blockwise_cuda(
     const at::Tensor& input_arg, const at::Tensor& codebook, int64_t bits, int64_t block_size,
-    bool keep_diagonal, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& given_scales) {
+    bool keep_diagonal, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& given_scales,
+    bool check_finite) {
   constexpr const char* op = "lowbit::quantize_blockwise";
   checks::quantize_blockwise_args(input_arg, codebook, bits, block_size, keep_diagonal, given_scales);
   runs_on_cuda(op, "input", input_arg);
@@ -113,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_blockwise_cuda(
   args.diagonal = keep_diagonal ? diagonal.mutable_data_ptr<float>() : nullptr;
   args.first_bad = reinterpret_cast<unsigned long long*>(flag.mutable_data_ptr<int64_t>());
   C10_CUDA_CHECK(cuda::launch_quantize_blockwise(args, c10::cuda::getCurrentCUDAStream()));
-  checks::finite_input(op, read_first_bad(flag), cols);
+  if (check_finite) checks::finite_input(op, read_first_bad(flag), cols);
   return {codes, scales, diagonal};
 }
 
@@ -138,7 +141,7 @@ at::Tensor& dequantize_blockwise_out_cuda(const at::Tensor& codes_arg, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_scales_cuda(const at::Tensor& scales_arg,
-                                                        const at::Tensor& scale_codebook) {
+                                                        const at::Tensor& scale_codebook, bool check_finite) {
   constexpr const char* op = "lowbit::quantize_scales";
   checks::quantize_scales_args(scales_arg, scale_codebook);
   runs_on_cuda(op, "scales", scales_arg);
@@ -155,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_scales_cuda(const at::Tensor& scales
       group_max.mutable_data_ptr<float>(),
       reinterpret_cast<unsigned long long*>(flag.mutable_data_ptr<int64_t>()),
       c10::cuda::getCurrentCUDAStream()));
+  if (!check_finite) return {codes, group_max};
   const int64_t bad = read_first_bad(flag);
   if (bad >= 0) checks::finite_nonnegative_scale(op, bad, scales.reshape({-1})[bad].item<float>());
   return {codes, group_max};

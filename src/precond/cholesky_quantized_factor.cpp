@@ -77,7 +77,7 @@ void CholeskyQuantizedFactor::update_root() {
   const at::Tensor candidate = root ? root->to(at::kFloat) : at::full({order_, order_}, NAN, failures_.options().dtype(at::kFloat));
   const at::Tensor keep = keep_mask(candidate.unsqueeze(0))[0];
   count_failure(keep.logical_not());
-  root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(candidate.nan_to_num(0.0, 0.0, 0.0), root_quant_), root_);
+  root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(candidate.nan_to_num(0.0, 0.0, 0.0), root_quant_, FiniteInput::Assumed), root_);
 }
 
 int64_t CholeskyQuantizedFactor::state_bytes() const { return factor_.nbytes() + root_.nbytes(); }

@@ -18,7 +18,7 @@ enum Slot { kVectors = 0, kStatistic = 1, kScratch = 2, kBasisRows = 4 };
 // The candidates of a batch as codes, replacing non-finite values (whose factors the keep
 // mask rejects anyway) so that the codec, which refuses them, can run on the whole batch.
 std::vector<QuantizedMatrix> quantize_candidates(const at::Tensor& candidates, const QuantOptions& options) {
-  return QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), options);
+  return QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), options, FiniteInput::Assumed);
 }
 
 std::vector<const EigenQuantizedFactor*> read_only(c10::ArrayRef<EigenQuantizedFactor*> batch) {

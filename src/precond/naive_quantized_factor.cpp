@@ -34,7 +34,8 @@ void NaiveQuantizedFactor::refresh(c10::ArrayRef<RefreshItem> batch, RefreshCont
     QuantizedMatrix::dequantize_stack(stored, previous);
     candidates.mul_(1.0 - first.config_.stat_decay).add_(previous, first.config_.stat_decay);
     const at::Tensor keep = keep_mask(candidates), failed = keep.logical_not();
-    const std::vector<QuantizedMatrix> coded = QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), first.quant_);
+    const std::vector<QuantizedMatrix> coded = QuantizedMatrix::quantize_stack(candidates.nan_to_num_(0.0, 0.0, 0.0), first.quant_,
+                                                                                    FiniteInput::Assumed);
     for (int64_t i = 0; i < count; ++i) {
       NaiveQuantizedFactor& f = *statistics[static_cast<size_t>(i)];
       f.statistic_ = QuantizedMatrix::select(keep[i], coded[static_cast<size_t>(i)], f.statistic_);
@@ -51,7 +52,7 @@ void NaiveQuantizedFactor::update_root() {
                                                       config_.epsilon, 100, 1e-6, config_.damping);
   const at::Tensor keep = keep_mask(root.unsqueeze(0))[0];
   count_failure(keep.logical_not());
-  root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(root.nan_to_num(0.0, 0.0, 0.0), quant_), root_);
+  root_ = QuantizedMatrix::select(keep, QuantizedMatrix::quantize(root.nan_to_num(0.0, 0.0, 0.0), quant_, FiniteInput::Assumed), root_);
 }
 
 void NaiveQuantizedFactor::save(TensorMap& out, const std::string& prefix) const {

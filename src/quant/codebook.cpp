@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 namespace lowbit {
 namespace {
@@ -50,10 +51,35 @@ std::vector<float> sorted_floats(const std::vector<double>& values) {
   return out;
 }
 
+// The tables this file hands out (host tables and their device copies), each with the version
+// it had when made. They live as long as the process, so their addresses are never reused.
+class CachedTables {
+ public:
+  static CachedTables& instance() {
+    static CachedTables tables;
+    return tables;
+  }
+  const at::Tensor& add(const at::Tensor& table) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    known_.emplace_back(table.unsafeGetTensorImpl(), table._version());
+    return table;
+  }
+  bool contains(const at::Tensor& table) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::pair<const void*, uint32_t> key{table.unsafeGetTensorImpl(), table._version()};
+    return std::find(known_.begin(), known_.end(), key) != known_.end();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<std::pair<const void*, uint32_t>> known_;
+};
+
 at::Tensor as_tensor(const std::vector<float>& values) {
-  return at::from_blob(const_cast<float*>(values.data()),
-                       {static_cast<int64_t>(values.size())}, at::kFloat)
-      .clone();
+  at::Tensor table = at::from_blob(const_cast<float*>(values.data()),
+                                   {static_cast<int64_t>(values.size())}, at::kFloat)
+                         .clone();
+  return CachedTables::instance().add(table);
 }
 
 int bits_slot(int bits) {
@@ -154,8 +180,12 @@ at::Tensor codebook_on(const at::Tensor& table, const at::Device& device) {
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   at::Tensor& entry = copies[{table.const_data_ptr(), device.str()}];
-  if (!entry.defined()) entry = table.to(device);
+  if (!entry.defined()) entry = CachedTables::instance().add(table.to(device));
   return entry;
+}
+
+bool is_cached_codebook(const at::Tensor& table) {
+  return table.defined() && CachedTables::instance().contains(table);
 }
 
 double max_rounding_error(const std::vector<float>& codes) {

@@ -1,5 +1,6 @@
 #include "quant/codec_checks.h"
 
+#include <lowbit/codebook.h>
 #include <lowbit/quant_options.h>
 #include <lowbit/quantized_matrix.h>
 
@@ -29,6 +30,7 @@ void codebook(const char* op, const at::Tensor& table, int64_t bits) {
               op, ": codebook must be a 1-D float32 tensor of 2^bits = ", int64_t{1} << bits,
               " values; got ", table.defined() ? table.toString() : "undefined", " of shape ",
               table.defined() ? table.sizes() : at::IntArrayRef{});
+  if (is_cached_codebook(table)) return;  // made sorted by lowbit; reading a device copy would synchronise
   const at::Tensor host = table.cpu().contiguous();
   const float* v = host.data_ptr<float>();
   for (int64_t k = 0; k + 1 < host.numel(); ++k)

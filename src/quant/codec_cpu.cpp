@@ -184,7 +184,10 @@ class NonFiniteTracker {
   std::atomic<int64_t> first_{kNone};
 };
 
-at::Tensor block_absmax_cpu(const at::Tensor& input_arg, int64_t block_size, bool skip_diagonal) {
+// check_finite is not read by the CPU kernels: they always check, as the check rides on the
+// pass that loads each block and needs no round trip (ops_schema.cpp).
+at::Tensor block_absmax_cpu(const at::Tensor& input_arg, int64_t block_size, bool skip_diagonal,
+                            bool /*check_finite*/) {
   constexpr const char* op = "lowbit::block_absmax";
   checks::block_absmax_args(input_arg, block_size, skip_diagonal);
   const at::Tensor input = input_arg.contiguous();
@@ -212,7 +215,8 @@ at::Tensor block_absmax_cpu(const at::Tensor& input_arg, int64_t block_size, boo
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_blockwise_cpu(
     const at::Tensor& input_arg, const at::Tensor& codebook, int64_t bits, int64_t block_size,
-    bool keep_diagonal, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& given_scales) {
+    bool keep_diagonal, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& given_scales,
+    bool /*check_finite*/) {
   constexpr const char* op = "lowbit::quantize_blockwise";
   checks::quantize_blockwise_args(input_arg, codebook, bits, block_size, keep_diagonal, given_scales);
   const at::Tensor input = input_arg.contiguous();
@@ -325,7 +329,7 @@ at::Tensor& dequantize_blockwise_out_cpu(const at::Tensor& codes, const at::Tens
 // dequantized scale never undercuts the block's absmax (no clipping) and overshoots it
 // by at most one gap of the table.
 std::tuple<at::Tensor, at::Tensor> quantize_scales_cpu(const at::Tensor& scales_arg,
-                                                       const at::Tensor& scale_codebook) {
+                                                       const at::Tensor& scale_codebook, bool /*check_finite*/) {
   constexpr const char* op = "lowbit::quantize_scales";
   checks::quantize_scales_args(scales_arg, scale_codebook);
   const at::Tensor scales = scales_arg.contiguous();

@@ -12,18 +12,19 @@ c10::TypedOperatorHandle<Signature> handle(const char* name, const char* overloa
 
 }  // namespace
 
-at::Tensor block_absmax(const at::Tensor& input, int64_t block_size, bool skip_diagonal) {
-  static const auto op = handle<at::Tensor(const at::Tensor&, int64_t, bool)>("lowbit::block_absmax");
-  return op.call(input, block_size, skip_diagonal);
+at::Tensor block_absmax(const at::Tensor& input, int64_t block_size, bool skip_diagonal, bool check_finite) {
+  static const auto op = handle<at::Tensor(const at::Tensor&, int64_t, bool, bool)>("lowbit::block_absmax");
+  return op.call(input, block_size, skip_diagonal, check_finite);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_blockwise(
     const at::Tensor& input, const at::Tensor& codebook, int64_t bits, int64_t block_size,
-    bool keep_diagonal, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& scales) {
+    bool keep_diagonal, bool stochastic, int64_t seed, const c10::optional<at::Tensor>& scales,
+    bool check_finite) {
   static const auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, bool, int64_t,
-      const c10::optional<at::Tensor>&)>("lowbit::quantize_blockwise");
-  return op.call(input, codebook, bits, block_size, keep_diagonal, stochastic, seed, scales);
+      const c10::optional<at::Tensor>&, bool)>("lowbit::quantize_blockwise");
+  return op.call(input, codebook, bits, block_size, keep_diagonal, stochastic, seed, scales, check_finite);
 }
 
 at::Tensor& dequantize_blockwise_out(const at::Tensor& codes, const at::Tensor& scales,
@@ -37,10 +38,10 @@ at::Tensor& dequantize_blockwise_out(const at::Tensor& codes, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_scales(const at::Tensor& scales,
-                                                   const at::Tensor& scale_codebook) {
-  static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>(
+                                                   const at::Tensor& scale_codebook, bool check_finite) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool)>(
       "lowbit::quantize_scales");
-  return op.call(scales, scale_codebook);
+  return op.call(scales, scale_codebook, check_finite);
 }
 
 at::Tensor dequantize_scales(const at::Tensor& codes, const at::Tensor& group_max,

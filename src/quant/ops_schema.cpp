@@ -1,6 +1,12 @@
 // The codec as torch ops (torch.ops.lowbit.* from Python). Backends register kernels for
 // the tensor ops with TORCH_LIBRARY_IMPL: codec_cpu.cpp here, CUDA in src/cuda. The
 // functional dequantize_blockwise is defined once here, over each backend's .out kernel.
+//
+// check_finite=False (block_absmax, quantize_blockwise, quantize_scales) is the caller's word
+// that the input is finite (lowbit's factor refresh sanitizes what it codes). The CUDA kernels
+// then skip reading back the flag that reports a NaN/Inf, a host synchronisation per call;
+// a non-finite value still yields valid codes (of no meaning), never a fault. The CPU kernels
+// check anyway: there the check is part of the pass over the data and costs no round trip.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -33,18 +39,20 @@ at::Tensor dequantize_blockwise_op(const at::Tensor& codes, const at::Tensor& sc
 TORCH_LIBRARY(lowbit, m) {
   // Tables take no tensor input, so one backend-independent kernel serves every device.
   m.def("codebook(str mapping, int bits) -> Tensor", &codebook_op);
-  m.def("block_absmax(Tensor input, int block_size, bool skip_diagonal=False) -> Tensor");
+  m.def("block_absmax(Tensor input, int block_size, bool skip_diagonal=False, bool check_finite=True) -> Tensor");
   m.def(
       "quantize_blockwise(Tensor input, Tensor codebook, int bits, int block_size, "
-      "bool keep_diagonal=False, bool stochastic=False, int seed=0, Tensor? scales=None) "
-      "-> (Tensor codes, Tensor scales, Tensor diagonal)");
+      "bool keep_diagonal=False, bool stochastic=False, int seed=0, Tensor? scales=None, "
+      "bool check_finite=True) -> (Tensor codes, Tensor scales, Tensor diagonal)");
   m.def(
       "dequantize_blockwise(Tensor codes, Tensor scales, Tensor codebook, Tensor? diagonal, "
       "int bits, int block_size, int cols, ScalarType dtype=float) -> Tensor");
   m.def(
       "dequantize_blockwise.out(Tensor codes, Tensor scales, Tensor codebook, Tensor? diagonal, "
       "int bits, int block_size, *, Tensor(a!) out) -> Tensor(a!)");
-  m.def("quantize_scales(Tensor scales, Tensor scale_codebook) -> (Tensor codes, Tensor group_max)");
+  m.def(
+      "quantize_scales(Tensor scales, Tensor scale_codebook, bool check_finite=True) "
+      "-> (Tensor codes, Tensor group_max)");
   m.def("dequantize_scales(Tensor codes, Tensor group_max, Tensor scale_codebook) -> Tensor");
 }
 

@@ -23,7 +23,7 @@ at::Tensor on_device(const at::Tensor& table, const at::Device& device) { return
 
 }  // namespace
 
-QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantOptions& options) {
+QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantOptions& options, FiniteInput input) {
   options.validate();
   checks::matrix_input("lowbit::QuantizedMatrix::quantize", "matrix", matrix);
   TORCH_CHECK(!options.keep_diagonal || matrix.size(0) == matrix.size(1),
@@ -34,6 +34,7 @@ QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantO
   const at::Tensor table = on_device(codebook(options.mapping, options.bits), device);
   const bool stochastic = options.rounding == Rounding::Stochastic;
   const auto seed = static_cast<int64_t>(options.seed);
+  const bool check_finite = input == FiniteInput::Checked;
 
   QuantizedMatrix q;
   q.rows_ = matrix.size(0);
@@ -42,18 +43,18 @@ QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantO
   if (!options.double_quant_scales) {
     std::tie(q.codes_, q.scales_, q.diagonal_) = ops::quantize_blockwise(
         matrix, table, options.bits, options.block_size, options.keep_diagonal, stochastic, seed,
-        c10::nullopt);
+        c10::nullopt, check_finite);
   } else {
     // Scales are quantized first (rounded up), and the codes are then taken against the
     // dequantized scales, so the stored scale is exactly the one the codes were made for.
-    const at::Tensor absmax = ops::block_absmax(matrix, options.block_size, options.keep_diagonal);
+    const at::Tensor absmax = ops::block_absmax(matrix, options.block_size, options.keep_diagonal, check_finite);
     const at::Tensor scale_table = on_device(scale_codebook(), device);
-    std::tie(q.scales_, q.scale_group_max_) = ops::quantize_scales(absmax, scale_table);
+    std::tie(q.scales_, q.scale_group_max_) = ops::quantize_scales(absmax, scale_table, check_finite);
     const at::Tensor effective = ops::dequantize_scales(q.scales_, q.scale_group_max_, scale_table);
     at::Tensor unused_scales;
     std::tie(q.codes_, unused_scales, q.diagonal_) = ops::quantize_blockwise(
         matrix, table, options.bits, options.block_size, options.keep_diagonal, stochastic, seed,
-        effective);
+        effective, check_finite);
   }
   if (!options.keep_diagonal) q.diagonal_ = at::Tensor();
   return q;
@@ -82,7 +83,8 @@ void QuantizedMatrix::dequantize_kashin_into(const at::Tensor& out) const {
   if (diagonal_.defined()) out.diagonal().copy_(diagonal_);
 }
 
-std::vector<QuantizedMatrix> QuantizedMatrix::quantize_stack(const at::Tensor& stack, const QuantOptions& options) {
+std::vector<QuantizedMatrix> QuantizedMatrix::quantize_stack(const at::Tensor& stack, const QuantOptions& options,
+                                                             FiniteInput input) {
   constexpr const char* op = "lowbit::QuantizedMatrix::quantize_stack";
   TORCH_CHECK(stack.defined() && stack.dim() == 3, op, ": stack must be a 3-D tensor [B, rows, cols]; got ",
               stack.defined() ? stack.sizes() : at::IntArrayRef{});
@@ -91,7 +93,7 @@ std::vector<QuantizedMatrix> QuantizedMatrix::quantize_stack(const at::Tensor& s
   out.reserve(static_cast<size_t>(count));
   // Kashin centroids are fitted per matrix, so a stack is coded matrix by matrix.
   if (options.double_quant_scales || options.mapping == Mapping::Kashin || count <= 1) {
-    for (int64_t i = 0; i < count; ++i) out.push_back(quantize(stack[i], options));
+    for (int64_t i = 0; i < count; ++i) out.push_back(quantize(stack[i], options, input));
     return out;
   }
   options.validate();
@@ -110,7 +112,7 @@ std::vector<QuantizedMatrix> QuantizedMatrix::quantize_stack(const at::Tensor& s
   plain.keep_diagonal = false;
   QuantizedMatrix all;
   try {
-    all = quantize(flat.view({count * rows, cols}), plain);
+    all = quantize(flat.view({count * rows, cols}), plain, input);
   } catch (...) {
     if (options.keep_diagonal && aliased) flat.diagonal(0, -2, -1).copy_(diagonals);
     throw;
