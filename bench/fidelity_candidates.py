@@ -70,8 +70,26 @@ _SIGNS: Dict[int, torch.Tensor] = {}
 
 def codebook(bits: int) -> torch.Tensor:
     if bits not in _CODEBOOKS:
-        _CODEBOOKS[bits] = torch.ops.lowbit.codebook("linear2", bits)
+        if bits in (3, 4, 8):
+            _CODEBOOKS[bits] = torch.ops.lowbit.codebook("linear2", bits)
+        else:  # lowbit's linear-2 construction (src/quant/codebook.cpp) for widths it does not ship
+            n = 1 << bits
+            grid = -1.0 + 2.0 * torch.arange(n, dtype=torch.float64) / (n - 1)
+            grid[n // 2 - 1] = 0.0
+            _CODEBOOKS[bits] = (grid.sign() * grid * grid).sort().values.float()
     return _CODEBOOKS[bits]
+
+
+def _emulated_qdq(x: torch.Tensor, bits: int, b: int) -> torch.Tensor:
+    """Nearest-code linear-2 with fp32 absmax scales per block, as lowbit's codec (any width)."""
+    rows, n = x.shape
+    padded = -(-n // b) * b
+    xp = torch.nn.functional.pad(x, (0, padded - n)).view(rows, padded // b, b)
+    scale = xp.abs().amax(-1, keepdim=True)
+    table = codebook(bits)
+    midpoints = (table[1:] + table[:-1]) * 0.5
+    index = (xp.unsqueeze(-1) > midpoints * scale.unsqueeze(-1)).sum(-1)
+    return (table[index] * scale).view(rows, padded)[:, :n]
 
 
 def hadamard(b: int) -> torch.Tensor:
@@ -119,8 +137,12 @@ def qdq(x: torch.Tensor, bits: int, block: int = 64, keep_diagonal: bool = False
     if rotate:
         x = _rotate(x, b)
     x = x.contiguous()
-    codes, scales, _ = torch.ops.lowbit.quantize_blockwise(x, codebook(bits), bits, b, False, stochastic, seed, None)
-    y = torch.ops.lowbit.dequantize_blockwise(codes, scales, codebook(bits), None, bits, b, x.shape[1])
+    if bits in (3, 4, 8):
+        codes, scales, _ = torch.ops.lowbit.quantize_blockwise(x, codebook(bits), bits, b, False, stochastic, seed, None)
+        y = torch.ops.lowbit.dequantize_blockwise(codes, scales, codebook(bits), None, bits, b, x.shape[1])
+    else:
+        assert not stochastic, "stochastic rounding needs a width lowbit ships (3, 4, 8)"
+        y = _emulated_qdq(x, bits, b)
     if rotate:
         y = _unrotate(y, b, n)
     if diagonal is not None:
@@ -176,6 +198,8 @@ class QuantizedFactor:
         self.stochastic = spec.get("sr", False)
         self.ef_bits = spec.get("ef_bits", 0)  # 0: no error feedback
         self.eigen_form = spec.get("eigen_form", False)
+        self.exact_statistics = spec.get("exact_statistics", False)  # diagnostic: A from the fp32 basis
+        self.exact_vectors: Optional[torch.Tensor] = None
         self.seed = spec.get("seed_base", 0)
         self.refreshes = 0
         self.u_rows = self.store_u(torch.eye(n))  # U = I, lambda = eps, root = I (the paper's start)
@@ -193,7 +217,7 @@ class QuantizedFactor:
         return bjorck(self.u_rows.t(), T1_BJORCK)
 
     def update_statistics(self, side: torch.Tensor, step: int) -> None:
-        v = self.vectors()
+        v = self.exact_vectors if self.exact_statistics and self.exact_vectors is not None else self.vectors()
         a = BETA * ((v * self.values) @ v.t()) + (1 - BETA) * (side @ side.t())
         p = torch.linalg.qr(a @ v)[0]
         values = (p * (a @ p)).sum(0)
@@ -208,10 +232,11 @@ class QuantizedFactor:
             rows = rows * s.unsqueeze(1) + self.error
             self.u_rows = self.store_u(rows)
             residual = rows - self.u_rows
-            self.error = qdq(residual, self.ef_bits, 64) if self.ef_bits < 32 else residual
+            self.error = qdq(residual, self.ef_bits, self.block) if self.ef_bits < 32 else residual
         else:
             self.u_rows = self.store_u(rows)
         self.values = values
+        self.exact_vectors = p
         self.fresh = (p, values)
         self.cached_eigen_root = None
 
@@ -280,6 +305,9 @@ VARIANTS: Dict[str, dict] = {
     "4-bit": dict(),
     "4-bit-eigen-form": dict(eigen_form=True),
     "8-bit-U-eigen-form": dict(u_bits=8, eigen_form=True),
+    # widths lowbit does not ship (5, 6: emulated linear-2): how many bits the eigen form needs
+    "5-bit-U-eigen-form": dict(u_bits=5, eigen_form=True),
+    "6-bit-U-eigen-form": dict(u_bits=6, eigen_form=True),
     # rotation
     "4-bit-rot": dict(rotate=True),
     "4-bit-eigen-form-rot": dict(eigen_form=True, rotate=True),
@@ -292,8 +320,15 @@ VARIANTS: Dict[str, dict] = {
     "4-bit-ef4": dict(ef_bits=4),
     "4-bit-eigen-form-ef32": dict(eigen_form=True, ef_bits=32),
     "4-bit-eigen-form-ef4": dict(eigen_form=True, ef_bits=4),
+    "4-bit-eigen-form-ef3": dict(eigen_form=True, ef_bits=3),  # E at 3-bit linear-2: 8 bits in all
     "4-bit-rot-ef4": dict(rotate=True, ef_bits=4),
     "4-bit-eigen-form-rot-ef4": dict(eigen_form=True, rotate=True, ef_bits=4),
+    # diagnostics: where the rounding costs steps (not candidates)
+    "4-bit-U-fp32-root": dict(root_bits=32),  # U's rounding only enters A = beta V diag V^T + ...
+    "fp32-U-4-bit-root": dict(u_bits=32),  # the stored root's rounding alone
+    "fp32-U-fp32-root": dict(u_bits=32, root_bits=32),  # the QR-step tracking alone, no rounding
+    "fp32-U-eigen-form": dict(u_bits=32, eigen_form=True),  # the same with the root at every step
+    "4-bit-eigen-form-exact-stats": dict(eigen_form=True, exact_statistics=True),  # U's rounding in the root only
     # smaller blocks (fp32 scales: 4 + 32/32 = 5 bits per element)
     "4-bit-b32": dict(block=32),
     "4-bit-b32-rot": dict(block=32, rotate=True),
@@ -306,9 +341,12 @@ def bits_per_element(spec: dict) -> float:
         return 64.0  # statistic + root
     block = spec.get("block", 64)
     scale = 32.0 / min(block, 64)
-    total = spec.get("u_bits", 4) + scale
+    def stored(bits: int) -> float:
+        return bits + (scale if bits < 32 else 0.0)
+
+    total = stored(spec.get("u_bits", 4))
     if not spec.get("eigen_form"):
-        total += spec.get("root_bits", 4) + scale
+        total += stored(spec.get("root_bits", 4))
     ef = spec.get("ef_bits", 0)
     if ef:
         total += ef + (0.5 if ef < 32 else 0)
