@@ -21,22 +21,27 @@ Candidates (composable; see VARIANTS):
         Costs no bits (a seed).
   ef    error feedback for U (in the spirit of arXiv 2412.10663): X = P^T + E, U = Q(X),
         E <- X - D(Q(X)), with P's rows sign-aligned to the previous basis (the QR step may flip
-        them). E is kept in fp32 ("ef32", an upper bound, +32 bits per element) or at 4-bit
-        linear-2, blocks of 64 ("ef4", +4.5 bits per element).
+        them). E is kept in fp32 ("ef32", an upper bound, +32 bits per element) or at 4- or
+        3-bit linear-2, blocks of 64 ("ef4", +4.5 bits per element; "ef3", +3.5).
   sr    stochastic rounding of U only (lowbit's codec, a new seed per refresh); the root rounds
         to nearest.
   bN    blocks of N elements instead of 64.
+Also widths lowbit's codec lacks (5- and 6-bit U, emulated with lowbit's linear-2
+construction, bit-identical to the codec at 3, 4 and 8 bits), and diagnostics that move one
+rounding at a time to fp32 (which rounding costs the steps).
 
 Validation of the prototype against lowbit.Shampoo (same problems, seeds, learning rates):
 
-  LOWBIT_LIBRARY=build/liblowbit.so PYTHONPATH=python:bench python3 bench/fidelity_candidates.py \
+  LOWBIT_LIBRARY=build/liblowbit.so PYTHONPATH=python python3 bench/fidelity_candidates.py \
       --problems lsq-1e4,lsq-1e6 --variants 32-bit,4-bit,4-bit-eigen-form
 
-Everything (the docs/BENCHMARKS.md table, about 40 min on one loaded core):
+Every variant on the problems of the docs/BENCHMARKS.md table (about 20 min on one loaded
+core; a variant takes 5-10 s on a least-squares problem, 15-30 s on the autoencoder; tall-1057
+works too, minutes per variant):
 
-  LOWBIT_LIBRARY=build/liblowbit.so PYTHONPATH=python:bench python3 bench/fidelity_candidates.py \
+  LOWBIT_LIBRARY=build/liblowbit.so PYTHONPATH=python python3 bench/fidelity_candidates.py \
       --problems lsq-1e4,lsq-1e6,autoenc --json candidates.json
-  LOWBIT_LIBRARY=build/liblowbit.so PYTHONPATH=python:bench python3 bench/fidelity_candidates.py --nre
+  LOWBIT_LIBRARY=build/liblowbit.so PYTHONPATH=python python3 bench/fidelity_candidates.py --nre
 
 ``--nre`` prints each codec's normalized reconstruction error ||X - D(Q(X))||_F / ||X||_F on a
 random orthogonal matrix and on eigenvector matrices (and roots) captured from a 4-bit run.
