@@ -109,15 +109,18 @@ VARIANTS: Dict[str, dict] = {
 }
 
 
-def steps_to_target(problem, options: dict, lr: float, target: float, max_steps: int) -> int:
-    params = problem.params()
-    opt = lowbit.Shampoo(params, lr=lr, graft="adamw", min_quant_numel=1024, epsilon=1e-6, **options)
+def run_to_target(problem, params: List[torch.Tensor], opt, target: float, max_steps: int) -> int:
+    """Steps `opt` needs to bring the loss to `target` times its initial value; max_steps + 1
+    if it does not, diverges, or fails (a decomposition of a diverging run)."""
     with torch.no_grad():
         goal = target * problem.loss(params).item()
     for step in range(1, max_steps + 1):
         opt.zero_grad()
         problem.loss(params).backward()
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError:
+            return max_steps + 1
         with torch.no_grad():
             now = problem.loss(params).item()
         if not math.isfinite(now):
@@ -125,6 +128,12 @@ def steps_to_target(problem, options: dict, lr: float, target: float, max_steps:
         if now <= goal:
             return step
     return max_steps + 1
+
+
+def steps_to_target(problem, options: dict, lr: float, target: float, max_steps: int) -> int:
+    params = problem.params()
+    opt = lowbit.Shampoo(params, lr=lr, graft="adamw", min_quant_numel=1024, epsilon=1e-6, **options)
+    return run_to_target(problem, params, opt, target, max_steps)
 
 
 def best_steps(problem, options: dict, target: float, max_steps: int) -> int:

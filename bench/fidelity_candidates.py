@@ -360,23 +360,7 @@ def bits_per_element(spec: dict) -> float:
 
 def steps_to_target(problem, spec: dict, lr: float, target: float, max_steps: int, t1: int, t2: int) -> int:
     params = problem.params()
-    opt = Prototype(params, lr, spec, t1, t2)
-    with torch.no_grad():
-        goal = target * problem.loss(params).item()
-    for step in range(1, max_steps + 1):
-        opt.zero_grad()
-        problem.loss(params).backward()
-        try:
-            opt.step()
-        except RuntimeError:  # a failed decomposition of a diverging run
-            return max_steps + 1
-        with torch.no_grad():
-            now = problem.loss(params).item()
-        if not math.isfinite(now):
-            return max_steps + 1
-        if now <= goal:
-            return step
-    return max_steps + 1
+    return fidelity.run_to_target(problem, params, Prototype(params, lr, spec, t1, t2), target, max_steps)
 
 
 def best_steps(problem, spec: dict, target: float, max_steps: int, t1: int, t2: int) -> int:
