@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/cuda.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -244,6 +245,27 @@ TEST_F(CudaCodec, AssumedFiniteInputSkipsOnlyTheCheck) {
     EXPECT_EQ(codes.sizes(), cpu.codes().sizes());
     expect_error([&] { QuantizedMatrix::quantize(bad, o); }, "first at [2, 75]");
   }
+}
+
+// Kashin (mapping "kashin") is made of ATen ops, so it runs on a GPU as on the CPU, but its
+// fp32 reductions may round in another order, so codes are not compared bit for bit. A state
+// made on the GPU decodes there as on the CPU: each fp32 decode is s (c_u + Q c_v), within
+// (len + 2) eps s max|c| (1 + sqrt(len)) of the exact value (kashin_test), so within twice that
+// of each other. A zero block decodes to exactly zero on both.
+TEST_F(CudaCodec, KashinStatesMadeOnTheGpuDecodeAsOnTheCpu) {
+  QuantOptions o;
+  o.mapping = Mapping::Kashin;
+  at::Tensor m = at::randn({33, 1057}) * at::rand({33, 1}) * 10;
+  m[4].zero_();
+  const QuantizedMatrix gpu = QuantizedMatrix::quantize(m.to(cuda), o);
+  ASSERT_TRUE(gpu.codes().is_cuda());
+  const at::Tensor on_gpu = gpu.dequantize(at::kDouble).cpu(), on_cpu = gpu.to(at::kCPU).dequantize(at::kDouble);
+  const double len = static_cast<double>(o.block_size), eps = std::numeric_limits<float>::epsilon() / 2;
+  const double tol = 2 * (len + 2) * eps * gpu.scales().abs().max().item<double>() *
+                     gpu.centroids().abs().max().item<double>() * (1 + std::sqrt(len));
+  EXPECT_LE((on_gpu - on_cpu).abs().max().item<double>(), tol);
+  EXPECT_TRUE(at::equal(on_gpu[4], at::zeros_like(on_gpu[4])));
+  EXPECT_TRUE(on_gpu.isfinite().all().item<bool>());
 }
 
 }  // namespace
