@@ -18,6 +18,7 @@
 
 #include "optim/adamw_rule.h"
 #include "quant/codec_ops.h"
+#include "quant/kashin.h"
 #include "second_order_reference.h"
 #include "archive_bytes.h"
 
@@ -207,6 +208,108 @@ TEST(LowbitAdamW, StoredMomentsAreTheCodecsEncodingOfTheFp32Update) {
     if (stochastic) EXPECT_GT(differs_from_nearest, 0) << bits;
     else EXPECT_EQ(differs_from_nearest, 0) << bits;
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// A Kashin-coded first moment (mapping "kashin", 4 bits).
+
+QuantOptions kashin_moment_options(int64_t block_size) {
+  QuantOptions o;
+  o.bits = 4;
+  o.mapping = Mapping::Kashin;
+  o.block_size = block_size;
+  return o;
+}
+
+// As above, with m coded as the [1, n] QuantizedMatrix of mapping "kashin" (its own fitted
+// centroids, a partial last block of 5000 - 39 * 128 = 8 elements with a frame of order 8)
+// and v with the (k + 1) / 16 table: codes, scales, centroids and the parameter identical.
+TEST(LowbitAdamW, KashinFirstMomentIsTheCodecsEncodingOfTheFp32Update) {
+  const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 1e-2;
+  const int64_t n = 5000, B = 128;
+  const at::Tensor v_table = at::arange(1, 17, at::kFloat) / 16;
+  auto gen = generator(31);
+  at::Tensor p = at::randn({50, 100}, gen);
+  AdamW opt({p}, AdamWOptions(lr).weight_decay(wd).bits(4).mapping("kashin"));
+  at::Tensor m_ref = at::zeros({1, n}), v_ref = at::zeros({1, n}), p_ref = p.reshape({1, n}).clone();
+  for (int t = 1; t <= 3; ++t) {
+    const at::Tensor g = at::randn({50, 100}, gen) * (t == 2 ? 1e-3 : 1.0);
+    p.mutable_grad() = g;
+    opt.step();
+    const at::Tensor gf = g.reshape({1, n});
+    p_ref.mul_(1 - lr * wd);
+    m_ref.mul_(b1).add_(gf, 1 - b1);
+    v_ref.mul_(b2).addcmul_(gf, gf, 1 - b2);
+    const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
+    p_ref.addcdiv_(m_ref, (v_ref.sqrt() / std::sqrt(bc2)).add_(eps), -lr / bc1);
+    const QuantizedMatrix m_coded = QuantizedMatrix::quantize(m_ref, kashin_moment_options(B));
+    auto [v_codes, v_scales, unused] = ops::quantize_blockwise(v_ref, v_table, 4, B, false, false, 0, c10::nullopt);
+    const AdamWParamState& s = state_of(opt, p);
+    const std::string what = "step " + std::to_string(t);
+    EXPECT_EQ(s.mapping(), "kashin");
+    EXPECT_TRUE(at::equal(s.exp_avg_codes(), m_coded.codes().view({-1}))) << what;
+    EXPECT_TRUE(at::equal(s.exp_avg_scales(), m_coded.scales().view({-1}))) << what;
+    EXPECT_TRUE(at::equal(s.exp_avg_centroids(), m_coded.centroids())) << what;
+    EXPECT_TRUE(at::equal(s.exp_avg_sq_codes(), v_codes.view({-1}))) << what;
+    EXPECT_TRUE(at::equal(s.exp_avg_sq_scales(), v_scales.view({-1}))) << what;
+    EXPECT_TRUE(at::equal(p.reshape({1, n}), p_ref)) << what;
+    m_ref = m_coded.dequantize();  // the next step starts from the stored (decoded) moments
+    ops::dequantize_blockwise_out(v_codes, v_scales, v_table, c10::nullopt, 4, B, v_ref);
+  }
+  // The state's bytes: 4-bit codes and fp32 norms for both moments, plus 16 fp32 pairs.
+  EXPECT_EQ(opt.state_bytes().first_order, 2 * (n / 2 + 4 * 40) + 16 * 2 * 4);
+}
+
+// Two steps against torch::optim::AdamW (fp32 moments) with gradients +-c1, then +-c2: the
+// second moment is then c^2 (1 - b2) in every element, its block's absmax, code 15 of the
+// (k + 1) / 16 table, stored exactly; both runs share the denominator D = sqrt(v_2 / bc2) + eps,
+// one number for all elements. Step 1 starts from m = 0 in both; step 2 differs only in the
+// stored m_1 = (1 - b1) g_1, so
+//   p_kashin - p_torch = -(lr / bc1) b1 (m~_1 - m_1) / D       (+ fp32 rounding of both).
+// The bound on |m~_1 - m_1| (docs/codec.md): per block of d elements with norm scale s,
+// x = s (p_u + Q p_v) with the pairs p_i = (u_i, v_i) / s, and x~ = s (c_u + Q c_v) with each
+// pair's nearest centroid c, so |x~ - x|^2 <= 2 s^2 sum_i |p_i - c(p_i)|^2 (Q orthogonal).
+// The centroids start on the 4 x 4 grid over the pairs' bounding box (W_u x W_v), within
+// sqrt((W_u / 6)^2 + (W_v / 6)^2) of every pair, and Lloyd steps never raise the sum
+// (KashinCentroids.DistortionNeverIncreasesOnKashinPairs; all 6400 pairs take part, below
+// the 65536 fitted). Every block of +-c has the same s, whence
+//   |m~_1 - m_1| <= sqrt((W_u^2 + W_v^2) / 18) |m_1|,
+// with W_u, W_v read from the decomposition (tested against fp64 in kashin_test).
+TEST(LowbitAdamW, KashinFirstMomentErrorBoundsTheStepAgainstFp32AdamW) {
+  const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8;
+  const int64_t n = 6400, B = 128;
+  auto gen = generator(37);
+  at::Tensor ours = at::randn({64, 100}, gen), theirs = ours.clone();
+  AdamW kashin({ours}, AdamWOptions(lr).weight_decay(0).bits(4).mapping("kashin"));
+  torch::optim::AdamW fp32({theirs}, torch::optim::AdamWOptions(lr).weight_decay(0));
+  const double c1 = 1.0, c2 = 0.5;
+  const at::Tensor g1 = at::sign(at::randn({64, 100}, gen)) * c1;
+  const at::Tensor g2 = at::sign(at::randn({64, 100}, gen)) * c2;
+  for (const at::Tensor& g : {g1, g2}) {
+    ours.mutable_grad() = g.clone();
+    theirs.mutable_grad() = g.clone();
+    kashin.step();
+    fp32.step();
+    if (g.is_same(g1)) EXPECT_TRUE(at::equal(ours, theirs)) << "step 1 reads zero moments in both";
+  }
+  // The pairs' bounding box of m_1, coded in blocks of 128 (50 of them, all with s = 0.1).
+  const at::Tensor m1 = (g1 * (1 - b1)).reshape({n / B, B});
+  const kashin::Decomposition dec = kashin::decompose(m1, kashin::frame(B, at::kCPU));
+  const double s = m1.norm(2, {1}).max().item<double>() / std::sqrt(static_cast<double>(B));
+  auto width = [&](const at::Tensor& t) { return (t.max() - t.min()).item<double>() / s; };
+  const double wu = width(dec.u + dec.residual), wv = width(dec.v);
+  const double relative = std::sqrt((wu * wu + wv * wv) / 18);
+  const double bc1 = 1 - b1 * b1, bc2 = 1 - b2 * b2;
+  const double v2 = b2 * (1 - b2) * c1 * c1 + (1 - b2) * c2 * c2;
+  const double denominator = std::sqrt(v2 / bc2) + eps;
+  const double m_term = lr / bc1 * b1 * m1.norm().item<double>() / denominator;  // |m_1| moved to p
+  const double rounding = 4 * std::numeric_limits<float>::epsilon() * (ours.norm().item<double>() + m_term);
+  const double distance = (ours - theirs).norm().item<double>();
+  EXPECT_LE(distance, relative * m_term + rounding);
+  // The bound has teeth: below the whole m_1 term (which dropping m would cost), and the
+  // coding is visible (measured: bound 0.57 of the m_1 term, distance 0.12).
+  EXPECT_LT(relative, 1.0);
+  EXPECT_GT(distance, 0);
 }
 
 // 50 steps on the least-squares problem against torch::optim::AdamW (full-batch, lr 1e-2).
@@ -404,7 +507,7 @@ std::vector<at::Tensor> moment_tensors(AdamW& opt, const std::vector<at::Tensor>
   for (const auto& p : params) {
     const AdamWParamState& s = state_of(opt, p);
     for (const at::Tensor& t : {s.exp_avg(), s.exp_avg_sq(), s.exp_avg_codes(), s.exp_avg_scales(),
-                                s.exp_avg_sq_codes(), s.exp_avg_sq_scales()})
+                                s.exp_avg_sq_codes(), s.exp_avg_sq_scales(), s.exp_avg_centroids()})
       if (t.defined()) out.push_back(t.clone());
   }
   return out;
@@ -412,9 +515,12 @@ std::vector<at::Tensor> moment_tensors(AdamW& opt, const std::vector<at::Tensor>
 
 TEST(LowbitAdamW, ResumedRunIsBitIdenticalToTheUninterruptedOne) {
   const LeastSquares f;
-  for (int64_t bits : {32, 8, 4, -4}) {  // -4: 4 bits with stochastic rounding
+  for (int64_t bits : {32, 8, 4, -4, 104}) {  // -4: 4 bits with stochastic rounding; 104: 4 bits, Kashin m
     std::vector<at::Tensor> a = initial_params();
-    AdamW first(a, options(std::abs(bits)).rounding(bits < 0 ? "stochastic" : "nearest").seed(5));
+    AdamW first(a, options(bits % 100 == 0 ? 32 : std::abs(bits) % 100)
+                       .rounding(bits < 0 ? "stochastic" : "nearest")
+                       .mapping(bits > 100 ? "kashin" : "dynamic")
+                       .seed(5));
     run(first, a, f, 5);
     const std::string checkpoint = save_to_string(first);
     std::vector<at::Tensor> b = clones(a);
@@ -493,6 +599,51 @@ TEST(LowbitAdamW, InvalidOptionsAreNamedAtConstruction) {
   expect_error_with([&] { with(AdamWOptions().min_quant_numel(-1)); }, {"min_quant_numel"});
   expect_error_with([&] { with(AdamWOptions().rounding("up")); }, {"rounding", "\"up\""});
   expect_error_with([&] { with(AdamWOptions().seed(-1)); }, {"seed"});
+  // Kashin: 4 bits, nearest rounding, first moment only.
+  expect_error_with([&] { with(AdamWOptions().mapping("kashin")); },
+                    {"AdamWOptions.bits must be 3 or 4 with mapping \"kashin\"; got 8"});
+  expect_error_with([&] { with(AdamWOptions().bits(4).mapping("kashin").rounding("stochastic")); },
+                    {"AdamWOptions.rounding must be \"nearest\" with mapping \"kashin\""});
+  expect_error_with([&] { with(AdamWOptions().bits(4).second_moment_mapping("kashin")); },
+                    {"AdamWOptions.second_moment_mapping cannot be \"kashin\"", "first moment only"});
+}
+
+// A Kashin checkpoint carries the centroids (and its options, which replace a table-coded
+// optimizer's); without them, or with NaN ones, it is refused and nothing changes. A
+// table-coded checkpoint has no "exp_avg_centroids" entry, as before the entry existed, and
+// loads as it always did.
+TEST(LowbitAdamW, KashinCheckpointsCarryTheCentroids) {
+  const LeastSquares f;
+  std::vector<at::Tensor> a = initial_params();
+  AdamW source(a, options(4).mapping("kashin"));
+  run(source, a, f, 3);
+  EXPECT_EQ(state_of(source, a[0]).exp_avg_centroids().sizes(), at::IntArrayRef({16, 2}));
+  EXPECT_FALSE(state_of(source, a[1]).exp_avg_centroids().defined());  // the bias keeps fp32 moments
+  const std::string checkpoint = save_to_string(source);
+  EXPECT_NE(checkpoint.find("exp_avg_centroids"), std::string::npos);  // (so the search below can see it)
+
+  std::vector<at::Tensor> b = clones(a);
+  AdamW table(b, options(4));
+  load_from_string(table, checkpoint);
+  EXPECT_EQ(static_cast<const AdamWOptions&>(table.param_groups()[0].options()).mapping(), "kashin");
+
+  AdamW kashin(b, options(4).mapping("kashin"));
+  const at::Tensor centroids = state_of(source, a[0]).exp_avg_centroids();
+  state_of(source, a[0]).exp_avg_centroids(at::Tensor());
+  expect_error_with([&] { load_from_string(kashin, save_to_string(source)); },
+                    {"exp_avg_centroids", "nothing was loaded"});
+  state_of(source, a[0]).exp_avg_centroids(at::full({16, 2}, std::numeric_limits<float>::quiet_NaN()));
+  expect_error_with([&] { load_from_string(kashin, save_to_string(source)); },
+                    {"exp_avg_centroids", "NaN", "nothing was loaded"});
+  EXPECT_TRUE(kashin.state().empty());
+  state_of(source, a[0]).exp_avg_centroids(centroids);
+  load_from_string(kashin, checkpoint);
+  EXPECT_TRUE(at::equal(state_of(kashin, b[0]).exp_avg_centroids(), centroids));
+
+  std::vector<at::Tensor> c = initial_params();
+  AdamW plain(c, options(4));
+  run(plain, c, f, 1);
+  EXPECT_EQ(save_to_string(plain).find("exp_avg_centroids"), std::string::npos);
 }
 
 }  // namespace

@@ -132,6 +132,10 @@ std::vector<Driver> drivers() {
       // checkpoint of a transposed parameter.
       closure_driver<MFAC>("M-FAC 4-bit",
                            MFACOptions(0.05).window(3).momentum(0).damping(0.1).bits(4).quant_block_size(16), false),
+      // Kashin rows: the checkpoint must carry each row's fitted centroids.
+      closure_driver<MFAC>("M-FAC 4-bit kashin", MFACOptions(0.05).window(3).momentum(0.9).damping(0.1).bits(4)
+                                                     .mapping("kashin").quant_block_size(16),
+                           false),
       closure_driver<NagGS>("NAG-GS", NagGSOptions(0.2).mu(0.5).gamma(1.5), false),
   };
 }
@@ -285,6 +289,10 @@ TEST(SecondOrderOptions, InvalidOptionsAreNamedAtConstruction) {
       {[&] { MFAC(params, MFACOptions().damping(0)); }, "MFACOptions.damping must be > 0; got 0"},
       {[&] { MFAC(params, MFACOptions().mapping("cubic")); }, "MFACOptions.mapping must be one of"},
       {[&] { MFAC(params, MFACOptions().bits(4).quant_block_size(10)); }, "MFACOptions.quant_block_size"},
+      {[&] { MFAC(params, MFACOptions().bits(8).mapping("kashin")); },
+       "MFACOptions.bits must be 3 or 4 with mapping \"kashin\"; got 8"},
+      {[&] { MFAC(params, MFACOptions().mapping("kashin")); },
+       "MFACOptions.bits must be 3 or 4 with mapping \"kashin\"; got 32"},
       {[&] { NagGS(params, NagGSOptions().gamma(0)); }, "NagGSOptions.gamma must be > 0; got 0"},
       {[&] { NagGS(params, NagGSOptions().mu(-1)); }, "NagGSOptions.mu must be >= 0; got -1"},
       {[&] { NagGS(params, NagGSOptions(0)); }, "NagGSOptions.lr (alpha) must be > 0; got 0"},

@@ -14,7 +14,10 @@
 // Encoding (per parameter, flattened, in blocks of block_size elements, each with its fp32
 // absmax as scale): code = nearest entry of a table of 2^bits values times the scale.
 // - m (signed): `mapping`, "dynamic" (dynamic tree, Dettmers et al., 8-bit optimizers) or
-//   "linear2" (signed square of a linear grid).
+//   "linear2" (signed square of a linear grid), or, at 4 bits, "kashin" (seed 004, docs/codec.md):
+//   the flattened moment coded as one [1, numel] Kashin matrix, blocks of block_size with one
+//   fp32 norm each and 16 2-D centroids fitted per moment and step (8 bits per moment and
+//   parameter more; nearest rounding only).
 // - v (>= 0): a table without zero (lowbit::positive_codebook), `second_moment_mapping`:
 //   "linear" ((k + 1) / 2^bits; default at 4 bits, as in Li et al., "Memory Efficient
 //   Optimizers with 4-bit States", NeurIPS 2023, and torchao's AdamW4bit) or "dynamic" (the
@@ -22,7 +25,8 @@
 //   at 8 bits). A signed table would waste half the codes on v >= 0, and a table with 0 lets
 //   a small positive v round to 0, after which m / (sqrt(v) + eps) explodes (Li et al.'s
 //   zero-point problem): here a positive v never decodes below the smallest code times its
-//   block's absmax. A block that is all zero keeps scale 0 and decodes to exactly 0.
+//   block's absmax. A block that is all zero keeps scale 0 and decodes to exactly 0. "kashin"
+//   is refused here: its decoded values can be negative or 0.
 // - block_size: 0 picks 256 at 8 bits (torchao's AdamW8bit, bitsandbytes' newer kernels) and
 //   128 at 4 bits (Li et al., torchao's AdamW4bit).
 // - Tensors with fewer than min_quant_numel elements keep fp32 moments (bitsandbytes' 4096).
@@ -55,7 +59,7 @@ struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOption
   TORCH_ARG(double, eps) = 1e-8;
   TORCH_ARG(double, weight_decay) = 1e-2;               // decoupled
   TORCH_ARG(int64_t, bits) = 8;                         // 32 (fp32 moments), 8 or 4
-  TORCH_ARG(std::string, mapping) = "dynamic";          // m: "dynamic" | "linear2"
+  TORCH_ARG(std::string, mapping) = "dynamic";          // m: "dynamic" | "linear2" | "kashin" (4 bits)
   TORCH_ARG(std::string, second_moment_mapping) = "auto";  // v: "auto" | "linear" | "dynamic" | "linear2"
   TORCH_ARG(int64_t, block_size) = 0;                   // 0: 256 at 8 bits, 128 at 4 bits
   TORCH_ARG(int64_t, min_quant_numel) = 4096;           // smaller tensors keep fp32 moments
@@ -74,7 +78,8 @@ struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOption
 
 // fp32 moments: exp_avg and exp_avg_sq shaped like the parameter. Quantized: uint8 codes and
 // fp32 block scales of the flattened moments, the maps they were stored with, and the
-// parameter's shape (int64). bits, maps, block size and min_quant_numel are fixed by the
+// parameter's shape (int64); with mapping "kashin", the first moment's fitted centroids (fp32
+// [16, 2]; absent otherwise). bits, maps, block size and min_quant_numel are fixed by the
 // first step (a change throws).
 struct AdamWParamState : public torch::optim::OptimizerCloneableParamState<AdamWParamState> {
   TORCH_ARG(int64_t, step) = 0;
@@ -87,6 +92,7 @@ struct AdamWParamState : public torch::optim::OptimizerCloneableParamState<AdamW
   TORCH_ARG(torch::Tensor, exp_avg_scales);
   TORCH_ARG(torch::Tensor, exp_avg_sq_codes);
   TORCH_ARG(torch::Tensor, exp_avg_sq_scales);
+  TORCH_ARG(torch::Tensor, exp_avg_centroids);
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;

@@ -30,7 +30,7 @@ struct MFACOptions : public torch::optim::OptimizerCloneableOptions<MFACOptions>
   TORCH_ARG(int64_t, window) = 32;            // m
   TORCH_ARG(double, damping) = 1e-3;          // lambda
   TORCH_ARG(int64_t, bits) = 32;              // 32 (fp32 window), 8 or 4
-  TORCH_ARG(std::string, mapping) = "dynamic";// code map of a quantized window
+  TORCH_ARG(std::string, mapping) = "dynamic";// code map of a quantized window; "kashin" needs bits 4
   TORCH_ARG(int64_t, quant_block_size) = 64;
   TORCH_ARG(bool, skip_nonfinite) = false;  // skip (and count) a step that would overflow instead of raising
 
@@ -56,6 +56,7 @@ struct MFACParamState : public torch::optim::OptimizerCloneableParamState<MFACPa
   TORCH_ARG(torch::Tensor, rows);
   TORCH_ARG(torch::Tensor, codes);
   TORCH_ARG(torch::Tensor, scales);
+  TORCH_ARG(torch::Tensor, centroids);  // mapping "kashin": fp32 [window, 16, 2], each row's fitted centroids
   TORCH_ARG(torch::Tensor, gram);
   TORCH_ARG(torch::Tensor, momentum_buffer);
 

@@ -20,7 +20,9 @@ from .second_order import _counter, _Option, _option_table, _SecondOrderOptimize
 __all__ = ["AdamW"]
 
 _ops = torch.ops.lowbit
-_MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
+# In the order of adamw_update_'s arguments; exp_avg_centroids only with mapping "kashin".
+_MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales",
+            "exp_avg_centroids")
 
 
 class AdamW(_SecondOrderOptimizer):
@@ -33,7 +35,9 @@ class AdamW(_SecondOrderOptimizer):
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
         stored m, v = encode(m), encode(v)          (nearest code times the block's absmax)
 
-    ``m`` uses a signed table (``mapping``: ``"dynamic"`` tree or ``"linear2"``); ``v`` uses a
+    ``m`` uses a signed table (``mapping``: ``"dynamic"`` tree or ``"linear2"``), or at 4 bits
+    ``"kashin"`` (docs/codec.md: the flattened moment as one Kashin-coded matrix, with 16 2-D
+    centroids fitted per moment and step; nearest rounding only); ``v`` uses a
     table WITHOUT zero (``second_moment_mapping``; ``"auto"``: ``"dynamic"`` at 8 bits,
     ``"linear"`` = (k + 1) / 2^bits at 4 bits), so a small positive ``v`` never decodes to 0
     (Li et al.'s zero-point problem, where ``m / (sqrt(v) + eps)`` explodes); all-zero blocks
@@ -49,7 +53,8 @@ class AdamW(_SecondOrderOptimizer):
 
     State per parameter: ``step`` (0-d int64); fp32 ``exp_avg``/``exp_avg_sq`` shaped like the
     parameter, or uint8 ``exp_avg_codes``/``exp_avg_sq_codes`` and fp32
-    ``exp_avg_scales``/``exp_avg_sq_scales`` of the flattened moments plus ``shape`` (int64).
+    ``exp_avg_scales``/``exp_avg_sq_scales`` of the flattened moments plus ``shape`` (int64), and
+    with ``mapping="kashin"`` fp32 ``exp_avg_centroids`` [16, 2].
     Bytes of a quantized parameter of n elements: ``2 (ceil(n bits / 8) + 4 ceil(n / block))``
     (fp32: ``8 n``); see :meth:`state_bytes`.
     """
@@ -62,7 +67,8 @@ class AdamW(_SecondOrderOptimizer):
         "eps": _Option(1e-8, "number", "epsilon", "> 0"),
         "weight_decay": _Option(1e-2, "number", "decoupled weight decay", ">= 0"),
         "bits": _Option(8, "int", "moment storage (32: fp32)", "32, 8, 4"),
-        "mapping": _Option("dynamic", "str", "code map of m (signed)", '``"dynamic"``, ``"linear2"``'),
+        "mapping": _Option("dynamic", "str", "code map of m (signed)",
+                           '``"dynamic"``, ``"linear2"``, ``"kashin"`` (4 bits)'),
         "second_moment_mapping": _Option("auto", "str", "code map of v (no zero)",
                                          '``"auto"``, ``"linear"``, ``"dynamic"``, ``"linear2"``'),
         "block_size": _Option(0, "int", "codec block (0: 256 at 8 bits, 128 at 4)", "0 or power of two, 16..4096"),
@@ -76,7 +82,7 @@ class AdamW(_SecondOrderOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, bits: Literal[32, 8, 4] = 8,
-                 mapping: Literal["dynamic", "linear2"] = "dynamic",
+                 mapping: Literal["dynamic", "linear2", "kashin"] = "dynamic",
                  second_moment_mapping: Literal["auto", "linear", "dynamic", "linear2"] = "auto",
                  block_size: int = 0, min_quant_numel: int = 4096,
                  rounding: Literal["nearest", "stochastic"] = "nearest", seed: int = 0,
@@ -112,7 +118,8 @@ class AdamW(_SecondOrderOptimizer):
         if unknown:
             raise ValueError(f"{what} has unknown state {', '.join(unknown)} (an AdamW state has step, exp_avg and "
                              "exp_avg_sq (fp32), or exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, "
-                             "exp_avg_sq_scales and shape (8 or 4 bits))")
+                             "exp_avg_sq_scales and shape (8 or 4 bits), plus exp_avg_centroids with mapping "
+                             "\"kashin\")")
         state = {"step": _counter(entries, "step", what)}
         moments = {n: entries[n].to(device=p.device, copy=True) for n in _MOMENTS if n in entries}
         _ops.adamw_check_state(p.detach(), moments, *self._layout_args(options), what)

@@ -909,7 +909,9 @@ class MFAC(_SecondOrderOptimizer):
 {table}
 
     State per parameter: ``step``, ``count`` (gradients pushed; 0-d int64), ``rows`` (fp32,
-    m x d) or ``codes`` (uint8) and ``scales`` (fp32), ``gram`` (fp64 G G^T, m x m) and, with
+    m x d) or ``codes`` (uint8) and ``scales`` (fp32), plus ``centroids`` (fp32, m x 16 x 2) with
+    ``mapping="kashin"`` (each row is its own Kashin-coded [1, d] matrix, docs/codec.md), ``gram``
+    (fp64 G G^T, m x m) and, with
     momentum, ``momentum_buffer``. The window costs ``m d`` floats (``bits=32``) or about
     ``m d bits / 8`` bytes plus scales: pick ``window`` for the parameter sizes at hand.
     """
@@ -925,18 +927,18 @@ class MFAC(_SecondOrderOptimizer):
         "damping": _Option(1e-3, "number", "lambda", "> 0"),
         "bits": _Option(32, "int", "window storage (32: fp32)", "32, 8, 4"),
         "mapping": _Option("dynamic", "str", "code map of a quantized window",
-                           '``"linear2"``, ``"dynamic"``, ``"linear"``'),
+                           '``"linear2"``, ``"dynamic"``, ``"linear"``, ``"kashin"`` (4 bits)'),
         "quant_block_size": _Option(64, "int", "codec block size", "power of two, 16..4096"),
         "skip_nonfinite": _Option(False, "bool", "skip (and count) a step that would overflow", "bool"),
     }
     _LAYOUT = ("window", "bits", "mapping", "quant_block_size")
-    _PRECONDITIONER = ("rows", "codes", "scales", "gram")
+    _PRECONDITIONER = ("rows", "codes", "scales", "centroids", "gram")
     _FIRST_ORDER = ("momentum_buffer",)
-    _WINDOW = ("rows", "codes", "scales", "gram", "count")
+    _WINDOW = ("rows", "codes", "scales", "centroids", "gram", "count")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  window: int = 32, damping: float = 1e-3, bits: Literal[32, 8, 4] = 32,
-                 mapping: Literal["linear2", "dynamic", "linear"] = "dynamic", quant_block_size: int = 64,
+                 mapping: Literal["linear2", "dynamic", "linear", "kashin"] = "dynamic", quant_block_size: int = 64,
                  skip_nonfinite: bool = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, window=window,
                                       damping=damping, bits=bits, mapping=mapping, quant_block_size=quant_block_size,
@@ -954,7 +956,8 @@ class MFAC(_SecondOrderOptimizer):
         unknown = sorted(set(entries) - set(self._WINDOW + ("step", "shape", "momentum_buffer")))
         if unknown:
             raise ValueError(f"{what} has unknown state {', '.join(unknown)} (an M-FAC state has step, shape, the "
-                             "window's rows (bits=32) or codes and scales (bits=8, 4), gram and count, and "
+                             "window's rows (bits=32) or codes and scales (bits=8, 4; and centroids with mapping "
+                             "\"kashin\"), gram and count, and "
                              "momentum_buffer)")
         shape = entries.get("shape")
         if (shape is None or shape.dim() != 1 or shape.dtype != torch.long
@@ -996,13 +999,14 @@ class MFAC(_SecondOrderOptimizer):
 
                     def run(c: List[Any], g: torch.Tensor = g, o: Dict[str, Any] = o, count: torch.Tensor = count,
                             step: torch.Tensor = step) -> None:
-                        _ops.mfac_update_(c[0], g.detach(), c[2], c[3], c[4], c[5], count, step, c[1], o["window"],
+                        _ops.mfac_update_(c[0], g.detach(), *c[2:7], count, step, c[1], o["window"],
                                           o["bits"], o["mapping"], o["quant_block_size"], o["lr"], o["momentum"],
                                           o["weight_decay"], o["damping"])
 
-                    if not self._trial(p, [p, buffer, s.get("rows"), s.get("codes"), s.get("scales"), s["gram"]],
+                    if not self._trial(p, [p, buffer, s.get("rows"), s.get("codes"), s.get("scales"),
+                                           s.get("centroids"), s["gram"]],
                                        ("values", "momentum_buffer", "window rows", "window codes", "window scales",
-                                        "window Gram matrix"), run):
+                                        "window centroids", "window Gram matrix"), run):
                         return loss
             for items, o in zip(work, options):
                 for p, g in items:
@@ -1010,7 +1014,8 @@ class MFAC(_SecondOrderOptimizer):
                     if o["momentum"] != 0 and "momentum_buffer" not in s:
                         # C++ clones the first direction d into the buffer; momentum * 0 + d = d.
                         s["momentum_buffer"] = _zeros(p)
-                    _ops.mfac_update_(p, g.detach(), s.get("rows"), s.get("codes"), s.get("scales"), s["gram"],
+                    _ops.mfac_update_(p, g.detach(), s.get("rows"), s.get("codes"), s.get("scales"),
+                                      s.get("centroids"), s["gram"],
                                       s["count"], s["step"], s.get("momentum_buffer"), o["window"], o["bits"],
                                       o["mapping"], o["quant_block_size"], o["lr"], o["momentum"],
                                       o["weight_decay"], o["damping"])

@@ -122,6 +122,37 @@ def test_stored_moments_are_the_codec_encoding_of_the_fp32_update(bits, v_mappin
         v = _ops.dequantize_blockwise(vc, vs, v_table, None, bits, block, n)
 
 
+def test_kashin_first_moment_is_the_codec_encoding_of_the_fp32_update():
+    """m coded as the [1, n] Kashin matrix of lowbit.quantize (its own 16 fitted centroids),
+    v with the (k + 1) / 16 table: the state and the parameter are the reference's exactly."""
+    lr, wd, b1, b2, eps, bits, block = 1e-2, 1e-2, 0.9, 0.999, 1e-8, 4, 128
+    n = 5000  # a partial last block (8 elements, its own frame)
+    v_table = torch.arange(1, 17, dtype=torch.float32) / 16
+    gen = torch.Generator().manual_seed(41)
+    p = torch.randn(50, 100, generator=gen).requires_grad_(True)
+    opt = lowbit.AdamW([p], lr=lr, weight_decay=wd, bits=bits, mapping="kashin")
+    ref = p.detach().reshape(1, n).clone()
+    m, v = torch.zeros(1, n), torch.zeros(1, n)
+    for t in (1, 2, 3):
+        g = torch.randn(50, 100, generator=gen) * (1e-3 if t == 2 else 1.0)
+        p.grad = g
+        opt.step()
+        gf = g.reshape(1, n)
+        reference_step(ref, gf, m, v, t, lr, b1, b2, eps, wd)
+        q = lowbit.quantize(m, bits=bits, mapping="kashin", block_size=block)
+        vc, vs, _ = _ops.quantize_blockwise(v, v_table, bits, block)
+        s = opt.state[p]
+        assert torch.equal(s["exp_avg_codes"], q.codes.reshape(-1)), t
+        assert torch.equal(s["exp_avg_scales"], q.scales.reshape(-1)), t
+        assert torch.equal(s["exp_avg_centroids"], q.centroids), t
+        assert torch.equal(s["exp_avg_sq_codes"], vc.reshape(-1)), t
+        assert torch.equal(p.detach().reshape(1, n), ref), t
+        m = lowbit.dequantize(q)
+        v = _ops.dequantize_blockwise(vc, vs, v_table, None, bits, block, n)
+    # 4-bit codes and fp32 norms of both moments, plus m's 16 fp32 centroid pairs.
+    assert opt.state_bytes().first_order == 2 * (n // 2 + 4 * 40) + 16 * 2 * 4
+
+
 @pytest.mark.parametrize("bits,block", [(8, 256), (4, 128)])
 def test_fifty_steps_replay_bit_for_bit(bits, block):
     """50 full-batch steps: a replay of the docstring's algorithm with the codec ops (decode,
@@ -257,17 +288,19 @@ def test_state_bytes_follow_the_formula():
 
 # ------------------------------------------------------------------ state dicts and errors
 
-@pytest.mark.parametrize("bits,rounding", [(32, "nearest"), (8, "nearest"), (4, "nearest"), (4, "stochastic")])
-def test_state_dict_round_trip_continues_bit_identically(bits, rounding):
+@pytest.mark.parametrize("bits,rounding,mapping", [(32, "nearest", "dynamic"), (8, "nearest", "dynamic"),
+                                                   (4, "nearest", "dynamic"), (4, "stochastic", "dynamic"),
+                                                   (4, "nearest", "kashin")])
+def test_state_dict_round_trip_continues_bit_identically(bits, rounding, mapping):
     f = least_squares()
     a = [t.clone().requires_grad_(True) for t in start()]
-    opt = lowbit.AdamW(a, lr=1e-2, bits=bits, rounding=rounding, seed=3)
+    opt = lowbit.AdamW(a, lr=1e-2, bits=bits, rounding=rounding, seed=3, mapping=mapping)
     run(opt, a, f, 5)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     b = [t.detach().clone().requires_grad_(True) for t in a]
     run(opt, a, f, 5)
-    resumed = lowbit.AdamW(b, lr=1e-2, bits=bits, rounding=rounding, seed=3)
+    resumed = lowbit.AdamW(b, lr=1e-2, bits=bits, rounding=rounding, seed=3, mapping=mapping)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer))
     run(resumed, b, f, 5)
@@ -275,6 +308,7 @@ def test_state_dict_round_trip_continues_bit_identically(bits, rounding):
         assert torch.equal(x.detach(), y.detach())
     for key in opt.state[a[0]]:
         assert torch.equal(opt.state[a[0]][key], resumed.state[b[0]][key]), key
+    assert ("exp_avg_centroids" in opt.state[a[0]]) == (mapping == "kashin")
 
 
 def test_mismatched_state_dicts_are_value_errors_that_change_nothing():
@@ -341,7 +375,12 @@ def test_nan_gradients_and_invalid_options_are_errors_that_change_nothing():
                                                                    "second_moment_mapping"),
                              (dict(block_size=100), "block_size"), (dict(betas=(0.9, 1.0)), "betas"),
                              (dict(eps=0.0), "eps"), (dict(min_quant_numel=-1), "min_quant_numel"),
-                             (dict(rounding="up"), "rounding"), (dict(seed=-1), "seed")]:
+                             (dict(rounding="up"), "rounding"), (dict(seed=-1), "seed"),
+                             (dict(mapping="kashin"), 'bits must be 3 or 4 with mapping "kashin"; got 8'),
+                             (dict(bits=4, mapping="kashin", rounding="stochastic"),
+                              'rounding must be "nearest" with mapping "kashin"'),
+                             (dict(bits=4, second_moment_mapping="kashin"),
+                              'second_moment_mapping cannot be "kashin"')]:
         with pytest.raises(ValueError, match=fragment):
             lowbit.AdamW(x, **kwargs)
     with pytest.raises(TypeError, match="bits"):

@@ -121,7 +121,8 @@ def test_defaults_are_the_cpp_defaults(cls):
     (lowbit.MFAC, dict(window=0), "window must be >= 1"),
     (lowbit.MFAC, dict(damping=0.0), "damping must be > 0"),
     (lowbit.MFAC, dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
-    (lowbit.MFAC, dict(mapping="log"), 'mapping must be one of "linear2", "dynamic", "linear"; got "log"'),
+    (lowbit.MFAC, dict(mapping="log"), 'mapping must be one of "linear2", "dynamic", "linear", "kashin"; got "log"'),
+    (lowbit.MFAC, dict(bits=8, mapping="kashin"), 'bits must be 3 or 4 with mapping "kashin"; got 8'),
     (lowbit.MFAC, dict(quant_block_size=48), "quant_block_size must be a power of two from 16 to 4096; got 48"),
     (lowbit.NagGS, dict(lr=0.0), r"lr \(alpha\) must be > 0"),
     (lowbit.NagGS, dict(mu=-1.0), "mu must be >= 0"),
@@ -548,6 +549,8 @@ SETUPS = {
     "sophia-hutchinson": lambda ps: lowbit.Sophia(ps, lr=0.01, estimator="hutchinson", hessian_interval=2, seed=7),
     "adahessian": lambda ps: lowbit.AdaHessian(ps, lr=0.05, hessian_interval=2, seed=3),
     "mfac-4bit": lambda ps: lowbit.MFAC(ps, lr=0.01, momentum=0.9, window=3, bits=4, quant_block_size=16),
+    "mfac-4bit-kashin": lambda ps: lowbit.MFAC(ps, lr=0.01, momentum=0.9, window=3, bits=4, mapping="kashin",
+                                               quant_block_size=16),
     "mfac": lambda ps: lowbit.MFAC(ps, lr=0.01, momentum=0.5, window=3, weight_decay=0.01),
     "nag_gs": lambda ps: lowbit.NagGS(ps, lr=0.1, mu=0.5),
 }

@@ -88,7 +88,8 @@ adamw::MomentLayout layout(const char* op, const at::Tensor& param, int64_t bits
 adamw::Moments moments(const c10::optional<at::Tensor>& exp_avg, const c10::optional<at::Tensor>& exp_avg_sq,
                        const c10::optional<at::Tensor>& exp_avg_codes, const c10::optional<at::Tensor>& exp_avg_scales,
                        const c10::optional<at::Tensor>& exp_avg_sq_codes,
-                       const c10::optional<at::Tensor>& exp_avg_sq_scales) {
+                       const c10::optional<at::Tensor>& exp_avg_sq_scales,
+                       const c10::optional<at::Tensor>& exp_avg_centroids) {
   adamw::Moments m;
   m.exp_avg = exp_avg.value_or(at::Tensor());
   m.exp_avg_sq = exp_avg_sq.value_or(at::Tensor());
@@ -96,6 +97,7 @@ adamw::Moments moments(const c10::optional<at::Tensor>& exp_avg, const c10::opti
   m.exp_avg_scales = exp_avg_scales.value_or(at::Tensor());
   m.exp_avg_sq_codes = exp_avg_sq_codes.value_or(at::Tensor());
   m.exp_avg_sq_scales = exp_avg_sq_scales.value_or(at::Tensor());
+  m.exp_avg_centroids = exp_avg_centroids.value_or(at::Tensor());
   return m;
 }
 
@@ -114,7 +116,8 @@ c10::Dict<std::string, at::Tensor> adamw_state(const at::Tensor& param, int64_t 
   const std::pair<const char*, const at::Tensor*> all[] = {
       {"exp_avg", &m.exp_avg},          {"exp_avg_sq", &m.exp_avg_sq},
       {"exp_avg_codes", &m.exp_avg_codes}, {"exp_avg_scales", &m.exp_avg_scales},
-      {"exp_avg_sq_codes", &m.exp_avg_sq_codes}, {"exp_avg_sq_scales", &m.exp_avg_sq_scales}};
+      {"exp_avg_sq_codes", &m.exp_avg_sq_codes}, {"exp_avg_sq_scales", &m.exp_avg_sq_scales},
+      {"exp_avg_centroids", &m.exp_avg_centroids}};
   for (const auto& [name, t] : all)
     if (t->defined()) d.insert(name, *t);
   return d;
@@ -132,13 +135,15 @@ void adamw_check_state(const at::Tensor& param, const c10::Dict<std::string, at:
   m.exp_avg_scales = entry(state, "exp_avg_scales");
   m.exp_avg_sq_codes = entry(state, "exp_avg_sq_codes");
   m.exp_avg_sq_scales = entry(state, "exp_avg_sq_scales");
+  m.exp_avg_centroids = entry(state, "exp_avg_centroids");
   adamw::check_moments(m, l, param, str(who));
 }
 
 void adamw_update_(const at::Tensor& param, const at::Tensor& grad, const c10::optional<at::Tensor>& exp_avg,
                    const c10::optional<at::Tensor>& exp_avg_sq, const c10::optional<at::Tensor>& exp_avg_codes,
                    const c10::optional<at::Tensor>& exp_avg_scales, const c10::optional<at::Tensor>& exp_avg_sq_codes,
-                   const c10::optional<at::Tensor>& exp_avg_sq_scales, const at::Tensor& step, double lr, double beta1,
+                   const c10::optional<at::Tensor>& exp_avg_sq_scales,
+                   const c10::optional<at::Tensor>& exp_avg_centroids, const at::Tensor& step, double lr, double beta1,
                    double beta2, double eps, double weight_decay, int64_t bits, c10::string_view mapping,
                    c10::string_view second_moment_mapping, int64_t block_size, int64_t min_quant_numel,
                    c10::string_view rounding, int64_t seed, int64_t param_index) {
@@ -149,7 +154,8 @@ void adamw_update_(const at::Tensor& param, const at::Tensor& grad, const c10::o
               "lowbit::adamw_update_: grad must be a floating tensor shaped like the parameter, on its device");
   TORCH_CHECK(step.defined() && step.numel() == 1 && step.scalar_type() == at::kLong,
               "lowbit::adamw_update_: step must be a one-element int64 tensor");
-  adamw::Moments m = moments(exp_avg, exp_avg_sq, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales);
+  adamw::Moments m = moments(exp_avg, exp_avg_sq, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales,
+                             exp_avg_centroids);
   adamw::check_moments(m, l, param, "lowbit::adamw_update_");
   AdamWOptions o;
   o.rounding(str(rounding)).seed(seed);
@@ -182,7 +188,7 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def(
       "adamw_update_(Tensor(a!) param, Tensor grad, Tensor(b!)? exp_avg, Tensor(c!)? exp_avg_sq, "
       "Tensor(d!)? exp_avg_codes, Tensor(e!)? exp_avg_scales, Tensor(f!)? exp_avg_sq_codes, "
-      "Tensor(g!)? exp_avg_sq_scales, Tensor(h!) step, float lr, float beta1, float beta2, float eps, "
+      "Tensor(g!)? exp_avg_sq_scales, Tensor(i!)? exp_avg_centroids, Tensor(h!) step, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, int bits, str mapping, str second_moment_mapping, int block_size, "
       "int min_quant_numel, str rounding=\"nearest\", int seed=0, int param_index=0) -> ()",
       &adamw_update_);

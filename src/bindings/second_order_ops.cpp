@@ -367,13 +367,14 @@ mfac::WindowLayout window_layout(const char* op, const at::Tensor& param, int64_
   layout.dim = param.numel();
   layout.bits = static_cast<int>(bits);
   layout.mapping = parse_mapping(std::string_view(mapping.data(), mapping.size()));
+  check_mapping_options(layout.mapping, bits, Rounding::Nearest, false, std::string("lowbit::") + op + ": ");
   if (layout.quantized()) check_block_size(block_size, (std::string("lowbit::") + op + ": block_size").c_str());
   layout.block_size = block_size;
   return layout;
 }
 
 const std::vector<std::string>& window_entries() {
-  static const std::vector<std::string> names = {"rows", "codes", "scales", "gram", "count"};
+  static const std::vector<std::string> names = {"rows", "codes", "scales", "centroids", "gram", "count"};
   return names;
 }
 
@@ -390,6 +391,7 @@ c10::Dict<std::string, at::Tensor> mfac_window(const at::Tensor& param, int64_t 
   if (w.rows.defined()) d.insert("rows", w.rows);
   if (w.codes.defined()) d.insert("codes", w.codes);
   if (w.scales.defined()) d.insert("scales", w.scales);
+  if (w.centroids.defined()) d.insert("centroids", w.centroids);
   d.insert("gram", w.gram);
   d.insert("count", at::scalar_tensor(w.count, at::kLong));  // on the CPU, like torch's `step` counters
   return d;
@@ -402,7 +404,8 @@ void mfac_check_window(const at::Tensor& param, const c10::Dict<std::string, at:
   for (const auto& e : window) {
     const auto& names = window_entries();
     TORCH_CHECK(std::find(names.begin(), names.end(), e.key()) != names.end(), who, ": unknown M-FAC window entry \"",
-                e.key(), "\"; the entries are rows (bits=32) or codes and scales (bits=8, 4), gram and count");
+                e.key(), "\"; the entries are rows (bits=32) or codes and scales (bits=8, 4; and centroids with "
+                "mapping \"kashin\"), gram and count");
   }
   const at::Tensor count = entry(window, "count");
   TORCH_CHECK(count.defined() && count.numel() == 1 && count.scalar_type() == at::kLong, who,
@@ -411,6 +414,7 @@ void mfac_check_window(const at::Tensor& param, const c10::Dict<std::string, at:
   w.rows = entry(window, "rows");
   w.codes = entry(window, "codes");
   w.scales = entry(window, "scales");
+  w.centroids = entry(window, "centroids");
   w.gram = entry(window, "gram");
   w.count = count.item<int64_t>();
   mfac::check_window(w, layout, who);
@@ -418,7 +422,7 @@ void mfac_check_window(const at::Tensor& param, const c10::Dict<std::string, at:
 
 void mfac_update_(const at::Tensor& param, const at::Tensor& grad, const c10::optional<at::Tensor>& rows,
                   const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& scales,
-                  const at::Tensor& gram, const at::Tensor& count, const at::Tensor& step,
+                  const c10::optional<at::Tensor>& centroids, const at::Tensor& gram, const at::Tensor& count, const at::Tensor& step,
                   const c10::optional<at::Tensor>& momentum_buffer, int64_t window, int64_t bits,
                   c10::string_view mapping, int64_t block_size, double lr, double momentum, double weight_decay,
                   double damping) {
@@ -432,11 +436,12 @@ void mfac_update_(const at::Tensor& param, const at::Tensor& grad, const c10::op
   w.rows = rows.value_or(at::Tensor());
   w.codes = codes.value_or(at::Tensor());
   w.scales = scales.value_or(at::Tensor());
+  w.centroids = centroids.value_or(at::Tensor());
   w.gram = gram;
   w.count = count.item<int64_t>();
   mfac::check_window(w, layout, "lowbit::mfac_update_");
   const std::vector<std::pair<at::Tensor, const char*>> stored = {
-      {w.rows, "rows"}, {w.codes, "codes"}, {w.scales, "scales"}, {w.gram, "gram"}};
+      {w.rows, "rows"}, {w.codes, "codes"}, {w.scales, "scales"}, {w.centroids, "centroids"}, {w.gram, "gram"}};
   for (const auto& [t, name] : stored)
     TORCH_CHECK(!t.defined() || t.device() == param.device(), "lowbit::mfac_update_: M-FAC window tensor \"", name,
                 "\" is on ", t.device(), " but the parameter is on ", param.device());
@@ -491,7 +496,7 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       &mfac_check_window);
   m.def(
       "mfac_update_(Tensor(a!) param, Tensor grad, Tensor(b!)? rows, Tensor(c!)? codes, Tensor(d!)? scales, "
-      "Tensor(e!) gram, Tensor(f!) count, Tensor(g!) step, Tensor(h!)? momentum_buffer, int window, int bits, "
+      "Tensor(i!)? centroids, Tensor(e!) gram, Tensor(f!) count, Tensor(g!) step, Tensor(h!)? momentum_buffer, int window, int bits, "
       "str mapping, int block_size, float lr, float momentum, float weight_decay, float damping) -> ()",
       &mfac_update_);
 }

@@ -80,7 +80,14 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_option("--eps", raw->eps, "AdamW epsilon")->capture_default_str();
   cmd.add_option("--bits", raw->bits, "Bits of quantized Shampoo state: 8, 4 or 3")
       ->check(CLI::IsMember({8, 4, 3}))->capture_default_str();
-  cmd.add_option("--mapping", raw->mapping, "linear2 | dynamic | linear")->capture_default_str();
+  // Given, --mapping also sets adamw8/adamw4's first moment and mfac8/mfac4's window, whose
+  // own default ("dynamic") differs from Shampoo's.
+  cmd.add_option("--mapping", raw->mapping,
+                 "Code map of the quantized state: linear2 | dynamic | linear | kashin (Shampoo, 4 or 3 bits; "
+                 "adamw4's first moment; mfac4's window). adamw8/adamw4 and mfac8/mfac4 take it only when given "
+                 "(their default: dynamic)")
+      ->each([&c](const std::string& name) { c.second_order.mapping = name; })
+      ->capture_default_str();
   cmd.add_option("--block-size", raw->block_size, "Quantization block size")->capture_default_str();
   cmd.add_flag("--double-quant", raw->double_quant, "8-bit block scales");
   cmd.add_option("--min-quant-numel", raw->min_quant_numel, "Smaller Shampoo factors (adamw8/adamw4: tensors) stay fp32")->capture_default_str();

@@ -11,6 +11,7 @@
 #include "optim/gradient_health.h"
 #include "optim/second_order/optimizer_support.h"
 #include "quant/codec_ops.h"
+#include "quant/kashin_vector.h"
 
 namespace lowbit::adamw {
 namespace {
@@ -19,6 +20,10 @@ using support::bytes_of;
 
 int64_t code_bytes(const MomentLayout& l) { return packed_row_bytes(l.numel, l.bits); }
 int64_t scale_count(const MomentLayout& l) { return blocks_per_row(l.numel, l.block_size); }
+
+kashin::VectorCode first_moment_code(const Moments& m) {
+  return {m.exp_avg_codes, m.exp_avg_scales, m.exp_avg_centroids};
+}
 
 }  // namespace
 
@@ -58,6 +63,7 @@ Moments make_moments(const MomentLayout& l, const at::Tensor& p) {
   m.exp_avg_sq_codes = at::zeros({code_bytes(l)}, bytes);
   m.exp_avg_scales = at::zeros({scale_count(l)}, f32);
   m.exp_avg_sq_scales = at::zeros({scale_count(l)}, f32);
+  if (l.kashin_first_moment()) m.exp_avg_centroids = at::zeros({kashin::centroid_count(l.bits), 2}, f32);
   return m;
 }
 
@@ -86,6 +92,11 @@ void check_moments(const Moments& m, const MomentLayout& l, const at::Tensor& p,
       TORCH_CHECK(ok, who, ": AdamW state \"", name, "\" holds a NaN, Inf or negative block scale; scales are "
                   "finite and >= 0");
     }
+    if (l.kashin_first_moment()) {
+      expect(m.exp_avg_centroids, "exp_avg_centroids", at::kFloat, {kashin::centroid_count(l.bits), 2});
+      TORCH_CHECK(m.exp_avg_centroids.isfinite().all().item<bool>(), who,
+                  ": AdamW state \"exp_avg_centroids\" holds a NaN or Inf; the checkpoint is corrupt");
+    }
   } else {
     expect(m.exp_avg, "exp_avg", p.scalar_type(), p.sizes());
     expect(m.exp_avg_sq, "exp_avg_sq", p.scalar_type(), p.sizes());
@@ -94,19 +105,26 @@ void check_moments(const Moments& m, const MomentLayout& l, const at::Tensor& p,
                 who, ": an fp32 AdamW state has no codes or scales (was it saved with bits=8 or 4, or with a "
                 "smaller min_quant_numel?)");
   }
+  TORCH_CHECK(l.kashin_first_moment() || !m.exp_avg_centroids.defined(), who,
+              ": the AdamW state has \"exp_avg_centroids\", which only a 4-bit first moment with mapping "
+              "\"kashin\" stores");
 }
 
 int64_t moments_bytes(const Moments& m) {
   return bytes_of(m.exp_avg) + bytes_of(m.exp_avg_sq) + bytes_of(m.exp_avg_codes) + bytes_of(m.exp_avg_scales) +
-         bytes_of(m.exp_avg_sq_codes) + bytes_of(m.exp_avg_sq_scales);
+         bytes_of(m.exp_avg_sq_codes) + bytes_of(m.exp_avg_sq_scales) + bytes_of(m.exp_avg_centroids);
 }
 
 int64_t expected_moments_bytes(const MomentLayout& l) {
   if (!l.quantized()) return 2 * 4 * l.numel;
-  return 2 * (code_bytes(l) + 4 * scale_count(l));
+  const int64_t centroid_bytes = l.kashin_first_moment() ? 4 * 2 * kashin::centroid_count(l.bits) : 0;
+  return 2 * (code_bytes(l) + 4 * scale_count(l)) + centroid_bytes;
 }
 
-const at::Tensor& first_moment_table(const MomentLayout& l) { return codebook(l.mapping, l.bits); }
+const at::Tensor& first_moment_table(const MomentLayout& l) {
+  static const at::Tensor fitted_per_moment;  // Kashin: the centroids live in the state
+  return l.kashin_first_moment() ? fitted_per_moment : codebook(l.mapping, l.bits);
+}
 const at::Tensor& second_moment_table(const MomentLayout& l) {
   return positive_codebook(l.second_moment_mapping, l.bits);
 }
@@ -136,6 +154,22 @@ void quantize_moment_into(const at::Tensor& value, const at::Tensor& table, cons
 
 namespace {
 
+// The quantized first moment, decoded with `table` or, Kashin, with the state's centroids.
+at::Tensor read_first_moment(const Moments& s, const at::Tensor& table, const MomentLayout& l) {
+  if (l.kashin_first_moment()) return kashin::decode_vector(first_moment_code(s), l.bits, l.block_size, l.numel);
+  return dequantize_moment(s.exp_avg_codes, s.exp_avg_scales, table, l);
+}
+
+void write_first_moment(const at::Tensor& m, Moments& s, const at::Tensor& table, const MomentLayout& l,
+                        const Encoding& e, int64_t step) {
+  if (l.kashin_first_moment()) {
+    kashin::encode_vector_into(m, l.bits, l.block_size, first_moment_code(s));  // nearest: the options refuse stochastic
+    return;
+  }
+  quantize_moment_into(m, table, l, s.exp_avg_codes, s.exp_avg_scales, e.stochastic,
+                       e.stochastic ? encoding_seed(e, step, 0) : 0);
+}
+
 at::Tensor flat_fp32(const at::Tensor& t, int64_t numel) {
   if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.view({numel});
   return t.reshape({numel}).to(at::kFloat);
@@ -145,7 +179,7 @@ at::Tensor flat_fp32(const at::Tensor& t, int64_t numel) {
 
 std::pair<at::Tensor, at::Tensor> read_moments(const Moments& s, const MomentLayout& l) {
   if (!l.quantized()) return {flat_fp32(s.exp_avg, l.numel), flat_fp32(s.exp_avg_sq, l.numel)};
-  return {dequantize_moment(s.exp_avg_codes, s.exp_avg_scales, first_moment_table(l), l),
+  return {read_first_moment(s, first_moment_table(l), l),
           dequantize_moment(s.exp_avg_sq_codes, s.exp_avg_sq_scales, second_moment_table(l), l)};
 }
 
@@ -156,8 +190,7 @@ void write_moments(const at::Tensor& m, const at::Tensor& v, Moments& s, const M
       if (!value->is_alias_of(*target)) target->copy_(value->view(target->sizes()));
     return;
   }
-  quantize_moment_into(m, first_moment_table(l), l, s.exp_avg_codes, s.exp_avg_scales, e.stochastic,
-                       e.stochastic ? encoding_seed(e, step, 0) : 0);
+  write_first_moment(m, s, first_moment_table(l), l, e, step);
   quantize_moment_into(v, second_moment_table(l), l, s.exp_avg_sq_codes, s.exp_avg_sq_scales, e.stochastic,
                        e.stochastic ? encoding_seed(e, step, 1) : 0);
 }
@@ -179,7 +212,7 @@ void update_with_tables(at::Tensor& p, const at::Tensor& grad, Moments& s, const
   }
   // Decode, update and use the moments in fp32, re-encode (bitsandbytes, torchao and Li et
   // al. alike): the rounding of this step's moments enters from the next step on.
-  at::Tensor m = dequantize_moment(s.exp_avg_codes, s.exp_avg_scales, first_table, l);
+  at::Tensor m = read_first_moment(s, first_table, l);
   at::Tensor v = dequantize_moment(s.exp_avg_sq_codes, s.exp_avg_sq_scales, second_table, l);
   const at::Tensor g = grad.reshape({l.numel}).to(at::kFloat);
   const bool fp32_param = p.scalar_type() == at::kFloat && p.is_contiguous();
@@ -190,8 +223,7 @@ void update_with_tables(at::Tensor& p, const at::Tensor& grad, Moments& s, const
   const at::Tensor denom = (v.sqrt() / std::sqrt(bias_correction2)).add_(eps);
   flat.addcdiv_(m, denom, -step_size);
   if (!fp32_param) p.copy_(flat.view(p.sizes()));
-  quantize_moment_into(m, first_table, l, s.exp_avg_codes, s.exp_avg_scales, e.stochastic,
-                       e.stochastic ? encoding_seed(e, step, 0) : 0);
+  write_first_moment(m, s, first_table, l, e, step);
   quantize_moment_into(v, second_table, l, s.exp_avg_sq_codes, s.exp_avg_sq_scales, e.stochastic,
                        e.stochastic ? encoding_seed(e, step, 1) : 0);
 }

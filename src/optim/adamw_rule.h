@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace lowbit::adamw {
@@ -15,11 +16,12 @@ namespace lowbit::adamw {
 // How one parameter's moments are stored.
 struct MomentLayout {
   int bits = 32;                                  // 32: fp32 moments shaped like the parameter
-  Mapping mapping = Mapping::DynamicTree;         // m: signed table
+  Mapping mapping = Mapping::DynamicTree;         // m: signed table, or Kashin (fitted centroids)
   Mapping second_moment_mapping = Mapping::Linear;// v: positive table (no zero)
   int64_t block_size = 128;
   int64_t numel = 0;
   bool quantized() const { return bits != 32; }
+  bool kashin_first_moment() const { return quantized() && mapping == Mapping::Kashin; }
 };
 
 // The layout the options give a parameter of `numel` elements: fp32 when bits == 32 or
@@ -32,14 +34,26 @@ std::string resolved_second_moment_mapping(int64_t bits, const std::string& seco
 
 // A parameter's moments (handles; update() writes them in place). fp32: exp_avg and
 // exp_avg_sq shaped like the parameter. Quantized: uint8 codes [ceil(numel bits / 8)] and
-// fp32 block absmax scales [ceil(numel / block_size)] of the flattened moment.
+// fp32 block absmax scales [ceil(numel / block_size)] of the flattened moment. A Kashin first
+// moment (quant/kashin_vector.h) has block norms as exp_avg_scales and its fitted centroids,
+// fp32 [2^bits, 2], as exp_avg_centroids; the second moment is never Kashin-coded (its
+// decoded values could be negative or 0, and the update divides by sqrt(v)).
 struct Moments {
   at::Tensor exp_avg, exp_avg_sq;
   at::Tensor exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales;
+  at::Tensor exp_avg_centroids;
 };
 
-// The moments held by an optimizer state with the six tensor fields above (lowbit::AdamW's
-// and Shampoo's graft), as handles; and back.
+// Whether an optimizer state can hold Kashin centroids (lowbit::AdamW's can; Shampoo's graft,
+// always table-coded, has no such field).
+template <typename State, typename = void>
+struct holds_centroids : std::false_type {};
+template <typename State>
+struct holds_centroids<State, std::void_t<decltype(std::declval<const State&>().exp_avg_centroids())>>
+    : std::true_type {};
+
+// The moments held by an optimizer state with the tensor fields above (lowbit::AdamW's and
+// Shampoo's graft), as handles; and back.
 template <typename State>
 Moments moments_of(const State& s) {
   Moments m;
@@ -49,6 +63,7 @@ Moments moments_of(const State& s) {
   m.exp_avg_scales = s.exp_avg_scales();
   m.exp_avg_sq_codes = s.exp_avg_sq_codes();
   m.exp_avg_sq_scales = s.exp_avg_sq_scales();
+  if constexpr (holds_centroids<State>::value) m.exp_avg_centroids = s.exp_avg_centroids();
   return m;
 }
 template <typename State>
@@ -59,6 +74,7 @@ void store_moments(State& s, const Moments& m) {
   s.exp_avg_scales(m.exp_avg_scales);
   s.exp_avg_sq_codes(m.exp_avg_sq_codes);
   s.exp_avg_sq_scales(m.exp_avg_sq_scales);
+  if constexpr (holds_centroids<State>::value) s.exp_avg_centroids(m.exp_avg_centroids);
 }
 
 // Zero moments (all codes and scales 0 decode to exactly 0) on p's device.
@@ -69,10 +85,12 @@ Moments make_moments(const MomentLayout& layout, const at::Tensor& p);
 void check_moments(const Moments& m, const MomentLayout& layout, const at::Tensor& p, const std::string& who);
 
 int64_t moments_bytes(const Moments& m);
-// The formula: 2 (ceil(numel bits / 8) + 4 ceil(numel / block_size)) quantized, 8 numel fp32.
+// The formula: 2 (ceil(numel bits / 8) + 4 ceil(numel / block_size)) quantized (+ 8 2^bits
+// for a Kashin first moment's centroids), 8 numel fp32.
 int64_t expected_moments_bytes(const MomentLayout& layout);
 
-// The two code tables of a quantized layout.
+// The two code tables of a quantized layout (undefined for a Kashin first moment: its
+// centroids are fitted per moment and stored in the state).
 const at::Tensor& first_moment_table(const MomentLayout& layout);
 const at::Tensor& second_moment_table(const MomentLayout& layout);
 

@@ -65,12 +65,18 @@ void AdamWOptions::validate() const {
   const std::string p = "AdamWOptions.";
   support::check_adam_options(p, lr(), betas(), eps(), weight_decay());
   TORCH_CHECK(bits() == 32 || bits() == 8 || bits() == 4, p, "bits must be 32, 8 or 4; got ", bits());
-  support::check_one_of(p, "mapping", mapping(), {"dynamic", "linear2"});
+  support::check_one_of(p, "mapping", mapping(), {"dynamic", "linear2", "kashin"});
+  // v >= 0 is divided into: a Kashin-decoded v can come out negative or 0 (sqrt(v) NaN, or
+  // Li et al.'s zero-point explosion), which the positive tables exclude by construction.
+  TORCH_CHECK(second_moment_mapping() != "kashin", p,
+              "second_moment_mapping cannot be \"kashin\" (Kashin codes the first moment only: a decoded second "
+              "moment could be negative or 0); use \"auto\", \"linear\", \"dynamic\" or \"linear2\"");
   support::check_one_of(p, "second_moment_mapping", second_moment_mapping(), {"auto", "linear", "dynamic", "linear2"});
   if (block_size() != 0) check_block_size(block_size(), (p + "block_size (0: 256 at 8 bits, 128 at 4)").c_str());
   TORCH_CHECK(min_quant_numel() >= 0, p, "min_quant_numel must be >= 0; got ", min_quant_numel());
   support::check_one_of(p, "rounding", rounding(), {"nearest", "stochastic"});
   TORCH_CHECK(seed() >= 0, p, "seed must be >= 0; got ", seed());
+  check_mapping_options(parse_mapping(mapping()), bits(), parse_rounding(rounding()), false, p);
 }
 
 void AdamWOptions::serialize(torch::serialize::OutputArchive& archive) const {
@@ -125,6 +131,7 @@ void AdamWParamState::serialize(torch::serialize::OutputArchive& archive) const 
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_scales);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq_codes);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq_scales);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_centroids);
 }
 
 void AdamWParamState::serialize(torch::serialize::InputArchive& archive) {
@@ -138,6 +145,7 @@ void AdamWParamState::serialize(torch::serialize::InputArchive& archive) {
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_scales);
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq_codes);
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_sq_scales);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, exp_avg_centroids);  // absent unless mapping "kashin" (and before it existed)
 }
 
 AdamW::AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults)
@@ -193,14 +201,15 @@ torch::Tensor AdamW::step(LossClosure closure) {
     const adamw::Encoding encoding = encoding_of(o, support::position(*this, sp));
     const torch::Tensor grad = sp.param.grad().detach();
     const auto update = [&](std::vector<torch::Tensor>& c) {
-      adamw::Moments m{c[1], c[2], c[3], c[4], c[5], c[6]};
+      adamw::Moments m{c[1], c[2], c[3], c[4], c[5], c[6], c[7]};
       adamw::update(c[0], grad, m, layout, step, o.lr(), beta1, beta2, o.eps(), o.weight_decay(), encoding);
     };
     if (!support::accept_trial(sp,
                                {sp.param, moments.exp_avg, moments.exp_avg_sq, moments.exp_avg_codes,
-                                moments.exp_avg_scales, moments.exp_avg_sq_codes, moments.exp_avg_sq_scales},
+                                moments.exp_avg_scales, moments.exp_avg_sq_codes, moments.exp_avg_sq_scales,
+                                moments.exp_avg_centroids},
                                {"values", "exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_scales",
-                                "exp_avg_sq_codes", "exp_avg_sq_scales"},
+                                "exp_avg_sq_codes", "exp_avg_sq_scales", "exp_avg_centroids"},
                                update, kWho, skips(sp.group))) {
       ++skipped_steps_;
       return loss;
@@ -243,7 +252,7 @@ void AdamW::load(torch::serialize::InputArchive& archive) {
         const adamw::MomentLayout layout = layout_of(o, p);
         adamw::Moments m = moments_of(s);
         for (at::Tensor* t : {&m.exp_avg, &m.exp_avg_sq, &m.exp_avg_codes, &m.exp_avg_scales, &m.exp_avg_sq_codes,
-                              &m.exp_avg_sq_scales})
+                              &m.exp_avg_sq_scales, &m.exp_avg_centroids})
           if (t->defined()) *t = t->to(p.device());
         store_moments(s, m);
         checkpoint::check_count(s.step(), what, "step");

@@ -89,12 +89,14 @@ std::unique_ptr<torch::optim::Optimizer> make_second_order(const std::string& na
     o.bits(name == "mfac" ? 32 : name == "mfac8" ? 8 : 4);
     if (s.window > 0) o.window(s.window);
     if (s.damping > 0) o.damping(s.damping);
+    if (!s.mapping.empty()) o.mapping(s.mapping);
     return std::make_unique<MFAC>(params, o);
   }
   if (name == "adamw8" || name == "adamw4") {
     AdamWOptions o(base.lr());
     o.betas(base.betas()).eps(base.eps()).weight_decay(base.weight_decay());
     o.bits(name == "adamw8" ? 8 : 4).min_quant_numel(base.min_quant_numel());
+    if (!s.mapping.empty()) o.mapping(s.mapping);
     return std::make_unique<AdamW>(params, o);
   }
   if (name == "nag-gs") {

@@ -44,6 +44,9 @@ struct SecondOrderSettings {
   double mu = -1;                 // NAG-GS
   double kl_clip = -1;            // K-FAC
   std::string damping_mode;       // K-FAC: "tikhonov" | "pi" (empty: the optimizer's default)
+  // adamw8 / adamw4's first moment and mfac8 / mfac4's window: the code map that --mapping
+  // names (empty: the optimizer's own default, "dynamic" for both).
+  std::string mapping;
 };
 
 // The K-FAC / AdaBK names.

@@ -9,6 +9,7 @@
 
 #include "optim/second_order/optimizer_support.h"
 #include "quant/codec_ops.h"
+#include "quant/kashin_vector.h"
 #include <lowbit/quantized_matrix.h>
 
 namespace lowbit::mfac {
@@ -20,6 +21,8 @@ at::Tensor table_for(const WindowLayout& layout, const at::Device& device) {
 
 int64_t stored(const WindowTensors& w, const WindowLayout& layout) { return std::min(w.count, layout.size); }
 
+// Row i of a Kashin window, as handles.
+kashin::VectorCode kashin_row(const WindowTensors& w, int64_t i) { return {w.codes[i], w.scales[i], w.centroids[i]}; }
 
 }  // namespace
 
@@ -29,6 +32,7 @@ WindowTensors make_window(const WindowLayout& layout, const at::TensorOptions& o
   if (layout.quantized()) {
     w.codes = at::zeros({layout.size, packed_row_bytes(layout.dim, layout.bits)}, options.dtype(at::kByte));
     w.scales = at::zeros({layout.size, blocks_per_row(layout.dim, layout.block_size)}, f32);
+    if (layout.kashin()) w.centroids = at::zeros({layout.size, kashin::centroid_count(layout.bits), 2}, f32);
   } else {
     w.rows = at::zeros({layout.size, layout.dim}, f32);
   }
@@ -47,11 +51,15 @@ void check_window(const WindowTensors& w, const WindowLayout& layout, const std:
     expect(w.codes, "codes", at::kByte, {layout.size, packed_row_bytes(layout.dim, layout.bits)});
     expect(w.scales, "scales", at::kFloat, {layout.size, blocks_per_row(layout.dim, layout.block_size)});
     TORCH_CHECK(!w.rows.defined(), who, ": a ", layout.bits, "-bit M-FAC window has no fp32 \"rows\"");
+    if (layout.kashin())
+      expect(w.centroids, "centroids", at::kFloat, {layout.size, kashin::centroid_count(layout.bits), 2});
   } else {
     expect(w.rows, "rows", at::kFloat, {layout.size, layout.dim});
     TORCH_CHECK(!w.codes.defined() && !w.scales.defined(), who,
                 ": an fp32 M-FAC window has no \"codes\" or \"scales\" (was it saved with bits=8 or 4?)");
   }
+  TORCH_CHECK(layout.kashin() || !w.centroids.defined(), who,
+              ": the M-FAC window has \"centroids\", which only a window with mapping \"kashin\" stores");
   expect(w.gram, "gram", at::kDouble, {layout.size, layout.size});
   TORCH_CHECK(w.count >= 0, who, ": M-FAC window count must be >= 0; got ", w.count);
 }
@@ -60,6 +68,9 @@ void check_window_values(const WindowTensors& w, const WindowLayout& layout, con
   if (layout.quantized()) {
     TORCH_CHECK(w.scales.isfinite().all().item<bool>() && w.scales.ge(0).all().item<bool>(), who,
                 ": M-FAC window \"scales\" must be finite and >= 0; the checkpoint is corrupt");
+    if (layout.kashin())
+      TORCH_CHECK(w.centroids.isfinite().all().item<bool>(), who,
+                  ": M-FAC window \"centroids\" holds NaN or Inf values; the checkpoint is corrupt");
   } else {
     TORCH_CHECK(w.rows.isfinite().all().item<bool>(), who,
                 ": M-FAC window \"rows\" holds NaN or Inf values; the checkpoint is corrupt");
@@ -80,6 +91,12 @@ void check_window_values(const WindowTensors& w, const WindowLayout& layout, con
 at::Tensor stored_rows(const WindowTensors& w, const WindowLayout& layout) {
   const int64_t n = stored(w, layout);
   if (!layout.quantized()) return w.rows.narrow(0, 0, n);
+  if (layout.kashin()) {  // centroids differ from row to row: one decode per row
+    at::Tensor out = at::empty({n, layout.dim}, w.scales.options());
+    for (int64_t i = 0; i < n; ++i)
+      out[i].copy_(kashin::decode_vector(kashin_row(w, i), layout.bits, layout.block_size, layout.dim));
+    return out;
+  }
   at::Tensor out = at::empty({n, layout.dim}, w.scales.options());
   ops::dequantize_blockwise_out(w.codes.narrow(0, 0, n), w.scales.narrow(0, 0, n),
                                 table_for(layout, w.codes.device()), c10::nullopt, layout.bits, layout.block_size,
@@ -90,7 +107,9 @@ at::Tensor stored_rows(const WindowTensors& w, const WindowLayout& layout) {
 at::Tensor push(WindowTensors& w, const WindowLayout& layout, const at::Tensor& gradient) {
   const int64_t slot = w.count % layout.size;
   const at::Tensor g = gradient.reshape({1, layout.dim}).to(at::kFloat);
-  if (layout.quantized()) {
+  if (layout.kashin()) {
+    kashin::encode_vector_into(g, layout.bits, layout.block_size, kashin_row(w, slot));
+  } else if (layout.quantized()) {
     auto [codes, scales, unused] = ops::quantize_blockwise(g.contiguous(), table_for(layout, g.device()), layout.bits,
                                                            layout.block_size, false, false, 0, c10::nullopt);
     w.codes[slot].copy_(codes[0]);
@@ -122,7 +141,7 @@ at::Tensor inverse_fisher_product(const WindowTensors& w, const at::Tensor& rows
 
 int64_t window_bytes(const WindowTensors& w) {
   using support::bytes_of;
-  return bytes_of(w.rows) + bytes_of(w.codes) + bytes_of(w.scales) + bytes_of(w.gram);
+  return bytes_of(w.rows) + bytes_of(w.codes) + bytes_of(w.scales) + bytes_of(w.centroids) + bytes_of(w.gram);
 }
 
 }  // namespace lowbit::mfac

@@ -14,16 +14,18 @@ struct WindowLayout {
   int64_t size = 32;       // m
   int64_t dim = 0;         // d: elements of one gradient
   int bits = 32;           // 32: fp32 rows; 8 or 4: the block-wise codec
-  Mapping mapping = Mapping::DynamicTree;
+  Mapping mapping = Mapping::DynamicTree;  // a table, or Kashin (4 bits; centroids fitted per row)
   int64_t block_size = 64;
   bool quantized() const { return bits != 32; }
+  bool kashin() const { return quantized() && mapping == Mapping::Kashin; }
 };
 
 // The window's tensors (handles: functions update them in place).
 struct WindowTensors {
   at::Tensor rows;    // fp32 m x d (unquantized)
   at::Tensor codes;   // uint8 m x packed bytes (quantized)
-  at::Tensor scales;  // fp32 m x blocks (quantized)
+  at::Tensor scales;  // fp32 m x blocks (quantized): block absmaxes, or Kashin block norms
+  at::Tensor centroids;  // fp32 m x 2^bits x 2 (Kashin): each row is its own [1, d] Kashin matrix
   at::Tensor gram;    // float64 m x m: G G^T of the stored rows
   int64_t count = 0;  // gradients pushed so far
 };

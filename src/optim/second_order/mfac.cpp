@@ -30,6 +30,7 @@ mfac::WindowTensors window_of(const MFACParamState& s) {
   w.rows = s.rows();
   w.codes = s.codes();
   w.scales = s.scales();
+  w.centroids = s.centroids();
   w.gram = s.gram();
   w.count = s.count();
   return w;
@@ -39,6 +40,7 @@ void store_window(MFACParamState& s, const mfac::WindowTensors& w) {
   s.rows(w.rows);
   s.codes(w.codes);
   s.scales(w.scales);
+  s.centroids(w.centroids);
   s.gram(w.gram);
   s.count(w.count);
 }
@@ -73,8 +75,9 @@ void MFACOptions::validate() const {
   TORCH_CHECK(window() >= 1, p, "window must be >= 1; got ", window());
   TORCH_CHECK(damping() > 0, p, "damping must be > 0; got ", damping());
   TORCH_CHECK(bits() == 32 || bits() == 8 || bits() == 4, p, "bits must be 32, 8 or 4; got ", bits());
-  support::check_one_of(p, "mapping", mapping(), {"linear2", "dynamic", "linear"});
+  support::check_one_of(p, "mapping", mapping(), {"linear2", "dynamic", "linear", "kashin"});
   check_block_size(quant_block_size(), (p + "quant_block_size").c_str());
+  check_mapping_options(parse_mapping(mapping()), bits(), Rounding::Nearest, false, p);
   support::check_finite_options(p, {{"lr", lr()}, {"weight_decay", weight_decay()}, {"damping", damping()}});
 }
 
@@ -121,6 +124,7 @@ void MFACParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rows);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(codes);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(scales);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(centroids);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(gram);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
 }
@@ -133,6 +137,7 @@ void MFACParamState::serialize(torch::serialize::InputArchive& archive) {
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, rows);
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, codes);
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, scales);
+  LOWBIT_DESERIALIZE_ARG(torch::Tensor, centroids);  // absent unless mapping "kashin" (and before it existed)
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, gram);
   LOWBIT_DESERIALIZE_ARG(torch::Tensor, momentum_buffer);
 }
@@ -185,14 +190,16 @@ torch::Tensor MFAC::step(LossClosure closure) {
     const mfac::WindowTensors window = fresh ? mfac::make_window(layout, sp.param.options()) : window_of(*s);
     const torch::Tensor grad = sp.param.grad().detach();
     const auto update = [&](std::vector<torch::Tensor>& c) {
-      mfac::WindowTensors w{c[2], c[3], c[4], c[5], window.count};
+      mfac::WindowTensors w{c[2], c[3], c[4], c[5], c[6], window.count};
       rules::mfac_update(c[0], grad, w, layout, c[1], o.lr(), o.momentum(), o.weight_decay(), o.damping());
     };
     if (!support::accept_trial(
             sp,
             {sp.param, fresh ? torch::Tensor() : s->momentum_buffer(), window.rows, window.codes, window.scales,
-             window.gram},
-            {"values", "momentum_buffer", "window rows", "window codes", "window scales", "window Gram matrix"}, update,
+             window.centroids, window.gram},
+            {"values", "momentum_buffer", "window rows", "window codes", "window scales", "window centroids",
+             "window Gram matrix"},
+            update,
             kWho, skips(sp.group))) {
       ++skipped_steps_;
       return loss;
@@ -236,7 +243,7 @@ void MFAC::load(torch::serialize::InputArchive& archive) {
                     at::IntArrayRef(saved_shape(s)), " but the parameter has shape ", p.sizes());
         check_layout(s, layout_of(o, p), o, what);
         mfac::WindowTensors w = window_of(s);
-        for (at::Tensor* t : {&w.rows, &w.codes, &w.scales, &w.gram})
+        for (at::Tensor* t : {&w.rows, &w.codes, &w.scales, &w.centroids, &w.gram})
           if (t->defined()) *t = t->to(p.device());
         store_window(s, w);
         mfac::check_window_values(w, layout_of(o, p), what);
