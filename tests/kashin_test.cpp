@@ -320,6 +320,14 @@ TEST(KashinCodec, RejectsUnsupportedOptionsAndBadStates) {
   o.double_quant_scales = true;
   expect_error([&] { QuantizedMatrix::quantize(m, o); }, "QuantOptions.double_quant_scales is not supported");
   expect_error([&] { codebook(Mapping::Kashin, 4); }, "mapping \"kashin\" has no fixed code table");
+  // Non-finite input is refused as by the table codec (first bad element named); a double
+  // beyond float32 range counts, as it would become Inf.
+  at::Tensor bad = m.clone();
+  bad[5][17] = std::numeric_limits<float>::infinity();
+  expect_error([&] { QuantizedMatrix::quantize(bad, kashin_options()); }, "NaN or Inf (or a value beyond float32 range), first at [5, 17]");
+  at::Tensor huge = m.to(at::kDouble);
+  huge[2][3] = 1e300;
+  expect_error([&] { QuantizedMatrix::quantize(huge, kashin_options()); }, "first at [2, 3]");
   EXPECT_EQ(parse_mapping("kashin"), Mapping::Kashin);
   EXPECT_EQ(to_string(Mapping::Kashin), "kashin");
 

@@ -101,7 +101,7 @@ class QuantizedMatrix {
   at::Tensor diagonal_;
   at::Tensor centroids_;
 
-  static QuantizedMatrix quantize_kashin(const at::Tensor& matrix, const QuantOptions& options);
+  static QuantizedMatrix quantize_kashin(const at::Tensor& matrix, const QuantOptions& options, FiniteInput input);
   void dequantize_kashin_into(const at::Tensor& out) const;
 };
 

@@ -41,7 +41,7 @@ QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantO
   TORCH_CHECK(!options.keep_diagonal || matrix.size(0) == matrix.size(1),
               "lowbit::QuantizedMatrix::quantize: keep_diagonal needs a square matrix; got shape ",
               matrix.sizes());
-  if (options.mapping == Mapping::Kashin) return quantize_kashin(matrix, options);
+  if (options.mapping == Mapping::Kashin) return quantize_kashin(matrix, options, input);
   const at::Device device = matrix.device();
   const at::Tensor table = on_device(codebook(options.mapping, options.bits), device);
   const bool stochastic = options.rounding == Rounding::Stochastic;
@@ -72,8 +72,14 @@ QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantO
   return q;
 }
 
-QuantizedMatrix QuantizedMatrix::quantize_kashin(const at::Tensor& matrix, const QuantOptions& options) {
+QuantizedMatrix QuantizedMatrix::quantize_kashin(const at::Tensor& matrix, const QuantOptions& options,
+                                                 FiniteInput input) {
   at::Tensor x = matrix.to(at::kFloat, /*non_blocking=*/false, /*copy=*/options.keep_diagonal);
+  if (input == FiniteInput::Checked) {  // as the table codec: a double beyond float32 range counts
+    const at::Tensor bad = x.isfinite().logical_not_().flatten();
+    if (bad.any().item<bool>())
+      checks::finite_input("lowbit::QuantizedMatrix::quantize", bad.to(at::kByte).argmax().item<int64_t>(), x.size(1));
+  }
   QuantizedMatrix q;
   q.rows_ = matrix.size(0);
   q.cols_ = matrix.size(1);
