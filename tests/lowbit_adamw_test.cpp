@@ -69,6 +69,22 @@ std::vector<at::Tensor> initial_params() {
   return {at::randn({64, 128}, gen) * 0.1, at::zeros({64})};
 }
 
+// The fp32 AdamW rule with torch::optim::AdamW's operations, in place on the reference's
+// parameter and moments (step t, 1-based).
+struct Hyper {
+  double lr, b1, b2, eps, wd;
+};
+struct Reference {
+  at::Tensor p, m, v;
+};
+void reference_step(const Reference& r, const at::Tensor& g, int t, const Hyper& h) {
+  r.p.mul_(1 - h.lr * h.wd);
+  r.m.mul_(h.b1).add_(g, 1 - h.b1);
+  r.v.mul_(h.b2).addcmul_(g, g, 1 - h.b2);
+  const double bc1 = 1 - std::pow(h.b1, t), bc2 = 1 - std::pow(h.b2, t);
+  r.p.addcdiv_(r.m, (r.v.sqrt() / std::sqrt(bc2)).add_(h.eps), -h.lr / bc1);
+}
+
 void run(torch::optim::Optimizer& opt, std::vector<at::Tensor>& p, const LeastSquares& f, int steps) {
   for (int t = 0; t < steps; ++t) {
     f.set_gradients(p);
@@ -178,13 +194,7 @@ TEST(LowbitAdamW, StoredMomentsAreTheCodecsEncodingOfTheFp32Update) {
       const at::Tensor g = at::randn({50, 100}, gen) * (t == 2 ? 1e-3 : 1.0);  // changing scales
       p.mutable_grad() = g;
       opt.step();
-      // Reference step.
-      const at::Tensor gf = g.reshape({1, n});
-      p_ref.mul_(1 - lr * wd);
-      m_ref.mul_(b1).add_(gf, 1 - b1);
-      v_ref.mul_(b2).addcmul_(gf, gf, 1 - b2);
-      const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
-      p_ref.addcdiv_(m_ref, (v_ref.sqrt() / std::sqrt(bc2)).add_(eps), -lr / bc1);
+      reference_step({p_ref, m_ref, v_ref}, g.reshape({1, n}), t, {lr, b1, b2, eps, wd});
       auto [m_codes, m_scales, u1] = ops::quantize_blockwise(m_ref, m_table, bits, B, false, stochastic,
                                                              adamw::encoding_seed(encoding, t, 0), c10::nullopt);
       auto [v_codes, v_scales, u2] = ops::quantize_blockwise(v_ref, v_table, bits, B, false, stochastic,
@@ -236,12 +246,7 @@ TEST(LowbitAdamW, KashinFirstMomentIsTheCodecsEncodingOfTheFp32Update) {
     const at::Tensor g = at::randn({50, 100}, gen) * (t == 2 ? 1e-3 : 1.0);
     p.mutable_grad() = g;
     opt.step();
-    const at::Tensor gf = g.reshape({1, n});
-    p_ref.mul_(1 - lr * wd);
-    m_ref.mul_(b1).add_(gf, 1 - b1);
-    v_ref.mul_(b2).addcmul_(gf, gf, 1 - b2);
-    const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
-    p_ref.addcdiv_(m_ref, (v_ref.sqrt() / std::sqrt(bc2)).add_(eps), -lr / bc1);
+    reference_step({p_ref, m_ref, v_ref}, g.reshape({1, n}), t, {lr, b1, b2, eps, wd});
     const QuantizedMatrix m_coded = QuantizedMatrix::quantize(m_ref, kashin_moment_options(B));
     auto [v_codes, v_scales, unused] = ops::quantize_blockwise(v_ref, v_table, 4, B, false, false, 0, c10::nullopt);
     const AdamWParamState& s = state_of(opt, p);

@@ -92,63 +92,66 @@ def test_small_tensors_keep_fp32_moments():
 
 # ------------------------------------------------------------------ quantized state
 
-@pytest.mark.parametrize("bits,v_mapping,block", [(8, "linear", 256), (4, "auto", 128)])
-def test_stored_moments_are_the_codec_encoding_of_the_fp32_update(bits, v_mapping, block):
-    lr, wd, b1, b2, eps = 1e-2, 1e-2, 0.9, 0.999, 1e-8
-    n = 5000  # a partial last block
-    m_table = lowbit.codebook("dynamic", bits)
-    v_table = torch.arange(1, 2 ** bits + 1, dtype=torch.float32) / 2 ** bits  # (k + 1) / 2^bits: no zero
-    gen = torch.Generator().manual_seed(bits)
-    p = torch.randn(50, 100, generator=gen).requires_grad_(True)
-    opt = lowbit.AdamW([p], lr=lr, weight_decay=wd, bits=bits, second_moment_mapping=v_mapping)
+def table_coded(prefix, table, bits, block, n):
+    """What the state holds for a moment coded with `table`, and the value decoded from it."""
+    def encode(x):
+        codes, scales, _ = _ops.quantize_blockwise(x, table, bits, block)
+        state = {prefix + "_codes": codes.reshape(-1), prefix + "_scales": scales.reshape(-1)}
+        return state, _ops.dequantize_blockwise(codes, scales, table, None, bits, block, n)
+    return encode
+
+
+def expect_the_codec_encoding_of_the_fp32_update(opt, p, gen, lr, wd, encode_m, encode_v):
+    """Three steps of opt on p (50 x 100) against the fp32 rule: after each, the state holds
+    encode_m / encode_v of the reference's moments and p is the reference's, bit for bit; the
+    reference then goes on from the decoded moments, as the optimizer does."""
+    b1, b2, eps, n = 0.9, 0.999, 1e-8, p.numel()
     ref = p.detach().reshape(1, n).clone()
     m, v = torch.zeros(1, n), torch.zeros(1, n)
     for t in (1, 2, 3):
         g = torch.randn(50, 100, generator=gen) * (1e-3 if t == 2 else 1.0)
         p.grad = g
         opt.step()
-        gf = g.reshape(1, n)
-        reference_step(ref, gf, m, v, t, lr, b1, b2, eps, wd)
-        mc, ms, _ = _ops.quantize_blockwise(m, m_table, bits, block)
-        vc, vs, _ = _ops.quantize_blockwise(v, v_table, bits, block)
+        reference_step(ref, g.reshape(1, n), m, v, t, lr, b1, b2, eps, wd)
+        (m_state, m), (v_state, v) = encode_m(m), encode_v(v)
         s = opt.state[p]
         assert int(s["step"]) == t
-        assert torch.equal(s["exp_avg_codes"], mc.reshape(-1)), t
-        assert torch.equal(s["exp_avg_scales"], ms.reshape(-1)), t
-        assert torch.equal(s["exp_avg_sq_codes"], vc.reshape(-1)), t
-        assert torch.equal(s["exp_avg_sq_scales"], vs.reshape(-1)), t
+        for key, want in {**m_state, **v_state}.items():
+            assert torch.equal(s[key], want), (key, t)
         assert torch.equal(p.detach().reshape(1, n), ref), t
-        m = _ops.dequantize_blockwise(mc, ms, m_table, None, bits, block, n)
-        v = _ops.dequantize_blockwise(vc, vs, v_table, None, bits, block, n)
+
+
+@pytest.mark.parametrize("bits,v_mapping,block", [(8, "linear", 256), (4, "auto", 128)])
+def test_stored_moments_are_the_codec_encoding_of_the_fp32_update(bits, v_mapping, block):
+    lr, wd = 1e-2, 1e-2
+    n = 5000  # a partial last block
+    v_table = torch.arange(1, 2 ** bits + 1, dtype=torch.float32) / 2 ** bits  # (k + 1) / 2^bits: no zero
+    gen = torch.Generator().manual_seed(bits)
+    p = torch.randn(50, 100, generator=gen).requires_grad_(True)
+    opt = lowbit.AdamW([p], lr=lr, weight_decay=wd, bits=bits, second_moment_mapping=v_mapping)
+    expect_the_codec_encoding_of_the_fp32_update(
+        opt, p, gen, lr, wd, table_coded("exp_avg", lowbit.codebook("dynamic", bits), bits, block, n),
+        table_coded("exp_avg_sq", v_table, bits, block, n))
 
 
 def test_kashin_first_moment_is_the_codec_encoding_of_the_fp32_update():
     """m coded as the [1, n] Kashin matrix of lowbit.quantize (its own 16 fitted centroids),
     v with the (k + 1) / 16 table: the state and the parameter are the reference's exactly."""
-    lr, wd, b1, b2, eps, bits, block = 1e-2, 1e-2, 0.9, 0.999, 1e-8, 4, 128
+    lr, wd, bits, block = 1e-2, 1e-2, 4, 128
     n = 5000  # a partial last block (8 elements, its own frame)
     v_table = torch.arange(1, 17, dtype=torch.float32) / 16
     gen = torch.Generator().manual_seed(41)
     p = torch.randn(50, 100, generator=gen).requires_grad_(True)
     opt = lowbit.AdamW([p], lr=lr, weight_decay=wd, bits=bits, mapping="kashin")
-    ref = p.detach().reshape(1, n).clone()
-    m, v = torch.zeros(1, n), torch.zeros(1, n)
-    for t in (1, 2, 3):
-        g = torch.randn(50, 100, generator=gen) * (1e-3 if t == 2 else 1.0)
-        p.grad = g
-        opt.step()
-        gf = g.reshape(1, n)
-        reference_step(ref, gf, m, v, t, lr, b1, b2, eps, wd)
-        q = lowbit.quantize(m, bits=bits, mapping="kashin", block_size=block)
-        vc, vs, _ = _ops.quantize_blockwise(v, v_table, bits, block)
-        s = opt.state[p]
-        assert torch.equal(s["exp_avg_codes"], q.codes.reshape(-1)), t
-        assert torch.equal(s["exp_avg_scales"], q.scales.reshape(-1)), t
-        assert torch.equal(s["exp_avg_centroids"], q.centroids), t
-        assert torch.equal(s["exp_avg_sq_codes"], vc.reshape(-1)), t
-        assert torch.equal(p.detach().reshape(1, n), ref), t
-        m = lowbit.dequantize(q)
-        v = _ops.dequantize_blockwise(vc, vs, v_table, None, bits, block, n)
+
+    def kashin_coded(x):
+        q = lowbit.quantize(x, bits=bits, mapping="kashin", block_size=block)
+        state = {"exp_avg_codes": q.codes.reshape(-1), "exp_avg_scales": q.scales.reshape(-1),
+                 "exp_avg_centroids": q.centroids}
+        return state, lowbit.dequantize(q)
+
+    expect_the_codec_encoding_of_the_fp32_update(opt, p, gen, lr, wd, kashin_coded,
+                                                 table_coded("exp_avg_sq", v_table, bits, block, n))
     # 4-bit codes and fp32 norms of both moments, plus m's 16 fp32 centroid pairs.
     assert opt.state_bytes().first_order == 2 * (n // 2 + 4 * 40) + 16 * 2 * 4
 
