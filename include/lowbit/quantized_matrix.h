@@ -85,11 +85,6 @@ class QuantizedMatrix {
   // checkpoints; from_state validates every shape and value and names what is wrong.
   std::map<std::string, at::Tensor> state() const;
   static QuantizedMatrix from_state(const std::map<std::string, at::Tensor>& state);
-  // A matrix from tensors that a state keeps in its own layout (codes, scales and, with
-  // mapping kashin, centroids; no double-quantized scales, no kept diagonal), validated as
-  // from_state validates a checkpoint.
-  static QuantizedMatrix from_tensors(int64_t rows, int64_t cols, const QuantOptions& options, const at::Tensor& codes,
-                                      const at::Tensor& scales, const at::Tensor& centroids = {});
 
  private:
   int64_t rows_ = 0;

@@ -21,18 +21,6 @@ enum MetaField { kRows, kCols, kBits, kMapping, kBlockSize, kKeepDiagonal, kDoub
 
 at::Tensor on_device(const at::Tensor& table, const at::Device& device) { return codebook_on(table, device); }
 
-at::Tensor meta_tensor(int64_t rows, int64_t cols, const QuantOptions& options) {
-  std::vector<int64_t> meta(kMetaSize);
-  meta[kRows] = rows;
-  meta[kCols] = cols;
-  meta[kBits] = options.bits;
-  meta[kMapping] = static_cast<int64_t>(options.mapping);
-  meta[kBlockSize] = options.block_size;
-  meta[kKeepDiagonal] = options.keep_diagonal;
-  meta[kDoubleQuant] = options.double_quant_scales;
-  return at::tensor(meta, at::kLong);
-}
-
 }  // namespace
 
 QuantizedMatrix QuantizedMatrix::quantize(const at::Tensor& matrix, const QuantOptions& options, FiniteInput input) {
@@ -250,22 +238,21 @@ QuantizedMatrix QuantizedMatrix::to(const at::Device& device) const {
 
 std::map<std::string, at::Tensor> QuantizedMatrix::state() const {
   TORCH_CHECK(defined(), "lowbit::QuantizedMatrix::state: the matrix is empty");
-  std::map<std::string, at::Tensor> state{{"meta", meta_tensor(rows_, cols_, options_)},
+  std::vector<int64_t> meta(kMetaSize);
+  meta[kRows] = rows_;
+  meta[kCols] = cols_;
+  meta[kBits] = options_.bits;
+  meta[kMapping] = static_cast<int64_t>(options_.mapping);
+  meta[kBlockSize] = options_.block_size;
+  meta[kKeepDiagonal] = options_.keep_diagonal;
+  meta[kDoubleQuant] = options_.double_quant_scales;
+  std::map<std::string, at::Tensor> state{{"meta", at::tensor(meta, at::kLong)},
                                           {"codes", codes_},
                                           {"scales", scales_}};
   if (scale_group_max_.defined()) state["scale_group_max"] = scale_group_max_;
   if (diagonal_.defined()) state["diagonal"] = diagonal_;
   if (centroids_.defined()) state["centroids"] = centroids_;
   return state;
-}
-
-QuantizedMatrix QuantizedMatrix::from_tensors(int64_t rows, int64_t cols, const QuantOptions& options,
-                                              const at::Tensor& codes, const at::Tensor& scales,
-                                              const at::Tensor& centroids) {
-  std::map<std::string, at::Tensor> state{
-      {"meta", meta_tensor(rows, cols, options)}, {"codes", codes}, {"scales", scales}};
-  if (centroids.defined()) state["centroids"] = centroids;
-  return from_state(state);
 }
 
 QuantizedMatrix QuantizedMatrix::from_state(const std::map<std::string, at::Tensor>& state) {
