@@ -2,8 +2,13 @@
 // quantized preconditioners stay to fp32 Shampoo on a stream of gradients.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+#include <vector>
+
 #include <ATen/ATen.h>
 
+#include "precond/factor_refresh.h"
 #include "precond/parameter_preconditioner.h"
 
 namespace lowbit::precond {
@@ -184,6 +189,43 @@ TEST(QuantizedPreconditioners, EigenFormRootIsTheStoredEigenvectorsRecomposedAnd
   const at::Tensor want = raw * (g.norm() / raw.norm());
   const at::Tensor got = p.precondition(g);
   EXPECT_LE(((got - want).norm() / want.norm()).item<double>(), 8 * 128 * u);
+}
+
+// keep_mask decides which candidates a refresh stores: exactly those without NaN or an
+// infinity, whatever their layout (the QR step's bases are column-major views) and however
+// large their finite values (FLT_MAX itself is kept).
+TEST(FactorRefresh, KeepMaskRejectsExactlyTheCandidatesWithANonFiniteValue) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const at::Tensor candidates = at::randn({6, 5, 5}).mT();  // column-major, as the QR step writes
+  candidates[1][4][0] = nan;
+  candidates[2][0][3] = inf;
+  candidates[3][2][2] = -inf;
+  candidates[4][1][1] = inf;  // both infinities in one candidate
+  candidates[4][3][0] = -inf;
+  candidates[5].fill_(std::numeric_limits<float>::max());
+  candidates[5][0][0] = -std::numeric_limits<float>::max();
+  const at::Tensor keep = keep_mask(candidates);
+  ASSERT_EQ(keep.sizes(), at::IntArrayRef({6}));
+  ASSERT_EQ(keep.scalar_type(), at::kBool);
+  const std::vector<bool> want = {true, false, false, false, false, true};
+  for (int64_t i = 0; i < 6; ++i) EXPECT_EQ(keep[i].item<bool>(), want[static_cast<size_t>(i)]) << "candidate " << i;
+}
+
+// The statistics' outer products on a CPU (one product per side, transposed sides read as they
+// are) against fp64: each entry is an inner product of length k, so its error is at most
+// k u sum_j |a_ij b_jl| (the classical gamma_k bound, u = 2^-24), checked per entry.
+TEST(FactorRefresh, OuterProductsOfMixedWidthsAndLayoutsMatchFp64) {
+  const at::Tensor g = at::randn({7, 12});
+  const std::vector<at::Tensor> sides = {g, at::randn({12, 7}).t(), at::randn({7, 3}), g.mul(3)};
+  const at::Tensor out = at::full({4, 7, 7}, 99.0f);  // beta 0: whatever out held is ignored
+  outer_products(sides, out, /*gram=*/false);
+  const double u = std::ldexp(1.0, -24);
+  for (size_t i = 0; i < sides.size(); ++i) {
+    const at::Tensor s = sides[i].to(at::kDouble);
+    const at::Tensor want = s.mm(s.t()), scale = s.abs().mm(s.abs().t());
+    const at::Tensor error = (out[static_cast<int64_t>(i)].to(at::kDouble) - want).abs();
+    EXPECT_TRUE(error.le(s.size(1) * u * scale).all().item<bool>()) << "side " << i;
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <map>
+#include <numeric>
 #include <tuple>
 
 #include "precond/factor_kinds.h"
@@ -77,12 +78,28 @@ void refresh_alone(c10::ArrayRef<RefreshItem> items) {
   refresh(items, context);
 }
 
-at::Tensor keep_mask(const at::Tensor& candidates) { return candidates.isfinite().flatten(1).all(1); }
+at::Tensor keep_mask(const at::Tensor& candidates) {
+  // Finite exactly when the largest and the smallest value are: max and min propagate NaN, and
+  // an infinity is one of the two. Two reductions that allocate nothing the size of the
+  // candidates; isfinite() makes three full passes, a bool copy and, for the column-major
+  // bases the QR step writes, a flattening copy (6 ms against 0.5 ms for two order-1024
+  // candidates on a 2-core CPU).
+  std::vector<int64_t> dims(static_cast<size_t>(candidates.dim() - 1));
+  std::iota(dims.begin(), dims.end(), 1);
+  return at::amax(candidates, dims).isfinite().logical_and_(at::amin(candidates, dims).isfinite());
+}
 
 void outer_products(c10::ArrayRef<at::Tensor> sides, const at::Tensor& out, bool gram) {
   if (gram) {  // the products themselves (FactorConfig::gram_statistics)
     at::Tensor target = out;
     at::stack_out(target, sides);
+    return;
+  }
+  if (out.is_cpu()) {
+    // A CPU multiplies one matrix of a batch at a time (linalg::matmul_into), so a stacked copy
+    // of the sides would buy nothing; BLAS reads a transposed side as it is.
+    for (size_t i = 0; i < sides.size(); ++i)
+      linalg::matmul_into(out[static_cast<int64_t>(i)], sides[i], sides[i].transpose(-2, -1));
     return;
   }
   // Sides of equal width are stacked for one batched product.
