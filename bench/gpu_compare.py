@@ -60,6 +60,9 @@ def optimizers(a: argparse.Namespace) -> Dict[str, Callable]:
         "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         "lowbit fp32": lambda ps: lowbit.Shampoo(ps, bits=32, **common),
         "lowbit 4-bit": lambda ps: lowbit.Shampoo(ps, bits=4, **common),
+        # The same step with its QR by CholeskyQR2 (batched products and Choleskys) instead of
+        # one cuSOLVER Householder QR per factor.
+        "lowbit 4-bit cholesky-qr": lambda ps: lowbit.Shampoo(ps, bits=4, eigen_update="cholesky_qr", **common),
     }
     if a.authors:
         out.update(peer_optimizers.authors_factories(a.authors, a.stat_interval, a.root_interval,

@@ -71,6 +71,32 @@ TEST(Engine, FourBitStatisticsUpdateMakesOneQrPerOrder) {
   }
 }
 
+// eigen_update "cholesky_qr": once the statistics are well conditioned (step 6: five updates
+// of rank 40 or 64 each on factors of orders 64 and 40, so kappa(A V D) is far below the 5e7
+// where CholeskyQR2 hands a factor to the Householder QR), the update makes no Householder
+// QR, two Choleskys per factor, and its host reads (one per batch, to find the factors
+// CholeskyQR2 could not take) do not grow with the factors.
+TEST(Engine, CholeskyQrStatisticsUpdateMakesNoHouseholderQrAndConstantReads) {
+  const ShampooOptions options = refreshing(4).eigen_update("cholesky_qr");
+  std::vector<int64_t> reads;
+  for (const Shapes* shapes : {&kOne, &kSix}) {
+    std::vector<at::Tensor> params = make_params(*shapes, 1);
+    Shampoo opt(params, options);
+    for (int k = 1; k < 6; ++k) {
+      set_grads(params, 100 + k);
+      opt.step();
+    }
+    set_grads(params, 106);
+    testing::OpCounter counter;
+    opt.step();
+    const int64_t factors = 2 * static_cast<int64_t>(shapes->size());
+    EXPECT_EQ(counter.count("aten::linalg_householder_product"), 0) << shapes->size() << " parameters";
+    EXPECT_EQ(counter.count("aten::linalg_cholesky_ex"), 2 * factors) << shapes->size() << " parameters";
+    reads.push_back(counter.synchronisations());
+  }
+  EXPECT_EQ(reads[0], reads[1]);
+}
+
 TEST(Engine, Fp32RootUpdateMakesOneEighPerOrder) {
   for (const Shapes* shapes : {&kOne, &kSix}) {
     const StepCounts c = count_step(*shapes, refreshing(32), 2);

@@ -4,8 +4,11 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <vector>
 
+#include "linalg/cholesky_qr.h"
 #include "linalg/matrix_functions.h"
+#include "linalg/workspace.h"
 
 namespace lowbit::linalg {
 namespace {
@@ -92,6 +95,96 @@ TEST(QrSubspaceStep, ExactEigenvectorsAreAFixedPointAndIterationConverges) {
   // relative to the smallest eigenvalue.
   const at::Tensor sorted = std::get<0>(e.values.sort());
   EXPECT_LT(((sorted - values).abs() / values).max().item<double>(), 2 * n_u / spectrum.min().item<double>());
+}
+
+// X = W diag(sigma) Z^T D: orthogonal W, Z, singular values log-spaced over [1, cond], and
+// columns scaled by D over [1e-3, 1e3] (A V's columns carry the eigenvalues' spread).
+at::Tensor scaled_columns(int64_t n, double cond, uint64_t seed) {
+  at::manual_seed(seed);
+  const at::Tensor w = std::get<0>(at::linalg_qr(at::randn({n, n}, at::kDouble)));
+  const at::Tensor z = std::get<0>(at::linalg_qr(at::randn({n, n}, at::kDouble)));
+  const at::Tensor sigma = at::logspace(0, std::log10(cond), n, 10, at::kDouble);
+  const at::Tensor d = at::logspace(-3, 3, n, 10, at::kDouble).index_select(0, at::randperm(n, at::kLong));
+  return at::matmul(w * sigma.unsqueeze(0), z.t()) * d.unsqueeze(0);
+}
+
+// kappa_2 of x with unit columns: what CholeskyQR2 sees after its scaling.
+double equilibrated_condition(const at::Tensor& x) {
+  const at::Tensor s = at::linalg_svdvals(x / at::linalg_vector_norm(x, 2, {-2}, true));
+  return (s.max() / s.min()).item<double>();
+}
+
+// CholeskyQR2 against an fp64 Householder QR (signs of Q's columns taken so that R's diagonal
+// is positive, CholeskyQR's convention), for a batch of fp32 matrices whose columns span six
+// orders of magnitude. Both QRs are backward stable to c n^(3/2) u64 ||X|| (Yamamoto et al.
+// 2015 for CholeskyQR2 while kappa(X D) < u64^(-1/2); Higham 19.4 for Householder), so each Q
+// is within sqrt(2) kappa(X D) times that of the exact Q (the QR's perturbation bound; the
+// column scaling D leaves Q as it is): together 4 kappa n^(3/2) u64, plus the final rounding
+// to fp32 (u32, entries at most 1). Orthogonality: rounding each entry of Q by u32 moves
+// (Q^T Q)_ij by at most 2 u32 (Cauchy-Schwarz over unit columns), CholeskyQR2's own error is
+// at most 6 (n^2 + n(n + 1)) u64 (Yamamoto et al., Theorem 3.3), and the fp64 check adds n u64.
+TEST(CholeskyQr2, MatchesAnFp64HouseholderQrAcrossColumnScales) {
+  const int64_t n = 64;
+  const std::vector<double> conds = {1.0, 1e3, 1e5};
+  std::vector<at::Tensor> xs;
+  for (size_t i = 0; i < conds.size(); ++i) xs.push_back(scaled_columns(n, conds[i], 10 + i).to(at::kFloat));
+  const at::Tensor x = at::stack(xs);
+  const at::Tensor q = at::empty({3, n, n}).mT();  // column-major, as the subspace step hands it over
+  const at::Tensor failed = cholesky_qr2_into(q, x);
+  for (int64_t i = 0; i < 3; ++i) {
+    EXPECT_FALSE(failed[i].item<bool>()) << "matrix " << i;
+    const at::Tensor xi = x[i].to(at::kDouble);
+    const auto [qr_q, qr_r] = at::linalg_qr(xi);
+    const at::Tensor want = qr_q * at::sign(qr_r.diagonal()).unsqueeze(0);
+    const double kappa = equilibrated_condition(xi), nn = static_cast<double>(n);
+    const double bound = kU32 + 4 * kappa * std::pow(nn, 1.5) * kU64;
+    EXPECT_LE((q[i].to(at::kDouble) - want).abs().max().item<double>(), bound) << "matrix " << i << ", kappa " << kappa;
+    const at::Tensor qd = q[i].to(at::kDouble);
+    const double orthogonality = (at::matmul(qd.t(), qd) - at::eye(n, at::kDouble)).abs().max().item<double>();
+    EXPECT_LE(orthogonality, 2 * kU32 + (6 * (nn * nn + nn * (nn + 1)) + nn) * kU64) << "matrix " << i;
+  }
+}
+
+// A Gram matrix that is not positive definite in fp64 (a repeated column, a zero column) is
+// reported, alone in its batch; the subspace step then takes the Householder QR for it, whose
+// Q is the Householder method's bit for bit, and keeps CholeskyQR2's for the others.
+TEST(CholeskyQr2, ReportsRankDeficientMatricesAndTheSubspaceStepFallsBackForThemAlone) {
+  const int64_t n = 24;
+  at::manual_seed(5);
+  const at::Tensor a = at::stack({spd_with_spectrum(at::logspace(0, -2, n, 10, at::kDouble), 6),
+                                  spd_with_spectrum(at::logspace(0, -2, n, 10, at::kDouble), 7)})
+                           .to(at::kFloat);
+  at::Tensor v = std::get<0>(at::linalg_qr(at::randn({2, n, n}))).contiguous();
+  v[1].select(1, 3).copy_(v[1].select(1, 2));  // A V's columns 2 and 3 equal: rank n - 1
+  at::Tensor x = at::matmul(a, v);
+  const at::Tensor q = at::empty({2, n, n});
+  const at::Tensor failed = cholesky_qr2_into(q, x);
+  EXPECT_FALSE(failed[0].item<bool>());
+  EXPECT_TRUE(failed[1].item<bool>());
+  // Nearly dependent columns (kappa(X D) = 1e12, beyond fp64's u^(-1/2)) whose Gram a Cholesky
+  // may still factor: reported all the same.
+  EXPECT_TRUE(cholesky_qr2_into(at::empty({n, n}, at::kDouble), scaled_columns(n, 1e12, 8)).item<bool>());
+  at::Tensor zero_column = x[0].clone();
+  zero_column.select(1, 5).zero_();
+  EXPECT_TRUE(cholesky_qr2_into(at::empty({n, n}), zero_column).item<bool>());
+
+  Workspace workspace;
+  const at::Tensor by_cholesky = at::empty({2, n, n}).mT(), by_householder = at::empty({2, n, n}).mT();
+  const at::Tensor values_c = at::empty({2, n}), values_h = at::empty({2, n});
+  qr_subspace_step_out(a, v, by_cholesky, values_c, workspace, 0, Orthonormalization::CholeskyQr2);
+  qr_subspace_step_out(a, v, by_householder, values_h, workspace, 0, Orthonormalization::Householder);
+  EXPECT_TRUE(at::equal(by_cholesky[1], by_householder[1]));
+  EXPECT_TRUE(at::equal(values_c[1], values_h[1]));
+  // Matrix 0 by CholeskyQR2: the Householder Q up to column signs, within the bound above
+  // (here on A V with kappa(A V D) <= kappa(A) = 100, both in fp32 arithmetic for the
+  // Householder side: 2 kappa n^(3/2) u32 for it, u32 for the rounding of the other); its
+  // eigenvalue estimates diag(P^T A P) are sign-free: within 2 of those Q errors times ||A|| = 1
+  // plus the two fp32 products' n u32 each.
+  const double kappa = 100, nn = static_cast<double>(n);
+  const double q_bound = kU32 + 2 * kappa * std::pow(nn, 1.5) * kU32;
+  const at::Tensor signs = at::sign((by_cholesky[0] * by_householder[0]).sum(0));
+  EXPECT_LE((by_cholesky[0] - by_householder[0] * signs.unsqueeze(0)).abs().max().item<double>(), q_bound);
+  EXPECT_LE((values_c[0] - values_h[0]).abs().max().item<double>(), 2 * nn * q_bound + 2 * nn * kU32);
 }
 
 TEST(EighWithFallback, RetriesInDoubleThenGivesUp) {

@@ -155,7 +155,7 @@ TEST(ShampooRobustness, InvalidOptionsNameTheOption) {
   expect_error([&] { Shampoo(params, ShampooOptions().rectify_steps({-1, 4})); }, "ShampooOptions.rectify_steps");
   expect_error([&] { Shampoo(params, ShampooOptions().root_method("svd")); }, "ShampooOptions.root_method");
   expect_error([&] { Shampoo(params, ShampooOptions().eigen_update("power")); },
-               "ShampooOptions.eigen_update must be one of \"qr\", \"eigh\"; got \"power\"");
+               "ShampooOptions.eigen_update must be one of \"qr\", \"cholesky_qr\", \"eigh\"; got \"power\"");
   expect_error([&] { Shampoo(params, ShampooOptions().betas({0.9, 1.0})); }, "ShampooOptions.betas[1]");
   expect_error([&] { Shampoo(params, ShampooOptions().max_preconditioner_dim(0)); },
                "ShampooOptions.max_preconditioner_dim must be >= 1");

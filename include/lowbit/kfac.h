@@ -60,7 +60,8 @@ struct KfacOptions : public torch::optim::OptimizerCloneableOptions<KfacOptions>
   TORCH_ARG(std::string, factor) = "dense";  // "dense" (fp32) | "eigen4" | "naive4"
   TORCH_ARG(int64_t, bjorck_steps) = 0;      // eigen4: Björck rectification steps (t1 = t2)
   // eigen4: how a statistics update refreshes the stored eigenvectors: "qr" (the 4-bit Shampoo
-  // paper's warm-started subspace step) | "eigh" (a full decomposition, exact but O(n^3) per T1).
+  // paper's warm-started subspace step) | "cholesky_qr" (that step with its QR by CholeskyQR2,
+  // for GPUs) | "eigh" (a full decomposition, exact but O(n^3) per T1).
   TORCH_ARG(std::string, eigen_update) = "qr";
   TORCH_ARG(bool, skip_nonfinite) = false;   // skip (and count) a step with a non-finite gradient instead of raising
 

@@ -58,7 +58,8 @@ struct ShampooOptions : public torch::optim::OptimizerCloneableOptions<ShampooOp
   typedef std::tuple<int64_t, int64_t> rectify_t;
   TORCH_ARG(rectify_t, rectify_steps) = std::make_tuple(1, 4);  // t1, t2 (Björck steps)
   TORCH_ARG(std::string, root_method) = "eigen";     // "eigen" | "newton" (fp32 Shampoo)
-  TORCH_ARG(std::string, eigen_update) = "qr";       // 4-bit: "qr" (paper: one subspace step) | "eigh" (full)
+  TORCH_ARG(std::string, eigen_update) = "qr";       // 4-bit: "qr" (paper: one subspace step) | "cholesky_qr" (that
+                                                      // step's QR by CholeskyQR2: for GPUs) | "eigh" (full)
   // Low-bit "eigenvectors": "quantized" (paper: the inverse root stored at `bits`, refreshed
   // every T2) | "eigen" (no root stored: U diag(lambda^(-1/4)) U^T from the stored eigenvectors
   // at every step; with bits=8 the same bytes as the paper's 4-bit U + 4-bit root; docs/shampoo.md).

@@ -66,7 +66,7 @@ OPTION_TABLE: Dict[str, Tuple[Any, str, str, str]] = {
     "start_preconditioning_step": (1, "int", "first step that may use a root", ">= 0"),
     "rectify_steps": ((1, 4), "int pair", "(t1, t2) Bjorck steps", "each in [0, 100]"),
     "root_method": ("eigen", "str", "inverse root of 32-bit Shampoo", '"eigen", "newton"'),
-    "eigen_update": ("qr", "str", "eigenbasis refresh of 4-bit Shampoo", '"qr", "eigh"'),
+    "eigen_update": ("qr", "str", "eigenbasis refresh of 4-bit Shampoo", '"qr", "cholesky_qr", "eigh"'),
     "root_storage": ("quantized", "str", "(lowbit) low-bit root: stored, or U diag U^T each step",
                      '"quantized", "eigen"'),
     "skip_nonfinite": (False, "bool", "(lowbit) skip steps that would overflow, not raise", "bool"),
@@ -428,7 +428,7 @@ class Shampoo(Optimizer):
     ``start_preconditioning_step``  first step that may use a root                           1                   >= 0
     ``rectify_steps``               (t1, t2) Bjorck steps                                    (1, 4)              each in [0, 100]
     ``root_method``                 inverse root of 32-bit Shampoo                           ``"eigen"``         ``"eigen"``, ``"newton"``
-    ``eigen_update``                eigenbasis refresh of 4-bit Shampoo                      ``"qr"``            ``"qr"`` (paper), ``"eigh"``
+    ``eigen_update``                eigenbasis refresh of 4-bit Shampoo                      ``"qr"``            ``"qr"`` (paper), ``"cholesky_qr"`` (its QR by CholeskyQR2), ``"eigh"``
     ``root_storage``                (lowbit) low-bit root: stored, or U diag U^T each step   ``"quantized"``     ``"quantized"`` (paper), ``"eigen"``
     ``skip_nonfinite``              (lowbit) skip steps that would overflow, not raise       False               bool
     ``preconditioner``              Shampoo, CASPR (Duvvuri et al.) or SOAP (Vyas et al.)    ``"shampoo"``       ``"shampoo"``, ``"caspr"``, ``"soap"`` (needs graft ``"adamw"``)
@@ -524,7 +524,7 @@ class Shampoo(Optimizer):
         start_preconditioning_step: int = 1,
         rectify_steps: Tuple[int, int] = (1, 4),
         root_method: Literal["eigen", "newton"] = "eigen",
-        eigen_update: Literal["qr", "eigh"] = "qr",
+        eigen_update: Literal["qr", "cholesky_qr", "eigh"] = "qr",
         root_storage: Literal["quantized", "eigen"] = "quantized",
         skip_nonfinite: bool = False,
         preconditioner: Literal["shampoo", "caspr", "soap"] = "shampoo",

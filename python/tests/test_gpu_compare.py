@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_compare.py"
+LOWBIT_AND_ADAMW = {"torch AdamW", "lowbit fp32", "lowbit 4-bit", "lowbit 4-bit cholesky-qr"}
 
 
 def load_script():
@@ -30,12 +31,12 @@ def test_the_tiny_cpu_run_reports_every_optimizer_set_and_model(tmp_path):
                                 "4", "--cycles", "1", "--json", str(out_json), "--markdown", str(out_md)])
     assert set(results["sets"]) == set(gpu_compare.PRESETS["tiny"])
     for by_opt in results["sets"].values():
-        assert set(by_opt) == {"torch AdamW", "lowbit fp32", "lowbit 4-bit"}
+        assert set(by_opt) == LOWBIT_AND_ADAMW
         for r in by_opt.values():
             assert r["ms_per_step"] > 0 and r["plain_step_ms"] > 0
     assert json.loads(out_json.read_text())["sets"].keys() == results["sets"].keys()
     assert set(results["models"]) == {"tiny_cnn"}  # trained end to end
-    assert set(results["models"]["tiny_cnn"]) == {"torch AdamW", "lowbit fp32", "lowbit 4-bit"}
+    assert set(results["models"]["tiny_cnn"]) == LOWBIT_AND_ADAMW
     for r in results["models"]["tiny_cnn"].values():
         assert r["ms_per_step"] > 0 and r["plain_step_ms"] > 0
     table = out_md.read_text()

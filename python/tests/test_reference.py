@@ -309,9 +309,13 @@ def direction_errors(bits: int, eigen_update: str, steps: int = 30):
 # fitted factor. What does follow, with no tolerance: 8-bit codes err at most 1/8 as much
 # per entry as 4-bit ones (the linear-2 tables' largest rounding errors: 0.0078 and 0.1244),
 # so 8-bit Shampoo is closer to exact Shampoo than 4-bit Shampoo is; and low-bit Shampoo is
-# closer to exact Shampoo than the raw gradient is (else preconditioning did nothing).
+# closer to exact Shampoo than the raw gradient is (else preconditioning did nothing). The
+# paper's step with its QR by CholeskyQR2 ("cholesky_qr") is the same maths (tests/linalg_test.cpp
+# bounds its Q against a Householder one), so it must be closer than the gradient as well.
 def test_low_bit_shampoo_is_closer_to_the_reference_than_coarser_storage_and_the_gradient():
-    errors = {(bits, update): direction_errors(bits, update) for bits, update in ((8, "eigh"), (4, "eigh"), (4, "qr"))}
+    variants = ((8, "eigh"), (4, "eigh"), (4, "qr"), (4, "cholesky_qr"))
+    errors = {(bits, update): direction_errors(bits, update) for bits, update in variants}
     gradient_error = errors[(4, "eigh")][1]
     assert errors[(8, "eigh")][0] < errors[(4, "eigh")][0] < gradient_error, errors
     assert errors[(4, "qr")][0] < gradient_error, errors
+    assert errors[(4, "cholesky_qr")][0] < gradient_error, errors

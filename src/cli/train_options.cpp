@@ -103,7 +103,7 @@ OptimizerOptionsFor add_train_options(CLI::App& cmd, train::TrainConfig& c, bool
   cmd.add_option("--rectify-t2", raw->t2,
                  "Björck steps before a root update (default 4); soap4 reads its basis every step, with 1 by default");
   cmd.add_option("--root-method", raw->root_method, "eigen | newton (32-bit Shampoo)")->capture_default_str();
-  cmd.add_option("--eigen-update", raw->eigen_update, "qr | eigh (4-bit Shampoo eigenbasis refresh)")->capture_default_str();
+  cmd.add_option("--eigen-update", raw->eigen_update, "qr | cholesky_qr | eigh (4-bit Shampoo eigenbasis refresh; cholesky_qr: the paper's QR step by CholeskyQR2, for GPUs)")->capture_default_str();
   cmd.add_option("--root-storage", raw->root_storage,
                  "quantized | eigen: low-bit Shampoo's inverse root stored at low bits (the paper), or made from "
                  "the stored eigenvectors each step (no second rounding, more work per step)")

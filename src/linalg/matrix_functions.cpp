@@ -6,12 +6,23 @@
 #include <cmath>
 #include <vector>
 
+#include "linalg/cholesky_qr.h"
+
 namespace lowbit::linalg {
 namespace {
 
 bool all_finite(const at::Tensor& t) { return t.isfinite().all().item<bool>(); }
 
 at::Tensor symmetrize(const at::Tensor& a) { return (a + a.transpose(-2, -1)) * 0.5; }
+
+// Q of the Householder QR (LAPACK geqrf + orgqr, or cuSOLVER's), without forming R:
+// linalg_qr would also copy out its upper triangle, which is discarded (a fifth of the QR's
+// time at order 1024 on a 2-core CPU; the same Q bit for bit).
+void householder_q_into(const at::Tensor& q, const at::Tensor& x) {
+  const auto [reflectors, tau] = at::geqrf(x);
+  at::Tensor out = q;
+  at::linalg_householder_product_out(out, reflectors, tau);
+}
 
 }  // namespace
 
@@ -56,19 +67,35 @@ Eigen qr_subspace_step(const at::Tensor& a, const at::Tensor& v) {
 }
 
 void qr_subspace_step_out(const at::Tensor& a, const at::Tensor& v, const at::Tensor& vectors,
-                          const at::Tensor& values, Workspace& workspace, int slot) {
+                          const at::Tensor& values, Workspace& workspace, int slot, Orthonormalization method) {
   // Products are made transposed, as (A V)^T = V^T A^T, so that they are column-major, the
   // layout LAPACK works in: geqrf then copies its input without transposing it, and the
   // Householder product writes straight into a column-major `vectors` (the caller's choice:
   // its rows are then the stored eigenvectors, with no transposed copy).
   at::Tensor product_t = workspace.take(slot, a.sizes(), a.options());
   matmul_into(product_t, v.mT(), a.mT());
-  // Q of the Householder QR (LAPACK geqrf + orgqr), without forming R: linalg_qr would also
-  // copy out its upper triangle, which is discarded (a fifth of the QR's time at order 1024
-  // on a 2-core CPU; the same Q bit for bit).
-  const auto [reflectors, tau] = at::geqrf(product_t.mT());
-  at::Tensor q = vectors, diagonal = values;
-  at::linalg_householder_product_out(q, reflectors, tau);
+  if (method == Orthonormalization::Householder) {
+    householder_q_into(vectors, product_t.mT());
+  } else {
+    TORCH_CHECK(vectors.dim() <= 3, "qr_subspace_step_out: CholeskyQR2 takes one matrix or one batch; got ",
+                vectors.sizes());
+    const at::Tensor x = product_t.mT();
+    const at::Tensor failed = cholesky_qr2_into(vectors, x);
+    // One host read per call; the matrices CholeskyQR2 cannot take (a Gram not positive
+    // definite in fp64) take the Householder QR.
+    if (failed.any().item<bool>()) {
+      if (vectors.dim() == 2) {
+        householder_q_into(vectors, x);
+      } else {
+        const at::Tensor rows = failed.nonzero().squeeze(1).cpu();
+        for (int64_t k = 0; k < rows.numel(); ++k) {
+          const int64_t i = rows[k].item<int64_t>();
+          householder_q_into(vectors[i], x[i]);
+        }
+      }
+    }
+  }
+  at::Tensor diagonal = values;
   matmul_into(product_t, vectors.mT(), a);  // P^T A
   // diag(P^T A P)_i = sum_k (P^T A)_ik (P^T)_ik (both contiguous when `vectors` is column-major).
   at::sum_out(diagonal, product_t.mul_(vectors.mT()), {-1});

@@ -37,6 +37,12 @@ struct Eigen {
   at::Tensor vectors;
 };
 
+// How the subspace step orthonormalizes A V: LAPACK's / cuSOLVER's Householder QR, one matrix
+// at a time, or CholeskyQR2 in fp64 (linalg/cholesky_qr.h: batched products and Choleskys),
+// with the Householder QR for the matrices it cannot take (one host read per call to find
+// them). Both give the same Q up to rounding and the signs of its columns.
+enum class Orthonormalization { Householder, CholeskyQr2 };
+
 // One warm-started subspace iteration instead of a full eigendecomposition (4-bit Shampoo):
 // P = QR(A V).Q ; values = diag(P^T A P).
 Eigen qr_subspace_step(const at::Tensor& a, const at::Tensor& v);
@@ -44,7 +50,8 @@ Eigen qr_subspace_step(const at::Tensor& a, const at::Tensor& v);
 // `values` ([..., n]); A V and A P use workspace slot `slot` (Q is formed without R). Fastest
 // with a column-major `vectors` (vectors.mT() contiguous), which LAPACK writes in place.
 void qr_subspace_step_out(const at::Tensor& a, const at::Tensor& v, const at::Tensor& vectors,
-                          const at::Tensor& values, Workspace& workspace, int slot);
+                          const at::Tensor& values, Workspace& workspace, int slot,
+                          Orthonormalization method = Orthonormalization::Householder);
 
 // The solver used by eigh_with_fallback; replaceable so failures can be injected in tests.
 using EighSolver = std::function<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>;

@@ -66,7 +66,7 @@ void validate_options(const ShampooOptions& o, const std::string& prefix) {
   TORCH_CHECK(t1 >= 0 && t2 >= 0 && t1 <= 100 && t2 <= 100,
               p, "rectify_steps must be two counts in [0, 100]; got (", t1, ", ", t2, ")");
   check_one_of(p, "root_method", o.root_method(), {"eigen", "newton"});
-  check_one_of(p, "eigen_update", o.eigen_update(), {"qr", "eigh"});
+  check_one_of(p, "eigen_update", o.eigen_update(), {"qr", "cholesky_qr", "eigh"});
   check_one_of(p, "root_storage", o.root_storage(), {"quantized", "eigen"});
   TORCH_CHECK(o.root_storage() == "quantized" ||
                   (o.bits() != 32 && o.quantize() == "eigenvectors" && o.preconditioner() != "soap"),
@@ -154,7 +154,7 @@ precond::PreconditionerConfig preconditioner_config(const ShampooOptions& o, con
   c.factor.quant.double_quant_scales = o.double_quant_scales();
   c.factor.bjorck_stat_steps = static_cast<int>(std::get<0>(o.rectify_steps()));
   c.factor.bjorck_root_steps = static_cast<int>(std::get<1>(o.rectify_steps()));
-  c.factor.eigen_update = o.eigen_update() == "eigh" ? precond::EigenUpdate::Eigh : precond::EigenUpdate::QrStep;
+  c.factor.eigen_update = precond::parse_eigen_update(o.eigen_update());
   if (eigh) c.factor.eigh = eigh;
   c.kind = o.bits() == 32               ? precond::FactorKind::Dense
            : o.quantize() == "matrix"   ? precond::FactorKind::NaiveQuantized

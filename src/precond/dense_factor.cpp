@@ -73,7 +73,7 @@ void DenseFactor::update_eigenbases(c10::ArrayRef<DenseFactor*> batch, RefreshCo
   // an eigenbasis and the next ones would rotate it a lot, under Adam's second moment.
   std::vector<DenseFactor*> by_eigh, by_qr;
   for (DenseFactor* f : batch)
-    (f->config_.eigen_update == EigenUpdate::QrStep && f->has_basis_ ? by_qr : by_eigh).push_back(f);
+    (is_qr_step(f->config_.eigen_update) && f->has_basis_ ? by_qr : by_eigh).push_back(f);
   linalg::Workspace& workspace = *context.workspace;
   for (const auto* part : {&by_eigh, &by_qr}) {
     if (part->empty()) continue;
@@ -90,7 +90,8 @@ void DenseFactor::update_eigenbases(c10::ArrayRef<DenseFactor*> batch, RefreshCo
     } else {
       vectors = workspace.take(kScratch + 2, {count, n, n}, a.options());
       const at::Tensor values = at::empty({count, n}, a.options());
-      linalg::qr_subspace_step_out(a, stacked(bases, workspace, kVectors), vectors, values, workspace, kScratch);
+      linalg::qr_subspace_step_out(a, stacked(bases, workspace, kVectors), vectors, values, workspace, kScratch,
+                                   orthonormalization(part->front()->config_.eigen_update));
     }
     const at::Tensor keep = keep_mask(vectors), failed = keep.logical_not();
     for (int64_t i = 0; i < count; ++i) {

@@ -125,11 +125,12 @@ EigenQuantizedFactor::Refreshed EigenQuantizedFactor::update_statistics(c10::Arr
   // keeps the paper's QR step from U = I.
   Refreshed out;
   const bool first_basis = config.eigenbasis && !first.has_basis_;
-  if (config.eigen_update == EigenUpdate::QrStep && !first_basis) {
+  if (is_qr_step(config.eigen_update) && !first_basis) {
     // Column-major, so that the QR writes P in place and P^T (the stored rows) is contiguous.
     out.vectors = workspace.take(kBasisRows, {count, n, n}, fp32).mT();
     out.values = at::empty({count, n}, fp32);
-    linalg::qr_subspace_step_out(a, v, out.vectors, out.values, workspace, kScratch);
+    linalg::qr_subspace_step_out(a, v, out.vectors, out.values, workspace, kScratch,
+                                 orthonormalization(config.eigen_update));
   } else {
     const linalg::Eigen e = linalg::eigh_batched(a, config.eigh);
     out.vectors = e.vectors;

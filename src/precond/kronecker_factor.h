@@ -29,9 +29,21 @@ enum class RootMethod { Eigen, Newton };
 
 // How 4-bit Shampoo refreshes its eigenbasis after a statistics update.
 enum class EigenUpdate {
-  QrStep,  // the paper: one warm-started subspace iteration (cheap, tracks slowly)
-  Eigh,    // a full symmetric eigendecomposition of the updated statistic
+  QrStep,          // the paper: one warm-started subspace iteration (cheap, tracks slowly)
+  QrStepCholesky,  // the same step, its QR by CholeskyQR2 (batched products: for GPUs)
+  Eigh,            // a full symmetric eigendecomposition of the updated statistic
 };
+
+// Whether the refresh is the paper's subspace step, and how that step orthonormalizes.
+inline bool is_qr_step(EigenUpdate u) { return u != EigenUpdate::Eigh; }
+inline linalg::Orthonormalization orthonormalization(EigenUpdate u) {
+  return u == EigenUpdate::QrStepCholesky ? linalg::Orthonormalization::CholeskyQr2
+                                          : linalg::Orthonormalization::Householder;
+}
+// The option's value ("qr", "cholesky_qr", "eigh"), already validated.
+inline EigenUpdate parse_eigen_update(const std::string& name) {
+  return name == "eigh" ? EigenUpdate::Eigh : name == "cholesky_qr" ? EigenUpdate::QrStepCholesky : EigenUpdate::QrStep;
+}
 
 struct FactorConfig {
   double stat_decay = 0.95;   // beta

@@ -72,7 +72,7 @@ void KfacOptions::validate() const {
   const std::string p = "KfacOptions.";
   support::check_one_of(p, "rule", rule(), {"sgdm", "adamw"});
   support::check_one_of(p, "factor", factor(), {"dense", "eigen4", "naive4"});
-  support::check_one_of(p, "eigen_update", eigen_update(), {"qr", "eigh"});
+  support::check_one_of(p, "eigen_update", eigen_update(), {"qr", "cholesky_qr", "eigh"});
   support::check_one_of(p, "damping_mode", damping_mode(), {"tikhonov", "pi"});
   support::check_adam_options(p, lr(), betas(), eps(), weight_decay());
   support::check_finite_options(p, {{"momentum", momentum()}, {"stat_decay", stat_decay()}, {"damping", damping()},
@@ -141,7 +141,7 @@ std::vector<KroneckerLayerOptimizer::LayerState> KroneckerLayerOptimizer::make_l
     precond::FactorConfig c;
     c.stat_decay = o.stat_decay();
     c.gram_statistics = true;
-    c.eigen_update = o.eigen_update() == "eigh" ? precond::EigenUpdate::Eigh : precond::EigenUpdate::QrStep;
+    c.eigen_update = precond::parse_eigen_update(o.eigen_update());
     c.bjorck_stat_steps = c.bjorck_root_steps = static_cast<int>(o.bjorck_steps());
     // K-FAC: (F + lambda I)^-1, absolute lambda and no relative ridge; AdaBK: (F + e F_max I)^-1/2.
     c.root_exponent = adabk_ ? 2 : 1;
