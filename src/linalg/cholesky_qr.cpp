@@ -3,7 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <cfloat>
-#include <vector>
+
+#include "linalg/matrix_functions.h"
 
 namespace lowbit::linalg {
 namespace {
@@ -28,8 +29,7 @@ at::Tensor cholesky_qr2_batch(const at::Tensor& q, const at::Tensor& x) {
     y = at::linalg_solve_triangular(r, y, /*upper=*/true, /*left=*/false);
     failed.logical_or_(info.ne(0));
   }
-  std::vector<int64_t> dims{-2, -1};
-  failed.logical_or_(y.amax(dims).isfinite().logical_and_(y.amin(dims).isfinite()).logical_not_());
+  failed.logical_or_(finite_matrices(y).logical_not_());
   q.copy_(y);
   return failed;
 }

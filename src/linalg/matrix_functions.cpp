@@ -26,6 +26,11 @@ void householder_q_into(const at::Tensor& q, const at::Tensor& x) {
 
 }  // namespace
 
+at::Tensor finite_matrices(const at::Tensor& x) {
+  const std::vector<int64_t> dims{-2, -1};
+  return at::amax(x, dims).isfinite().logical_and_(at::amin(x, dims).isfinite());
+}
+
 void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha, double beta) {
   if (out.dim() == 2 || !out.is_cpu()) {
     at::Tensor target = out;

@@ -24,6 +24,13 @@ namespace lowbit::linalg {
 void matmul_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0,
                  double beta = 0.0);
 
+// A bool [...] for x [..., n, m]: whether every value of each matrix is finite, read on the
+// device. Finite exactly when the largest and the smallest value are (max and min propagate
+// NaN, and an infinity is one of the two): two reductions that allocate nothing the size of
+// x, where isfinite() would make full-size passes, a bool copy and, for a column-major x, a
+// flattening copy (6 ms against 0.5 ms for two order-1024 matrices on a 2-core CPU).
+at::Tensor finite_matrices(const at::Tensor& x);
+
 // Björck orthonormalization: `steps` times V <- 1.5 V - 0.5 V V^T V. Each step pulls the
 // singular values of V towards 1 (quadratically once they are close).
 at::Tensor bjorck_orthonormalize(const at::Tensor& v, int steps);

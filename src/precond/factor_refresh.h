@@ -42,7 +42,8 @@ void refresh_alone(c10::ArrayRef<RefreshItem> items);
 int64_t temporaries_per_factor(FactorKind kind);
 
 // Helpers the kinds share.
-// A bool [B] on the device: every value of each candidate finite (its negation: the failures).
+// A bool [B] on the device for candidates [B, n, m]: every value of each candidate finite
+// (linalg::finite_matrices; its negation: the failures).
 at::Tensor keep_mask(const at::Tensor& candidates);
 // side side^T of every item into out [B, n, n], one batched product per side width k; with
 // `gram` (FactorConfig::gram_statistics) the sides are the n x n products and are copied.
